@@ -1,0 +1,34 @@
+"""The one pytree of ragged attention metadata that every jitted step takes.
+
+A step's tokens lie on one flat axis (T, a bucket size): the query tokens of each
+scheduled sequence back to back (prefill chunks and single decode tokens alike), then
+padding. Sequences lie on a second axis (S, a bucket size), padded with rows of
+query length 0. The same metadata serves prefill, decode and mixed batches.
+"""
+from __future__ import annotations
+
+import dataclasses
+
+import jax
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class AttentionMetadata:
+    # [T] int32: absolute position of each token within its sequence (padding: 0).
+    positions: jax.Array
+    # [T] int32: flat cache slot (block_id * block_size + offset) the token's K/V is
+    # written to; padding tokens hold -1 and are dropped.
+    slot_mapping: jax.Array
+    # [S, max_blocks_per_seq] int32: the physical pages of each sequence, in order
+    # (unused entries 0).
+    block_tables: jax.Array
+    # [S] int32: tokens in each sequence's context once this step's tokens are
+    # written (cached prefix + new tokens); 0 for padding rows.
+    seq_lens: jax.Array
+    # [S + 1] int32: where each sequence's query tokens start on the token axis;
+    # padding rows repeat the total, so their query length is 0.
+    query_start_loc: jax.Array
+    # [T] int32: the sequence (row of block_tables) each token belongs to; padding
+    # tokens point at row 0 and are masked by slot_mapping / positions.
+    token_to_seq: jax.Array
