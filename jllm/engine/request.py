@@ -45,6 +45,12 @@ class Request:
     # never share prefix-cache entries (vLLM's cache_salt).
     cache_salt: str | None = None
     eos_token_id: int | None = None
+    # max_tokens resolved against max_model_len (None in SamplingParams means "fill
+    # the context").
+    max_tokens: int = 16
+    # The 64-bit seed of this sample's random stream (the request's seed, or one
+    # drawn from the engine's generator), folded with the output position per token.
+    seed: int = 0
 
     status: RequestStatus = RequestStatus.WAITING
     output_token_ids: list[int] = field(default_factory=list)

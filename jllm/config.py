@@ -1,0 +1,78 @@
+"""Frozen configuration records that flow from EngineArgs to the engine's parts.
+
+Each is hashable and immutable; a part that needs a changed value gets a new record
+(`dataclasses.replace`), never a mutated one.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class SchedulerConfig:
+    # Tokens (prefill and decode together) the model runs in one step.
+    max_num_batched_tokens: int
+    # Sequences in one step, and so the most requests running at once.
+    max_num_seqs: int
+    max_model_len: int
+    # Split a prompt that does not fit the step's remaining token budget.
+    enable_chunked_prefill: bool = True
+
+    def __post_init__(self) -> None:
+        if self.max_num_batched_tokens < self.max_num_seqs:
+            raise ValueError(
+                f"max_num_batched_tokens ({self.max_num_batched_tokens}) must be "
+                f"greater than or equal to max_num_seqs ({self.max_num_seqs}).")
+        # Without chunking a prompt runs in one step, so a longer one could never run.
+        if (not self.enable_chunked_prefill
+                and self.max_num_batched_tokens < self.max_model_len):
+            raise ValueError(
+                f"max_num_batched_tokens ({self.max_num_batched_tokens}) is smaller "
+                f"than max_model_len ({self.max_model_len}). This effectively limits "
+                "the maximum sequence length to max_num_batched_tokens and makes "
+                "jllm reject longer sequences. Please increase max_num_batched_tokens "
+                "or decrease max_model_len.")
+
+
+@dataclass(frozen=True)
+class CacheConfig:
+    # Tokens per KV-cache page.
+    block_size: int = 16
+    # Pages in the KV pool; None until the engine has measured free device memory.
+    num_gpu_blocks: int | None = None
+    # Share full pages of identical prefixes between requests (automatic prefix caching).
+    enable_prefix_caching: bool = True
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    # Resolved local path: an HF folder or a .gguf file.
+    model: str
+    tokenizer: str
+    tokenizer_mode: str
+    skip_tokenizer_init: bool
+    # The jnp dtype name the weights and KV cache use ("float32", "bfloat16", "float16").
+    dtype: str
+    max_model_len: int
+    seed: int
+    load_format: str
+    max_logprobs: int
+    generation_config: str
+    # "reference" (plain jnp) or "pallas" (GPU kernels).
+    attention_backend: str
+    revision: str | None = None
+    # The served name: what the user passed as `model`.
+    served_model_name: str | None = None
+
+
+@dataclass(frozen=True)
+class CompilationConfig:
+    # Decode batch sizes precompiled at start-up (vLLM's CUDA-graph capture sizes).
+    cudagraph_capture_sizes: tuple[int, ...]
+    # Token-count buckets of the flat token axis.
+    token_buckets: tuple[int, ...]
+    # Context length up to which decode shapes are precompiled.
+    max_seq_len_to_capture: int
+    enforce_eager: bool = False
+    # Persistent XLA compilation cache folder; None disables it.
+    cache_dir: str | None = None

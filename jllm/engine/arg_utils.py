@@ -1,0 +1,139 @@
+"""EngineArgs: every engine argument, its vLLM default, and its --kebab-case flag.
+
+Config flows one way: EngineArgs -> frozen config records (jllm/config.py) -> parts.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+from dataclasses import dataclass
+from typing import Any
+
+_DTYPES = ("auto", "half", "float16", "bfloat16", "float", "float32")
+_ATTENTION_BACKENDS = ("reference", "pallas")
+_LOAD_FORMATS = ("auto", "safetensors", "gguf", "dummy")
+_TOKENIZER_MODES = ("auto", "slow", "mistral")
+
+_HELP = {
+    "model": "Name or path of the model: an HF folder, a .gguf file, or a repo id in the local HF cache.",
+    "tokenizer": "Name or path of the tokenizer; defaults to the model.",
+    "tokenizer_mode": "'auto' uses the fast tokenizer, 'slow' the Python one.",
+    "skip_tokenizer_init": "Skip the tokenizer; prompts must then be token ids.",
+    "trust_remote_code": "Accepted for compatibility; jllm never runs remote code.",
+    "dtype": "Weights and activations dtype. 'auto': the checkpoint's dtype, except that float32 "
+             "checkpoints run in bfloat16 on GPU.",
+    "seed": "Random seed of the engine.",
+    "revision": "Model revision (a ref or commit in the local HF cache).",
+    "max_model_len": "Context length; defaults to the model's.",
+    "hf_overrides": "JSON dict of values that override the HF config.",
+    "load_format": "'dummy' loads random weights at the real shapes (benchmarks).",
+    "block_size": "Tokens per KV-cache page.",
+    "enable_prefix_caching": "Reuse KV pages of identical prompt prefixes.",
+    "gpu_memory_utilization": "Fraction of accelerator memory the engine may use.",
+    "kv_cache_memory_bytes": "Bytes for the KV cache, instead of gpu_memory_utilization.",
+    "num_gpu_blocks_override": "Number of KV pages, overriding the memory-based size.",
+    "max_num_batched_tokens": "Tokens per engine step.",
+    "max_num_seqs": "Sequences per engine step.",
+    "enable_chunked_prefill": "Split long prompts across steps.",
+    "enforce_eager": "Compile shapes lazily on first use; no warm-up.",
+    "max_seq_len_to_capture": "Context length up to which decode shapes are precompiled.",
+    "compilation_config": "JSON dict: cudagraph_capture_sizes, token_buckets, cache_dir.",
+    "max_logprobs": "The most logprobs a request may ask for (-1: no limit).",
+    "generation_config": "'auto' reads generation_config.json, 'vllm' ignores it, or a folder.",
+    "attention_backend": "'reference' (plain jnp) or 'pallas' (GPU kernels); default by platform.",
+    "disable_log_stats": "Do not log engine statistics.",
+    "served_model_name": "The model name reported in outputs and the API.",
+}
+
+
+@dataclass
+class EngineArgs:
+    model: str | None = None
+    tokenizer: str | None = None
+    tokenizer_mode: str = "auto"
+    skip_tokenizer_init: bool = False
+    trust_remote_code: bool = False
+    dtype: str = "auto"
+    seed: int = 0
+    revision: str | None = None
+    max_model_len: int | None = None
+    hf_overrides: dict[str, Any] | None = None
+    load_format: str = "auto"
+    block_size: int = 16
+    enable_prefix_caching: bool = True
+    gpu_memory_utilization: float = 0.9
+    kv_cache_memory_bytes: int | None = None
+    num_gpu_blocks_override: int | None = None
+    max_num_batched_tokens: int | None = None
+    max_num_seqs: int | None = None
+    enable_chunked_prefill: bool = True
+    enforce_eager: bool = False
+    max_seq_len_to_capture: int = 8192
+    compilation_config: dict[str, Any] | None = None
+    max_logprobs: int = 20
+    generation_config: str = "auto"
+    attention_backend: str | None = None
+    disable_log_stats: bool = True
+    served_model_name: str | None = None
+
+    def __post_init__(self) -> None:
+        self.validate()
+
+    def validate(self) -> None:
+        """vLLM's messages for out-of-range engine arguments."""
+        if self.dtype not in _DTYPES:
+            raise ValueError(f"Unknown dtype: {self.dtype!r}. Supported: {list(_DTYPES)}")
+        if self.tokenizer_mode not in _TOKENIZER_MODES:
+            raise ValueError(f"Unknown tokenizer mode: {self.tokenizer_mode}. Must be one of {list(_TOKENIZER_MODES)}.")
+        if self.load_format not in _LOAD_FORMATS:
+            raise ValueError(f"Unknown load_format: {self.load_format!r}. Supported: {list(_LOAD_FORMATS)}")
+        if self.attention_backend is not None and self.attention_backend not in _ATTENTION_BACKENDS:
+            raise ValueError(
+                f"Unknown attention_backend: {self.attention_backend!r}. Supported: {list(_ATTENTION_BACKENDS)}"
+            )
+        if not 0 < self.gpu_memory_utilization <= 1:
+            raise ValueError(
+                f"GPU memory utilization must be within (0, 1]. Got {self.gpu_memory_utilization}."
+            )
+        if self.block_size not in (1, 8, 16, 32, 64, 128):
+            raise ValueError(f"block_size must be one of [1, 8, 16, 32, 64, 128], got {self.block_size}.")
+        for name in ("max_model_len", "max_num_batched_tokens", "max_num_seqs", "num_gpu_blocks_override",
+                     "kv_cache_memory_bytes"):
+            value = getattr(self, name)
+            if value is not None and value <= 0:
+                raise ValueError(f"{name} must be a positive integer, got {value}.")
+        if self.max_logprobs < -1:
+            raise ValueError(f"max_logprobs must be non-negative or -1, got {self.max_logprobs}.")
+        if self.max_seq_len_to_capture <= 0:
+            raise ValueError(f"max_seq_len_to_capture must be positive, got {self.max_seq_len_to_capture}.")
+
+    @staticmethod
+    def add_cli_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
+        for f in dataclasses.fields(EngineArgs):
+            flag = "--" + f.name.replace("_", "-")
+            default = f.default
+            if f.type in ("bool", bool):
+                parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=default,
+                                    help=_HELP.get(f.name))
+            elif f.name in ("hf_overrides", "compilation_config"):
+                parser.add_argument(flag, type=json.loads, default=None, help=_HELP.get(f.name))
+            else:
+                kind = {"int": int, "float": float}.get(str(f.type).split(" ")[0], str)
+                if "float" in str(f.type):
+                    kind = float
+                elif "int" in str(f.type):
+                    kind = int
+                choices = {
+                    "dtype": _DTYPES, "load_format": _LOAD_FORMATS, "tokenizer_mode": _TOKENIZER_MODES,
+                    "attention_backend": _ATTENTION_BACKENDS,
+                }.get(f.name)
+                parser.add_argument(flag, type=kind, default=default, choices=choices, help=_HELP.get(f.name))
+        parser.add_argument("-tp", "--tensor-parallel-size", type=int, default=1,
+                            help="Number of devices for tensor parallelism (1 for now).")
+        return parser
+
+    @classmethod
+    def from_cli_args(cls, args: argparse.Namespace) -> "EngineArgs":
+        names = [f.name for f in dataclasses.fields(cls)]
+        return cls(**{n: getattr(args, n) for n in names if hasattr(args, n)})

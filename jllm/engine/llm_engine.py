@@ -1,0 +1,191 @@
+"""LLMEngine: requests in, one scheduled and jitted model step at a time, outputs out."""
+from __future__ import annotations
+
+import logging
+import random
+import time
+from collections.abc import Iterable
+
+from jllm.core.scheduler import Scheduler
+from jllm.engine.arg_utils import EngineArgs
+from jllm.engine.detokenizer import IncrementalDetokenizer
+from jllm.engine.engine_setup import EngineParts, build_engine_parts
+from jllm.engine.output_processor import RequestState, SampleState, check_stop
+from jllm.engine.prompts import bad_words_token_ids, process_prompt
+from jllm.engine.request import Request, RequestStatus
+from jllm.outputs import RequestOutput
+from jllm.sampling_params import SamplingParams
+
+logger = logging.getLogger(__name__)
+
+_SEED_MASK = (1 << 64) - 1
+# Spreads the seeds of a request's n samples apart (the 64-bit golden ratio).
+_SAMPLE_SEED_STRIDE = 0x9E3779B97F4A7C15
+
+
+class LLMEngine:
+    def __init__(self, parts: EngineParts):
+        self.parts = parts
+        self.model_config = parts.model_config
+        self.scheduler_config = parts.scheduler_config
+        self.cache_config = parts.cache_config
+        self.tokenizer = parts.tokenizer
+        self.runner = parts.runner
+        self.scheduler = Scheduler(parts.scheduler_config, parts.cache_config)
+        self.generation_config = parts.generation_config
+        self.vocab_size = parts.spec.vocab_size
+        self._rng = random.Random(parts.model_config.seed)
+        # user request id -> state; each sample's Request id -> (state, sample index)
+        self._states: dict[str, RequestState] = {}
+        self._sample_of: dict[str, tuple[RequestState, SampleState]] = {}
+        self._bad_words: dict[str, list[list[int]]] = {}
+
+    @classmethod
+    def from_engine_args(cls, engine_args: EngineArgs) -> "LLMEngine":
+        return cls(build_engine_parts(engine_args))
+
+    # ----- requests -------------------------------------------------------------------
+
+    def add_request(self, request_id: str, prompt, params: SamplingParams | None = None,
+                    arrival_time: float | None = None) -> None:
+        if request_id in self._states:
+            raise ValueError(f"Request id {request_id} already running.")
+        params = (params or SamplingParams()).clone()
+        prompt_text, prompt_ids, cache_salt = process_prompt(
+            prompt, params, self.tokenizer, self.model_config.max_model_len, self.vocab_size
+        )
+        params.verify(self.vocab_size, self.model_config.max_logprobs)
+        eos_token_id = self.parts.eos_token_id
+        params.update_from_generation_config(self.generation_config or {}, eos_token_id)
+        max_model_len = self.model_config.max_model_len
+        max_tokens = max_model_len - len(prompt_ids) if params.max_tokens is None else params.max_tokens
+        bad_words = bad_words_token_ids(params, self.tokenizer, self.vocab_size)
+        arrival = arrival_time if arrival_time is not None else time.time()
+        base_seed = params.seed if params.seed is not None else self._rng.getrandbits(64)
+        state = RequestState(request_id, prompt_text, prompt_ids, params, [], self.tokenizer,
+                             prompt_logprobs=[None] * len(prompt_ids) if params.prompt_logprobs is not None else None,
+                             arrival_time=arrival)
+        for index in range(params.n):
+            sample_id = request_id if params.n == 1 else f"{index}_{request_id}"
+            req = Request(
+                request_id=sample_id, prompt_token_ids=list(prompt_ids), sampling_params=params,
+                arrival_time=arrival, index=index, parent_id=request_id, cache_salt=cache_salt,
+                eos_token_id=eos_token_id, max_tokens=max_tokens,
+                seed=(base_seed + index * _SAMPLE_SEED_STRIDE) & _SEED_MASK,
+            )
+            sample = SampleState(
+                req, IncrementalDetokenizer(self.tokenizer, prompt_ids, params),
+                [] if params.logprobs is not None else None,
+                0.0 if params.logprobs is not None else None,
+            )
+            state.samples.append(sample)
+            self._sample_of[sample_id] = (state, sample)
+            if bad_words:
+                self._bad_words[sample_id] = bad_words
+        self._states[request_id] = state
+        for sample in state.samples:
+            self.scheduler.add_request(sample.request)
+
+    def abort_request(self, request_ids: str | Iterable[str]) -> None:
+        if isinstance(request_ids, str):
+            request_ids = [request_ids]
+        for request_id in request_ids:
+            state = self._states.pop(request_id, None)
+            if state is None:
+                continue
+            ids = [s.request.request_id for s in state.samples]
+            self.scheduler.abort_requests(ids)
+            self._forget(ids)
+
+    def _forget(self, sample_ids: list[str]) -> None:
+        for sid in sample_ids:
+            self._sample_of.pop(sid, None)
+            self._bad_words.pop(sid, None)
+
+    def has_unfinished_requests(self) -> bool:
+        return self.scheduler.has_unfinished_requests()
+
+    def get_num_unfinished_requests(self) -> int:
+        return len(self._states)
+
+    # ----- the step -------------------------------------------------------------------
+
+    def step(self) -> list[RequestOutput]:
+        sched = self.scheduler.schedule()
+        if sched.is_empty:
+            return []
+        rows = sched.scheduled_requests
+        banned = [self._banned_token_ids(row.request) for row in rows]
+        result = self.runner.execute_model(rows, banned)
+        now = time.time()
+        sampled = {row.request.request_id: int(tok)
+                   for row, tok in zip(rows, result.sampled_token_ids) if row.sample}
+        self._record_prompt_logprobs(rows, result)
+        updated = self.scheduler.update_from_output(sched, sampled)
+        touched: dict[str, RequestState] = {}
+        finished_ids: dict[RequestStatus, list[str]] = {}
+        row_of = {row.request.request_id: i for i, row in enumerate(rows)}
+        for req in updated:
+            state, sample = self._sample_of[req.request_id]
+            touched[state.request_id] = state
+            if req.first_token_time is None:
+                req.first_token_time = now
+            req.last_token_time = now
+            token = req.output_token_ids[-1]
+            if sample.logprobs is not None:
+                i = row_of[req.request_id]
+                state.add_sampled_logprobs(sample, token, result.sampled_logprobs[i], result.sampled_ranks[i],
+                                           result.topk_token_ids[i], result.topk_logprobs[i])
+            stopped = check_stop(req, self.model_config.max_model_len)
+            stop_str = sample.detokenizer.update(
+                [token], stopped and req.status == RequestStatus.FINISHED_STOPPED
+            )
+            if stop_str is not None:
+                req.status = RequestStatus.FINISHED_STOPPED
+                req.stop_reason = stop_str
+                stopped = True
+            if stopped:
+                req.finished_time = now
+                finished_ids.setdefault(req.status, []).append(req.request_id)
+        for status, ids in finished_ids.items():
+            self.scheduler.finish_requests(ids, status)
+        outputs = []
+        for state in touched.values():
+            out = state.make_output()
+            if out is not None:
+                outputs.append(out)
+            if state.finished:
+                self._states.pop(state.request_id, None)
+                self._forget([s.request.request_id for s in state.samples])
+        return outputs
+
+    def _record_prompt_logprobs(self, rows, result) -> None:
+        if result.prompt_topk_ids is None:
+            return
+        start = 0
+        for row in rows:
+            req = row.request
+            n = row.num_scheduled_tokens
+            state = self._sample_of[req.request_id][0]
+            if (state.prompt_logprobs is not None and req.index == 0
+                    and row.num_computed_tokens < req.num_prompt_tokens):
+                positions = list(range(row.num_computed_tokens + 1,
+                                       min(row.num_computed_tokens + n + 1, req.num_prompt_tokens)))
+                sl = slice(start, start + len(positions))
+                state.add_prompt_logprobs(
+                    positions, result.prompt_target_logprobs[sl], result.prompt_target_ranks[sl],
+                    result.prompt_topk_ids[sl], result.prompt_topk_logprobs[sl],
+                )
+            start += n
+
+    def _banned_token_ids(self, req: Request) -> list[int]:
+        """Tokens this request may not sample next: min_tokens stops and bad words."""
+        banned: list[int] = []
+        params = req.sampling_params
+        if req.num_output_tokens < params.min_tokens:
+            banned.extend(params.all_stop_token_ids)
+        for word in self._bad_words.get(req.request_id, ()):
+            prefix = word[:-1]
+            if not prefix or req.output_token_ids[-len(prefix):] == prefix:
+                banned.append(word[-1])
+        return banned

@@ -1,0 +1,138 @@
+"""Turns sampled tokens into RequestOutputs: stop checks, text, logprobs, metrics.
+
+One `RequestState` per user request holds the detokenizer and logprobs of each of its
+n samples; the engine feeds it the runner's rows and asks it for outputs.
+"""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from jllm.engine.detokenizer import IncrementalDetokenizer, convert_ids_list_to_tokens
+from jllm.engine.request import Request, RequestStatus
+from jllm.outputs import CompletionOutput, Logprob, RequestMetrics, RequestOutput
+from jllm.sampling_params import RequestOutputKind, SamplingParams
+
+
+def check_stop(request: Request, max_model_len: int) -> bool:
+    """Sets a terminal status when the newest token ends the request.
+
+    Stop tokens are checked before the length cap, so EOS sampled as the last allowed
+    token reports "stop" (the reason the model gave), not "length".
+    """
+    params = request.sampling_params
+    last = request.output_token_ids[-1]
+    if request.num_output_tokens >= params.min_tokens:
+        if not params.ignore_eos and last == request.eos_token_id:
+            request.status = RequestStatus.FINISHED_STOPPED
+            return True
+        if last in params.stop_token_ids:
+            request.status = RequestStatus.FINISHED_STOPPED
+            request.stop_reason = last
+            return True
+    if request.num_tokens >= max_model_len or request.num_output_tokens >= request.max_tokens:
+        request.status = RequestStatus.FINISHED_LENGTH_CAPPED
+        return True
+    return False
+
+
+@dataclass
+class SampleState:
+    request: Request
+    detokenizer: IncrementalDetokenizer
+    logprobs: list[dict[int, Logprob]] | None
+    cumulative_logprob: float | None
+    sent_tokens: int = 0
+    sent_logprobs: int = 0
+
+
+@dataclass
+class RequestState:
+    request_id: str
+    prompt: str | None
+    prompt_token_ids: list[int]
+    params: SamplingParams
+    samples: list[SampleState]
+    tokenizer: object | None
+    prompt_logprobs: list[dict[int, Logprob] | None] | None = None
+    arrival_time: float = field(default_factory=time.time)
+
+    @property
+    def finished(self) -> bool:
+        return all(s.request.is_finished for s in self.samples)
+
+    def add_sampled_logprobs(self, sample: SampleState, token_id: int, token_lp: float, rank: int,
+                             top_ids: np.ndarray, top_lps: np.ndarray) -> None:
+        k = self.params.logprobs
+        if k == -1:
+            k = len(top_ids)
+        entries = {}
+        ids = [int(t) for t in top_ids[:k]]
+        decoded = self._decode(ids + [token_id])
+        for rank_i, (tid, lp) in enumerate(zip(ids, top_lps[:k]), start=1):
+            entries[tid] = Logprob(float(lp), rank_i, decoded[rank_i - 1])
+        entries.setdefault(token_id, Logprob(float(token_lp), int(rank), decoded[-1]))
+        sample.logprobs.append(entries)
+        sample.cumulative_logprob += float(token_lp)
+
+    def add_prompt_logprobs(self, positions: np.ndarray, target_lps, target_ranks, top_ids, top_lps) -> None:
+        """positions: prompt positions (>= 1) whose logprob these rows give."""
+        k = self.params.prompt_logprobs
+        if k == -1:
+            k = top_ids.shape[1]
+        for row, pos in enumerate(positions):
+            token_id = self.prompt_token_ids[pos]
+            ids = [int(t) for t in top_ids[row, :k]]
+            decoded = self._decode(ids + [token_id])
+            entries = {tid: Logprob(float(lp), r, decoded[r - 1])
+                       for r, (tid, lp) in enumerate(zip(ids, top_lps[row, :k]), start=1)}
+            entries.setdefault(token_id, Logprob(float(target_lps[row]), int(target_ranks[row]), decoded[-1]))
+            self.prompt_logprobs[pos] = entries
+
+    def _decode(self, ids: list[int]) -> list[str | None]:
+        if self.tokenizer is None or not self.params.detokenize:
+            return [None] * len(ids)
+        return convert_ids_list_to_tokens(self.tokenizer, ids)
+
+    def make_output(self) -> RequestOutput | None:
+        kind = self.params.output_kind
+        finished = self.finished
+        if kind == RequestOutputKind.FINAL_ONLY and not finished:
+            return None
+        delta = kind == RequestOutputKind.DELTA
+        outputs = []
+        for sample in self.samples:
+            req = sample.request
+            done = req.is_finished
+            text = sample.detokenizer.get_next_output_text(done, delta)
+            if delta:
+                token_ids = req.output_token_ids[sample.sent_tokens:]
+                logprobs = sample.logprobs[sample.sent_logprobs:] if sample.logprobs is not None else None
+            else:
+                token_ids = list(req.output_token_ids)
+                logprobs = list(sample.logprobs) if sample.logprobs is not None else None
+            sample.sent_tokens = req.num_output_tokens
+            sample.sent_logprobs = len(sample.logprobs) if sample.logprobs is not None else 0
+            outputs.append(CompletionOutput(
+                index=req.index, text=text, token_ids=token_ids,
+                cumulative_logprob=sample.cumulative_logprob, logprobs=logprobs,
+                finish_reason=req.get_finish_reason() if done else None,
+                stop_reason=req.stop_reason if done else None,
+            ))
+        first = self.samples[0].request
+        metrics = RequestMetrics(
+            arrival_time=self.arrival_time,
+            first_scheduled_time=first.first_scheduled_time,
+            first_token_time=min((s.request.first_token_time for s in self.samples
+                                  if s.request.first_token_time), default=None),
+            last_token_time=max((s.request.last_token_time for s in self.samples
+                                 if s.request.last_token_time), default=None),
+            finished_time=max((s.request.finished_time or 0.0) for s in self.samples) if finished else None,
+        )
+        return RequestOutput(
+            request_id=self.request_id, prompt=self.prompt, prompt_token_ids=self.prompt_token_ids,
+            prompt_logprobs=self.prompt_logprobs, outputs=outputs, finished=finished, metrics=metrics,
+            num_cached_tokens=max(first.num_cached_tokens, 0),
+        )

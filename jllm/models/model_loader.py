@@ -1,0 +1,65 @@
+"""From a model argument to device parameters: resolve the source, read the
+checkpoint (GGUF, safetensors) or draw dummy weights, and place them on the device."""
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+from jllm.layers.attention_metadata import AttentionMetadata
+from jllm.models.weights import params_from_hf
+
+
+def resolve_model_source(model: str | None, revision: str | None = None) -> str:
+    """A local folder or .gguf path; None means the default model (SmolLM2-135M-Instruct)."""
+    if model is None:
+        from jllm.models.loader.default_model import get_default_model_path
+
+        return get_default_model_path()
+    from jllm.models.loader.hf_cache import resolve_model_path
+
+    return resolve_model_path(model, revision)
+
+
+def param_shapes(model, spec) -> dict:
+    """The parameter tree's shapes and dtypes, without allocating anything."""
+    t = 1
+    cache = jax.ShapeDtypeStruct((spec.num_key_value_heads, 1, 1, spec.head_dim), model.dtype)
+    caches = [(cache, cache)] * spec.num_hidden_layers
+    i32 = jax.ShapeDtypeStruct((t,), jnp.int32)
+    md = AttentionMetadata(i32, i32, jax.ShapeDtypeStruct((1, 1), jnp.int32), i32, jax.ShapeDtypeStruct((2,), jnp.int32), i32)
+    cos_sin = jax.ShapeDtypeStruct((t, spec.head_dim), jnp.float32)
+    return jax.eval_shape(lambda *args: model.init(jax.random.PRNGKey(0), *args), caches, i32, cos_sin, md)
+
+
+def dummy_params(shapes, seed: int) -> dict:
+    """vLLM's dummy weights: uniform in [-1e-3, 1e-3], norms at 1, drawn on the device."""
+    leaves, treedef = jax.tree_util.tree_flatten_with_path(shapes)
+    key = jax.random.PRNGKey(seed)
+    out = []
+    for i, (path, leaf) in enumerate(leaves):
+        name = str(path[-1].key)
+        if name == "weight":  # RMSNorm scales
+            out.append(jnp.ones(leaf.shape, leaf.dtype))
+        else:
+            out.append(jax.random.uniform(jax.random.fold_in(key, i), leaf.shape, leaf.dtype, -1e-3, 1e-3))
+    return jax.tree_util.tree_unflatten(treedef, out)
+
+
+def load_checkpoint(model, spec, hf_config, path: str, load_format: str, dtype, seed: int) -> dict:
+    shapes = param_shapes(model, spec)
+    if load_format == "dummy":
+        return dummy_params(shapes, seed)
+    is_gguf = path.endswith(".gguf")
+    if load_format == "gguf" and not is_gguf:
+        raise ValueError(f"load_format='gguf' needs a .gguf file, got {path}.")
+    if load_format == "safetensors" and is_gguf:
+        raise ValueError(f"load_format='safetensors' needs an HF folder, got {path}.")
+    if is_gguf:
+        from jllm.models.loader.gguf_loader import load_gguf_weights
+
+        weights = load_gguf_weights(path)
+    else:
+        from jllm.models.loader.safetensors_loader import load_safetensors
+
+        weights = load_safetensors(path)
+    return params_from_hf(spec, weights, dtype, shapes)

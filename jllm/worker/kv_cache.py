@@ -1,0 +1,79 @@
+"""Sizing and allocating the paged KV pool on the device.
+
+Per layer the pool is two arrays [num_kv_heads, num_blocks, block_size, head_dim]
+(JAX's paged-attention layout: one head's page is contiguous). The number of
+blocks comes from the memory the device has left once weights and the largest
+step's activations are accounted for (vLLM's gpu_memory_utilization rule), from
+an explicit byte budget, or from an override.
+"""
+from __future__ import annotations
+
+import logging
+
+import jax
+import jax.numpy as jnp
+
+from jllm.models.llama import DecoderSpec
+
+logger = logging.getLogger(__name__)
+
+# Without a device allocator to ask (the CPU), the pool gets this much unless told.
+DEFAULT_CPU_KV_CACHE_BYTES = 1 << 30
+_GiB = float(1 << 30)
+
+
+def bytes_per_block(spec: DecoderSpec, block_size: int, dtype) -> int:
+    itemsize = jnp.dtype(dtype).itemsize
+    return 2 * spec.num_hidden_layers * spec.num_key_value_heads * block_size * spec.head_dim * itemsize
+
+
+def available_kv_cache_bytes(gpu_memory_utilization: float, activation_bytes: int) -> int | None:
+    """Bytes the pool may take on an accelerator, or None where the device reports no limit."""
+    stats = jax.devices()[0].memory_stats() if jax.devices()[0].platform != "cpu" else None
+    if not stats or "bytes_limit" not in stats:
+        return None
+    budget = int(stats["bytes_limit"] * gpu_memory_utilization)
+    return budget - int(stats.get("bytes_in_use", 0)) - activation_bytes
+
+
+def determine_num_blocks(
+    spec: DecoderSpec, *, block_size: int, dtype, max_model_len: int, gpu_memory_utilization: float,
+    kv_cache_memory_bytes: int | None, num_gpu_blocks_override: int | None, activation_bytes: int,
+) -> int:
+    per_block = bytes_per_block(spec, block_size, dtype)
+    if num_gpu_blocks_override is not None:
+        num_blocks = num_gpu_blocks_override
+        available = num_blocks * per_block
+    else:
+        available = kv_cache_memory_bytes
+        if available is None:
+            available = available_kv_cache_bytes(gpu_memory_utilization, activation_bytes)
+        if available is None:
+            available = DEFAULT_CPU_KV_CACHE_BYTES
+        if available <= 0:
+            raise ValueError(
+                "No available memory for the cache blocks. Try increasing "
+                "`gpu_memory_utilization` when initializing the engine."
+            )
+        num_blocks = available // per_block
+    blocks_needed = -(-max_model_len // block_size)
+    if num_blocks < blocks_needed:
+        needed = blocks_needed * per_block
+        estimated_max_len = num_blocks * block_size
+        raise ValueError(
+            f"To serve at least one request with the models's max seq len ({max_model_len}), "
+            f"({needed / _GiB:.2f} GiB KV cache is needed, which is larger than the available KV "
+            f"cache memory ({available / _GiB:.2f} GiB). Based on the available memory, the "
+            f"estimated maximum model length is {estimated_max_len}. Try increasing "
+            "`gpu_memory_utilization` or decreasing `max_model_len` when initializing the engine."
+        )
+    return int(num_blocks)
+
+
+def allocate_kv_caches(spec: DecoderSpec, num_blocks: int, block_size: int, dtype, sharding=None):
+    shape = (spec.num_key_value_heads, num_blocks, block_size, spec.head_dim)
+
+    def zeros():
+        return jnp.zeros(shape, dtype) if sharding is None else jax.device_put(jnp.zeros(shape, dtype), sharding)
+
+    return [(zeros(), zeros()) for _ in range(spec.num_hidden_layers)]

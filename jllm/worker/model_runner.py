@@ -1,0 +1,172 @@
+"""The model runner: weights and KV pool on the device, one jitted call per engine step.
+
+`execute_model` turns the scheduler's decision into bucketed device arrays, runs the
+jitted step (model forward with the KV pool donated, logits of the rows that sample,
+on-device sampling) and brings back only the sampled tokens and any logprobs asked for.
+"""
+from __future__ import annotations
+
+import dataclasses
+import functools
+import logging
+import time
+from dataclasses import dataclass
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from jllm.layers.attention import AttentionBackend
+from jllm.layers.rotary import cos_sin_cache, rope_parameters
+from jllm.layers.sampler import SamplerOutput, compute_logprobs, sample
+from jllm.core.scheduler import ScheduledRequest
+from jllm.worker.input_batch import InputBatchBuilder, ModelInputs, StepShape
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class RunnerOutput:
+    """Host copies of one step's results, one row per scheduled request."""
+    sampled_token_ids: np.ndarray  # [n]
+    topk_token_ids: np.ndarray | None  # [n, k]
+    topk_logprobs: np.ndarray | None
+    sampled_logprobs: np.ndarray | None  # [n]
+    sampled_ranks: np.ndarray | None
+    # Per request with prompt logprobs this step: (token slice start, length) into these.
+    prompt_topk_ids: np.ndarray | None = None  # [T, k]
+    prompt_topk_logprobs: np.ndarray | None = None
+    prompt_target_logprobs: np.ndarray | None = None  # [T]
+    prompt_target_ranks: np.ndarray | None = None
+
+
+def _forward(model, params, kv_caches, cos_sin_table, inputs: ModelInputs):
+    cos_sin = cos_sin_table[inputs.attn.positions]
+    kv_caches, hidden = model.apply(params, kv_caches, inputs.input_ids, cos_sin, inputs.attn)
+    return kv_caches, hidden
+
+
+def _step(model, params, kv_caches, cos_sin_table, inputs: ModelInputs, sampling_md, *,
+          num_logprobs: int, num_prompt_logprobs: int, all_greedy: bool):
+    kv_caches, hidden = _forward(model, params, kv_caches, cos_sin_table, inputs)
+    logits = model.apply(params, hidden[inputs.logits_indices], method=type(model).compute_logits)
+    out = sample(logits, sampling_md, num_logprobs=num_logprobs, all_greedy=all_greedy)
+    prompt = None
+    if num_prompt_logprobs:
+        all_logits = model.apply(params, hidden, method=type(model).compute_logits)
+        targets = jnp.maximum(inputs.prompt_targets, 0)
+        prompt = compute_logprobs(all_logits, targets, num_prompt_logprobs)
+    return kv_caches, out, prompt
+
+
+def _forward_logits(model, params, kv_caches, cos_sin_table, inputs: ModelInputs):
+    """The slow path's first half: logits leave the device for host logits_processors."""
+    kv_caches, hidden = _forward(model, params, kv_caches, cos_sin_table, inputs)
+    return kv_caches, model.apply(params, hidden[inputs.logits_indices], method=type(model).compute_logits)
+
+
+class ModelRunner:
+    def __init__(self, *, model, params, spec, kv_caches, block_size: int, max_model_len: int,
+                 max_num_seqs: int, max_logprobs: int, hf_config, token_buckets: tuple[int, ...],
+                 page_buckets: tuple[int, ...]):
+        self.model = model
+        self.params = params
+        self.spec = spec
+        self.kv_caches = kv_caches
+        self.block_size = block_size
+        self.builder = InputBatchBuilder(
+            block_size=block_size, token_buckets=token_buckets, max_num_seqs=max_num_seqs,
+            page_buckets=page_buckets, max_logprobs=max_logprobs, vocab_size=spec.vocab_size,
+        )
+        table = cos_sin_cache(spec.head_dim, rope_parameters(hf_config),
+                              getattr(hf_config, "max_position_embeddings", max_model_len), max_model_len)
+        self.cos_sin_table = jnp.asarray(table)
+        self._step = jax.jit(
+            functools.partial(_step, model),
+            static_argnames=("num_logprobs", "num_prompt_logprobs", "all_greedy"),
+            donate_argnums=(1,),
+        )
+        self._forward_logits = jax.jit(functools.partial(_forward_logits, model), donate_argnums=(1,))
+        self._sample = jax.jit(sample, static_argnames=("num_logprobs", "all_greedy"))
+        self.seen_shapes: set[StepShape] = set()
+
+    @property
+    def num_compiled_steps(self) -> int:
+        """Programs compiled for the fused step so far (the no-recompilation test reads it)."""
+        return self._step._cache_size()
+
+    def execute_model(self, rows: list[ScheduledRequest], banned: list[list[int]]) -> RunnerOutput:
+        shape, inputs, sampling_md = self.builder.build(rows, banned)
+        if shape not in self.seen_shapes:
+            logger.debug("Compiling step for %s", shape)
+            self.seen_shapes.add(shape)
+        n = len(rows)
+        processors = [r.request.sampling_params.logits_processors for r in rows]
+        if any(processors):
+            return self._execute_with_processors(rows, shape, inputs, sampling_md)
+        self.kv_caches, out, prompt = self._step(
+            self.params, self.kv_caches, self.cos_sin_table, inputs, sampling_md,
+            num_logprobs=shape.num_logprobs, num_prompt_logprobs=shape.num_prompt_logprobs,
+            all_greedy=shape.all_greedy,
+        )
+        return self._to_host(out, prompt, n, shape)
+
+    def _execute_with_processors(self, rows, shape: StepShape, inputs, sampling_md) -> RunnerOutput:
+        self.kv_caches, logits = self._forward_logits(self.params, self.kv_caches, self.cos_sin_table, inputs)
+        logits = np.array(logits)
+        for i, row in enumerate(rows):
+            req = row.request
+            for fn in req.sampling_params.logits_processors or ():
+                try:
+                    logits[i] = fn(req.prompt_token_ids, req.output_token_ids, logits[i])
+                except TypeError:
+                    logits[i] = fn(req.output_token_ids, logits[i])
+        out = self._sample(jnp.asarray(logits), sampling_md, num_logprobs=shape.num_logprobs,
+                           all_greedy=shape.all_greedy)
+        return self._to_host(out, None, len(rows), shape)
+
+    def _to_host(self, out: SamplerOutput, prompt, n: int, shape: StepShape) -> RunnerOutput:
+        # One device-to-host transfer for everything the step returns.
+        host = jax.device_get((out, prompt))
+        out, prompt = host
+        result = RunnerOutput(
+            sampled_token_ids=out.sampled_token_ids[:n],
+            topk_token_ids=out.topk_token_ids[:n] if shape.num_logprobs else None,
+            topk_logprobs=out.topk_logprobs[:n] if shape.num_logprobs else None,
+            sampled_logprobs=out.sampled_logprobs[:n] if shape.num_logprobs else None,
+            sampled_ranks=out.sampled_ranks[:n] if shape.num_logprobs else None,
+        )
+        if prompt is not None:
+            (result.prompt_topk_ids, result.prompt_topk_logprobs, result.prompt_target_logprobs,
+             result.prompt_target_ranks) = prompt
+        return result
+
+    def warmup(self, shapes: list[tuple[int, int]]) -> float:
+        """Compiles the step for each (tokens, pages) shape, greedy and not; returns seconds."""
+        start = time.perf_counter()
+        for num_tokens, num_pages in shapes:
+            self._compile(num_tokens, self.builder.num_seqs_for(num_tokens), num_pages)
+        return time.perf_counter() - start
+
+    def _compile(self, T: int, S: int, P: int) -> None:
+        from jllm.layers.attention_metadata import AttentionMetadata
+        from jllm.layers.sampler import SamplingMetadata
+
+        i32 = lambda *s: jax.ShapeDtypeStruct(s, jnp.int32)  # noqa: E731
+        f32 = lambda *s: jax.ShapeDtypeStruct(s, jnp.float32)  # noqa: E731
+        u32 = lambda *s: jax.ShapeDtypeStruct(s, jnp.uint32)  # noqa: E731
+        attn = AttentionMetadata(i32(T), i32(T), i32(S, P), i32(S), i32(S + 1), i32(T))
+        inputs = ModelInputs(i32(T), attn, i32(S), i32(0))
+        md = SamplingMetadata(f32(S), i32(S), f32(S), f32(S), u32(S), u32(S), i32(S), f32(S), f32(S), f32(S),
+                              i32(S, 0), i32(S, 0), i32(S, 0), f32(S, 0), i32(S, 0), i32(S, 0),
+                              jax.ShapeDtypeStruct((S,), jnp.bool_))
+        for all_greedy in (True, False):
+            # Lower with abstract shapes, then run once on zeros so the jit cache is filled.
+            args = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), (inputs, md))
+            # Slot -1 drops the writes: warm-up must not touch pages a request may own.
+            attn0 = dataclasses.replace(args[0].attn, slot_mapping=jnp.full((T,), -1, jnp.int32))
+            args = (dataclasses.replace(args[0], attn=attn0), args[1])
+            self.kv_caches, _, _ = self._step(
+                self.params, self.kv_caches, self.cos_sin_table, *args,
+                num_logprobs=0, num_prompt_logprobs=0, all_greedy=all_greedy,
+            )

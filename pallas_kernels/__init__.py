@@ -1,0 +1,21 @@
+"""Pallas (Triton backend) GPU kernels for jllm, each next to its plain-jnp reference."""
+from pallas_kernels.kv_write import write_kv, write_kv_reference
+from pallas_kernels.paged_decode_attention import (
+    decode_num_splits,
+    paged_decode_attention,
+    paged_decode_attention_reference,
+)
+from pallas_kernels.ragged_paged_attention import (
+    ragged_paged_attention,
+    ragged_paged_attention_reference,
+)
+
+__all__ = [
+    "decode_num_splits",
+    "paged_decode_attention",
+    "paged_decode_attention_reference",
+    "ragged_paged_attention",
+    "ragged_paged_attention_reference",
+    "write_kv",
+    "write_kv_reference",
+]

@@ -1,0 +1,246 @@
+"""Paged attention for decode steps: one query token per sequence, split-K over pages.
+
+One program per (sequence, kv head, kv split) handles all the query heads of its kv
+head at once (GQA), so each K/V page is read once per step. A sequence's pages are
+cut into `num_splits` ranges of whole kv blocks; the partial softmax states are then
+combined in plain jnp. The query of sequence s sits at position seq_lens[s] - 1, after
+its own K/V has been written to the cache.
+"""
+from __future__ import annotations
+
+import bisect
+import functools
+import math
+
+import jax
+import jax.numpy as jnp
+from jax.experimental import pallas as pl
+from jax.experimental.pallas import triton as plgpu
+
+# Finite: a kv block that masks all of a row's keys must not turn the running max
+# update into exp2(-inf - -inf) = NaN.
+MASK_VALUE = -0.7 * float(jnp.finfo(jnp.float32).max)
+_LOG2E = math.log2(math.e)
+
+# PLACEHOLDER, to be tuned on the H100 (issue 3): kv splits by (batch, context).
+# Rows: batch up to; columns: context (tokens) up to. The guess aims at about two
+# waves of programs on 132 SMs with 8 kv heads and >= 256 keys per split.
+_SPLIT_BATCHES = (1, 8, 64, 256)
+_SPLIT_CONTEXTS = (512, 2048, 8192, 32768)
+_SPLIT_TABLE = (
+    (2, 8, 16, 32),  # batch 1
+    (1, 4, 8, 16),  # batch <= 8
+    (1, 1, 2, 4),  # batch <= 64
+    (1, 1, 1, 2),  # batch <= 256 and beyond
+)
+
+
+def decode_num_splits(batch: int, context: int) -> int:
+  """The kv split count for a (batch, max context) shape, from the table."""
+  row = min(bisect.bisect_left(_SPLIT_BATCHES, batch), len(_SPLIT_BATCHES) - 1)
+  col = min(bisect.bisect_left(_SPLIT_CONTEXTS, context), len(_SPLIT_CONTEXTS) - 1)
+  return _SPLIT_TABLE[row][col]
+
+
+def log2_logits(qk, scale: float, soft_cap: float | None):
+  """scale * q.k, soft-capped, times log2(e): the kernels' softmax runs on exp2."""
+  if soft_cap is None:
+    return qk * (scale * _LOG2E)
+  return (soft_cap * _LOG2E) * jnp.tanh(qk * (scale / soft_cap))
+
+
+def _decode_kernel(seq_lens_ref, block_tables_ref, q_ref, k_cache_ref,
+                   v_cache_ref, *out_refs, scale: float, soft_cap: float | None,
+                   sliding_window: int | None, block_size: int, block_kv: int,
+                   group_padded: int, num_splits: int):
+  # q_ref: [group, head_dim] of one (sequence, kv head); *_cache_ref: [num_slots,
+  # head_dim] of that kv head; block_tables_ref: [S, max_blocks_per_seq].
+  seq, split = pl.program_id(0), pl.program_id(2)
+  group, head_dim = q_ref.shape
+  max_blocks = block_tables_ref.shape[1]
+  seq_len = seq_lens_ref[seq]
+  kv_lo = 0 if sliding_window is None else jnp.maximum(seq_len - sliding_window, 0)
+  first_block = kv_lo // block_kv
+  num_blocks = pl.cdiv(seq_len, block_kv) - first_block
+  blocks_per_split = pl.cdiv(num_blocks, num_splits)
+  start = first_block + split * blocks_per_split
+  end = jnp.minimum(start + blocks_per_split, first_block + num_blocks)
+
+  heads = jnp.arange(group_padded)
+  cols = jnp.arange(head_dim)[None, :]
+  q = plgpu.load(q_ref.at[heads[:, None], cols], mask=(heads < group)[:, None],
+                 other=0)
+
+  def body(b, carry):
+    o_prev, m_prev, l_prev = carry
+    keys = b * block_kv + jnp.arange(block_kv)
+    valid = (keys >= kv_lo) & (keys < seq_len)
+    pages = plgpu.load(
+        block_tables_ref.at[seq, keys // block_size],
+        mask=valid & (keys // block_size < max_blocks), other=0)
+    slots = (pages * block_size + keys % block_size)[:, None]
+    k = plgpu.load(k_cache_ref.at[slots, cols], mask=valid[:, None], other=0)
+    v = plgpu.load(v_cache_ref.at[slots, cols], mask=valid[:, None], other=0)
+    # [group_padded, block_kv], f32, in log2 units.
+    s = log2_logits(plgpu.dot(q, k, trans_b=True), scale, soft_cap)
+    s = jnp.where(valid[None, :], s, MASK_VALUE)
+    m_next = jnp.maximum(m_prev, s.max(axis=-1))
+    correction = jnp.exp2(m_prev - m_next)
+    p = jnp.exp2(s - m_next[:, None])
+    l_next = correction * l_prev + p.sum(axis=-1)
+    o_next = correction[:, None] * o_prev + plgpu.dot(p.astype(v.dtype), v)
+    return o_next, m_next, l_next
+
+  o = jnp.zeros((group_padded, head_dim), jnp.float32)
+  m = jnp.full((group_padded,), -jnp.inf, jnp.float32)
+  l = jnp.zeros((group_padded,), jnp.float32)
+  o, m, l = jax.lax.fori_loop(start, end, body, (o, m, l))
+
+  real_heads = heads < group
+  if num_splits == 1:
+    [o_ref] = out_refs
+    o = o / jnp.where(l == 0, 1.0, l)[:, None]  # Rows of length 0 give zeros.
+    plgpu.store(o_ref.at[heads[:, None], cols], o.astype(o_ref.dtype),
+                mask=real_heads[:, None])
+  else:
+    o_ref, m_ref, l_ref = out_refs
+    plgpu.store(o_ref.at[heads[:, None], cols], o, mask=real_heads[:, None])
+    plgpu.store(m_ref.at[heads], m, mask=real_heads)
+    plgpu.store(l_ref.at[heads], l, mask=real_heads)
+
+
+def _combine_splits(o, m, l):
+  """Merges per-split softmax states: o [K, ..., D] unnormalised, m/l [K, ...]."""
+  m_max = m.max(axis=0)
+  # A row no split touched keeps m = -inf everywhere; its weights must be 0, not NaN.
+  weight = jnp.exp2(m - jnp.where(jnp.isfinite(m_max), m_max, 0.0))
+  l_sum = (weight * l).sum(axis=0)
+  o_sum = (weight[..., None] * o).sum(axis=0)
+  return o_sum / jnp.where(l_sum == 0, 1.0, l_sum)[..., None]
+
+
+@functools.partial(
+    jax.jit,
+    static_argnames=("scale", "soft_cap", "sliding_window", "num_splits",
+                     "block_kv", "num_warps", "num_stages", "interpret"))
+def paged_decode_attention(
+    q: jax.Array,  # [S, num_q_heads, head_dim]
+    k_cache: jax.Array,  # [num_kv_heads, num_blocks, block_size, head_dim]
+    v_cache: jax.Array,  # [num_kv_heads, num_blocks, block_size, head_dim]
+    seq_lens: jax.Array,  # [S] int32, 0 for padding rows
+    block_tables: jax.Array,  # [S, max_blocks_per_seq] int32
+    *,
+    scale: float,
+    soft_cap: float | None = None,
+    sliding_window: int | None = None,
+    num_splits: int | None = None,
+    block_kv: int = 64,
+    num_warps: int = 4,
+    num_stages: int = 2,
+    interpret: bool = False,
+) -> jax.Array:
+  """Attention of each sequence's one query token over its cached keys.
+
+  Returns [S, num_q_heads, head_dim] in q's dtype; rows with seq_len 0 are zeros.
+  `num_splits` defaults to the (batch, context) table, context being
+  max_blocks_per_seq * block_size. `block_kv` (keys per inner step) must be a
+  power of two >= 16.
+  """
+  num_seqs, num_q_heads, head_dim = q.shape
+  num_kv_heads, num_blocks, block_size, _ = k_cache.shape
+  max_blocks = block_tables.shape[1]
+  group = num_q_heads // num_kv_heads
+  group_padded = max(16, pl.next_power_of_2(group))  # tl.dot wants M >= 16.
+  if num_splits is None:
+    num_splits = decode_num_splits(num_seqs, max_blocks * block_size)
+
+  num_slots = num_blocks * block_size
+  k_flat = k_cache.reshape(num_kv_heads, num_slots, head_dim)
+  v_flat = v_cache.reshape(num_kv_heads, num_slots, head_dim)
+  q4 = q.reshape(num_seqs, num_kv_heads, group, head_dim)
+
+  kernel = functools.partial(
+      _decode_kernel, scale=scale, soft_cap=soft_cap,
+      sliding_window=sliding_window, block_size=block_size, block_kv=block_kv,
+      group_padded=group_padded, num_splits=num_splits)
+  cache_spec = pl.BlockSpec((None, num_slots, head_dim), lambda s, h, k: (h, 0, 0))
+  in_specs = [
+      pl.BlockSpec((num_seqs,), lambda s, h, k: (0,)),
+      pl.BlockSpec((num_seqs, max_blocks), lambda s, h, k: (0, 0)),
+      pl.BlockSpec((None, None, group, head_dim), lambda s, h, k: (s, h, 0, 0)),
+      cache_spec,
+      cache_spec,
+  ]
+  if num_splits == 1:
+    out_shape = [jax.ShapeDtypeStruct(q4.shape, q.dtype)]
+    out_specs = [pl.BlockSpec((None, None, group, head_dim),
+                              lambda s, h, k: (s, h, 0, 0))]
+  else:
+    # Per-split softmax states (unnormalised o, running max m, sum l), f32.
+    part = (num_splits, num_seqs, num_kv_heads, group)
+    out_shape = [jax.ShapeDtypeStruct((*part, head_dim), jnp.float32),
+                 jax.ShapeDtypeStruct(part, jnp.float32),
+                 jax.ShapeDtypeStruct(part, jnp.float32)]
+    out_specs = [
+        pl.BlockSpec((None, None, None, group, head_dim),
+                     lambda s, h, k: (k, s, h, 0, 0)),
+        pl.BlockSpec((None, None, None, group), lambda s, h, k: (k, s, h, 0)),
+        pl.BlockSpec((None, None, None, group), lambda s, h, k: (k, s, h, 0)),
+    ]
+  outs = pl.pallas_call(
+      kernel,
+      grid=(num_seqs, num_kv_heads, num_splits),
+      in_specs=in_specs,
+      out_specs=out_specs,
+      out_shape=out_shape,
+      compiler_params=plgpu.CompilerParams(
+          num_warps=num_warps, num_stages=num_stages),
+      interpret=interpret,
+      name="jllm_paged_decode_attention",
+  )(seq_lens, block_tables, q4, k_flat, v_flat)
+  if num_splits == 1:
+    out = outs[0]
+  else:
+    out = _combine_splits(*outs).astype(q.dtype)
+  return out.reshape(q.shape)
+
+
+def gather_pages(cache: jax.Array, block_tables: jax.Array) -> jax.Array:
+  """[num_kv_heads, num_blocks, block_size, D] -> [S, num_kv_heads, max_len, D]."""
+  pages = cache[:, block_tables]  # [KVH, S, max_blocks, block_size, D]
+  kvh, s, nb, bs, d = pages.shape
+  return pages.reshape(kvh, s, nb * bs, d).swapaxes(0, 1)
+
+
+def paged_decode_attention_reference(
+    q: jax.Array,
+    k_cache: jax.Array,
+    v_cache: jax.Array,
+    seq_lens: jax.Array,
+    block_tables: jax.Array,
+    *,
+    scale: float,
+    soft_cap: float | None = None,
+    sliding_window: int | None = None,
+) -> jax.Array:
+  """Plain-jnp `paged_decode_attention`: gather the pages, mask, softmax."""
+  num_seqs, num_q_heads, head_dim = q.shape
+  num_kv_heads = k_cache.shape[0]
+  k = gather_pages(k_cache, block_tables).astype(jnp.float32)
+  v = gather_pages(v_cache, block_tables).astype(jnp.float32)
+  qg = q.reshape(num_seqs, num_kv_heads, -1, head_dim).astype(jnp.float32)
+  s = jnp.einsum("skgd,skld->skgl", qg, k,
+                 precision=jax.lax.Precision.HIGHEST) * scale
+  if soft_cap is not None:
+    s = soft_cap * jnp.tanh(s / soft_cap)
+  keys = jnp.arange(k.shape[2])[None, :]
+  valid = keys < seq_lens[:, None]
+  if sliding_window is not None:
+    valid &= keys > seq_lens[:, None] - 1 - sliding_window
+  s = jnp.where(valid[:, None, None, :], s, -jnp.inf)
+  p = jnp.exp(s - jnp.max(s, axis=-1, keepdims=True, initial=-1e30))
+  p = jnp.where(valid[:, None, None, :], p, 0.0)
+  denom = p.sum(axis=-1, keepdims=True)
+  o = jnp.einsum("skgl,skld->skgd", p / jnp.where(denom == 0, 1.0, denom), v,
+                 precision=jax.lax.Precision.HIGHEST)
+  return o.reshape(q.shape).astype(q.dtype)
