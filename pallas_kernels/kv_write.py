@@ -40,19 +40,21 @@ def _kv_write_kernel(slot_mapping_ref, k_ref, v_ref, k_cache_in_ref,
 
 
 @functools.partial(
-    jax.jit, static_argnames=("block_tokens", "num_warps", "interpret"))
+    jax.jit, static_argnames=("block_tokens", "num_warps", "interpret"),
+    donate_argnames=("k_cache", "v_cache"))
 def write_kv(
-    k: jax.Array,  # [T, num_kv_heads, head_dim]
-    v: jax.Array,  # [T, num_kv_heads, head_dim]
     k_cache: jax.Array,  # [num_kv_heads, num_blocks, block_size, head_dim]
     v_cache: jax.Array,  # [num_kv_heads, num_blocks, block_size, head_dim]
+    k: jax.Array,  # [T, num_kv_heads, head_dim]
+    v: jax.Array,  # [T, num_kv_heads, head_dim]
     slot_mapping: jax.Array,  # [T] int32, -1 = drop
     *,
     block_tokens: int = 16,
     num_warps: int = 4,
     interpret: bool = False,
 ) -> tuple[jax.Array, jax.Array]:
-  """Returns (k_cache, v_cache) with the new rows written; donate the caches."""
+  """Returns (k_cache, v_cache) with the new rows written, in place: the caches
+  are donated (inside a jitted step, donate them to that step)."""
   num_tokens, num_kv_heads, head_dim = k.shape
   cache_shape = k_cache.shape
   num_slots = cache_shape[1] * cache_shape[2]
@@ -81,10 +83,10 @@ def write_kv(
 
 
 def write_kv_reference(
-    k: jax.Array,
-    v: jax.Array,
     k_cache: jax.Array,
     v_cache: jax.Array,
+    k: jax.Array,
+    v: jax.Array,
     slot_mapping: jax.Array,
 ) -> tuple[jax.Array, jax.Array]:
   """Plain-jnp `write_kv`: a scatter that drops the -1 slots."""

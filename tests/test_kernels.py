@@ -147,7 +147,7 @@ def test_write_kv_matches_reference_and_drops_padding_slots(rng, head_dim,
   new_shape = (27, NUM_KV_HEADS, head_dim)
   k = jnp.asarray(rng.standard_normal(new_shape), jnp.bfloat16)
   v = jnp.asarray(rng.standard_normal(new_shape), jnp.bfloat16)
-  args = (k, v, batch.k_cache, batch.v_cache, batch.md.slot_mapping)
+  args = (batch.k_cache, batch.v_cache, k, v, batch.md.slot_mapping)
 
   expected_k = np.array(batch.k_cache)
   for t, slot in enumerate(np.asarray(batch.md.slot_mapping)):
@@ -175,9 +175,8 @@ def test_write_kv_leaves_the_donated_cache_uncopied(impl):
   cache = jax.ShapeDtypeStruct((NUM_KV_HEADS, 64, 16, 64), jnp.bfloat16)
   new = jax.ShapeDtypeStruct((32, NUM_KV_HEADS, 64), jnp.bfloat16)
   slots = jax.ShapeDtypeStruct((32,), jnp.int32)
-  step = jax.jit(lambda k, v, kc, vc, s: fn(k, v, kc, vc, s),
-                 donate_argnums=(2, 3))
-  hlo = step.lower(new, new, cache, cache, slots).compile().as_text()
+  step = jax.jit(fn, donate_argnums=(0, 1))
+  hlo = step.lower(cache, cache, new, new, slots).compile().as_text()
   assert "input_output_alias" in hlo
   assert not _cache_copies(hlo, "2,64,16,64|2,1024,64")
 
@@ -362,9 +361,9 @@ def _h100_kernels():
         (tokens, cache, cache, spec((65,), i32), spec((64,), i32),
          spec((64, 256), i32)), id=name)
     name = f"kv_write-d{head_dim}-p{block_size}"
-    yield pytest.param(
-        name, write_kv, (spec((2048, 8, head_dim), jnp.bfloat16),) * 2
-        + (cache, cache, spec((2048,), i32)), id=name)
+    new = spec((2048, 8, head_dim), jnp.bfloat16)
+    yield pytest.param(name, write_kv, (cache, cache, new, new, spec((2048,), i32)),
+                       id=name)
 
 
 @pytest.mark.parametrize("name,fn,args", list(_h100_kernels()))

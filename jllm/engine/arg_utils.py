@@ -36,7 +36,7 @@ _HELP = {
     "max_num_batched_tokens": "Tokens per engine step.",
     "max_num_seqs": "Sequences per engine step.",
     "enable_chunked_prefill": "Split long prompts across steps.",
-    "enforce_eager": "Compile shapes lazily on first use; no warm-up.",
+    "enforce_eager": "Compile shapes lazily on first use; no warm-up (default on the CPU).",
     "max_seq_len_to_capture": "Context length up to which decode shapes are precompiled.",
     "compilation_config": "JSON dict: cudagraph_capture_sizes, token_buckets, cache_dir.",
     "max_logprobs": "The most logprobs a request may ask for (-1: no limit).",
@@ -68,7 +68,8 @@ class EngineArgs:
     max_num_batched_tokens: int | None = None
     max_num_seqs: int | None = None
     enable_chunked_prefill: bool = True
-    enforce_eager: bool = False
+    # None: False on an accelerator, True on the CPU (engine_setup).
+    enforce_eager: bool | None = None
     max_seq_len_to_capture: int = 8192
     compilation_config: dict[str, Any] | None = None
     max_logprobs: int = 20
@@ -113,7 +114,7 @@ class EngineArgs:
         for f in dataclasses.fields(EngineArgs):
             flag = "--" + f.name.replace("_", "-")
             default = f.default
-            if f.type in ("bool", bool):
+            if f.type in ("bool", bool, "bool | None"):
                 parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=default,
                                     help=_HELP.get(f.name))
             elif f.name in ("hf_overrides", "compilation_config"):

@@ -172,7 +172,7 @@ def build_engine_parts(args: EngineArgs) -> EngineParts:
         shapes = [(t, p) for t in compilation_config.token_buckets for p in page_buckets if p <= capture_pages]
         seconds = runner.warmup(shapes)
         logger.info("Compiled %d step shapes (token buckets %s, page buckets %s) in %.1f s.",
-                    len(shapes) * 2, list(compilation_config.token_buckets),
+                    len(shapes), list(compilation_config.token_buckets),
                     [p for p in page_buckets if p <= capture_pages], seconds)
     eos = _eos_token_id(hf_config, tokenizer, generation_config)
     return EngineParts(model_config, scheduler_config, cache_config, compilation_config, hf_config, spec,
@@ -208,7 +208,9 @@ def _compilation_config(args: EngineArgs, sched: SchedulerConfig) -> Compilation
         cudagraph_capture_sizes=tuple(cc.get("cudagraph_capture_sizes") or ()),
         token_buckets=tuple(token_buckets),
         max_seq_len_to_capture=args.max_seq_len_to_capture,
-        enforce_eager=args.enforce_eager,
+        # No CUDA graphs to stand in for on the CPU, where compiling every bucket up
+        # front costs minutes: there shapes compile on first use unless asked otherwise.
+        enforce_eager=(not on_accelerator()) if args.enforce_eager is None else args.enforce_eager,
         cache_dir=cc.get("cache_dir", default_compilation_cache_dir()),
     )
 

@@ -128,21 +128,26 @@ def compute_logprobs(logits: jax.Array, token_ids: jax.Array, num_logprobs: int)
     return top_ids.astype(jnp.int32), top_lp, token_lp, ranks
 
 
-def sample(logits: jax.Array, md: SamplingMetadata, *, num_logprobs: int, all_greedy: bool) -> SamplerOutput:
-    """logits [S, V] float32 -> SamplerOutput. `num_logprobs`, `all_greedy` are static."""
+def sample(logits: jax.Array, md: SamplingMetadata, *, num_logprobs: int) -> SamplerOutput:
+    """logits [S, V] float32 -> SamplerOutput. `num_logprobs` is static.
+
+    A batch of greedy rows skips the sort and the noise at run time (`lax.cond`),
+    so greedy and random batches share one compiled program.
+    """
     raw_logits = logits
     logits = apply_logits_processors(logits.astype(jnp.float32), md)
     greedy = jnp.argmax(logits, axis=-1).astype(jnp.int32)
-    if all_greedy:
-        sampled = greedy
-    else:
-        is_greedy = md.temperature <= 0.0
+    is_greedy = md.temperature <= 0.0
+
+    def sample_random(logits):
         scaled = logits / jnp.where(is_greedy, 1.0, md.temperature)[:, None]
         scaled = apply_min_p(scaled, md.min_p)
         scaled = apply_top_k_top_p(scaled, md.top_k, md.top_p)
         gumbel = jax.vmap(lambda k: jax.random.gumbel(k, (logits.shape[-1],), jnp.float32))(_row_keys(md))
         random = jnp.argmax(scaled + gumbel, axis=-1).astype(jnp.int32)
-        sampled = jnp.where(is_greedy, greedy, random)
+        return jnp.where(is_greedy, greedy, random)
+
+    sampled = jax.lax.cond(jnp.all(is_greedy), lambda _: greedy, sample_random, logits)
     num_rows = logits.shape[0]
     if num_logprobs:
         top_ids, top_lp, lp, ranks = compute_logprobs(raw_logits, sampled, num_logprobs)

@@ -38,7 +38,6 @@ class StepShape:
     num_pages: int
     num_logprobs: int
     num_prompt_logprobs: int
-    all_greedy: bool
 
 
 def _padded(rows: list[list[int]], width_buckets: tuple[int, ...] | None, pad: int, num_rows: int,
@@ -170,8 +169,7 @@ class InputBatchBuilder:
             [p.prompt_logprobs for r, p in zip(rows, params)
              if r.num_computed_tokens < r.request.num_prompt_tokens]
         )
-        all_greedy = all(p.temperature <= 0.0 for p in params)
-        return md, (num_logprobs, num_prompt_logprobs, all_greedy)
+        return md, (num_logprobs, num_prompt_logprobs)
 
     def _logprobs_width(self, requested: list[int | None]) -> int:
         """0 when no row wants logprobs, else one fixed width so the step compiles once."""

@@ -47,10 +47,10 @@ def _forward(model, params, kv_caches, cos_sin_table, inputs: ModelInputs):
 
 
 def _step(model, params, kv_caches, cos_sin_table, inputs: ModelInputs, sampling_md, *,
-          num_logprobs: int, num_prompt_logprobs: int, all_greedy: bool):
+          num_logprobs: int, num_prompt_logprobs: int):
     kv_caches, hidden = _forward(model, params, kv_caches, cos_sin_table, inputs)
     logits = model.apply(params, hidden[inputs.logits_indices], method=type(model).compute_logits)
-    out = sample(logits, sampling_md, num_logprobs=num_logprobs, all_greedy=all_greedy)
+    out = sample(logits, sampling_md, num_logprobs=num_logprobs)
     prompt = None
     if num_prompt_logprobs:
         all_logits = model.apply(params, hidden, method=type(model).compute_logits)
@@ -83,11 +83,11 @@ class ModelRunner:
         self.cos_sin_table = jnp.asarray(table)
         self._step = jax.jit(
             functools.partial(_step, model),
-            static_argnames=("num_logprobs", "num_prompt_logprobs", "all_greedy"),
+            static_argnames=("num_logprobs", "num_prompt_logprobs"),
             donate_argnums=(1,),
         )
         self._forward_logits = jax.jit(functools.partial(_forward_logits, model), donate_argnums=(1,))
-        self._sample = jax.jit(sample, static_argnames=("num_logprobs", "all_greedy"))
+        self._sample = jax.jit(sample, static_argnames=("num_logprobs",))
         self.seen_shapes: set[StepShape] = set()
 
     @property
@@ -107,7 +107,6 @@ class ModelRunner:
         self.kv_caches, out, prompt = self._step(
             self.params, self.kv_caches, self.cos_sin_table, inputs, sampling_md,
             num_logprobs=shape.num_logprobs, num_prompt_logprobs=shape.num_prompt_logprobs,
-            all_greedy=shape.all_greedy,
         )
         return self._to_host(out, prompt, n, shape)
 
@@ -121,8 +120,7 @@ class ModelRunner:
                     logits[i] = fn(req.prompt_token_ids, req.output_token_ids, logits[i])
                 except TypeError:
                     logits[i] = fn(req.output_token_ids, logits[i])
-        out = self._sample(jnp.asarray(logits), sampling_md, num_logprobs=shape.num_logprobs,
-                           all_greedy=shape.all_greedy)
+        out = self._sample(jnp.asarray(logits), sampling_md, num_logprobs=shape.num_logprobs)
         return self._to_host(out, None, len(rows), shape)
 
     def _to_host(self, out: SamplerOutput, prompt, n: int, shape: StepShape) -> RunnerOutput:
@@ -142,7 +140,7 @@ class ModelRunner:
         return result
 
     def warmup(self, shapes: list[tuple[int, int]]) -> float:
-        """Compiles the step for each (tokens, pages) shape, greedy and not; returns seconds."""
+        """Compiles the step for each (tokens, pages) shape; returns seconds."""
         start = time.perf_counter()
         for num_tokens, num_pages in shapes:
             self._compile(num_tokens, self.builder.num_seqs_for(num_tokens), num_pages)
@@ -160,13 +158,11 @@ class ModelRunner:
         md = SamplingMetadata(f32(S), i32(S), f32(S), f32(S), u32(S), u32(S), i32(S), f32(S), f32(S), f32(S),
                               i32(S, 0), i32(S, 0), i32(S, 0), f32(S, 0), i32(S, 0), i32(S, 0),
                               jax.ShapeDtypeStruct((S,), jnp.bool_))
-        for all_greedy in (True, False):
-            # Lower with abstract shapes, then run once on zeros so the jit cache is filled.
-            args = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), (inputs, md))
-            # Slot -1 drops the writes: warm-up must not touch pages a request may own.
-            attn0 = dataclasses.replace(args[0].attn, slot_mapping=jnp.full((T,), -1, jnp.int32))
-            args = (dataclasses.replace(args[0], attn=attn0), args[1])
-            self.kv_caches, _, _ = self._step(
-                self.params, self.kv_caches, self.cos_sin_table, *args,
-                num_logprobs=0, num_prompt_logprobs=0, all_greedy=all_greedy,
-            )
+        # Run once on zeros so the jit cache holds the program.
+        args = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), (inputs, md))
+        # Slot -1 drops the writes: warm-up must not touch pages a request may own.
+        attn0 = dataclasses.replace(args[0].attn, slot_mapping=jnp.full((T,), -1, jnp.int32))
+        args = (dataclasses.replace(args[0], attn=attn0), args[1])
+        self.kv_caches, _, _ = self._step(
+            self.params, self.kv_caches, self.cos_sin_table, *args, num_logprobs=0, num_prompt_logprobs=0,
+        )
