@@ -109,7 +109,9 @@ def build_engine_parts(args: EngineArgs) -> EngineParts:
     model_cls, spec = resolve_model(hf_config)
     dtype = resolve_dtype(args.dtype, hf_config, is_gguf)
     max_model_len = resolve_max_model_len(args.max_model_len, hf_config)
-    backend = AttentionBackend(args.attention_backend or ("pallas" if on_accelerator() else "reference"))
+    # The Pallas kernels (issue 3) become the GPU default once they have passed their
+    # on-device checks; until then every platform runs the plain-jnp reference.
+    backend = AttentionBackend(args.attention_backend or "reference")
     model_config = ModelConfig(
         model=model_path, tokenizer=args.tokenizer or model_path, tokenizer_mode=args.tokenizer_mode,
         skip_tokenizer_init=args.skip_tokenizer_init, dtype=dtype, max_model_len=max_model_len,

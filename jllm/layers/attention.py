@@ -78,7 +78,8 @@ def paged_attention(
         from pallas_kernels import ragged_paged_attention  # GPU only; imported lazily
 
         out = ragged_paged_attention(
-            q, k_cache, v_cache, md, scale=scale, sliding_window=sliding_window, soft_cap=soft_cap
+            q, k_cache, v_cache, md.query_start_loc, md.seq_lens, md.block_tables, scale=scale,
+            sliding_window=sliding_window, soft_cap=soft_cap,
         )
     else:
         out = reference_ragged_paged_attention(
