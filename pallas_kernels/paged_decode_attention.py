@@ -224,23 +224,30 @@ def paged_decode_attention_reference(
     sliding_window: int | None = None,
 ) -> jax.Array:
   """Plain-jnp `paged_decode_attention`: gather the pages, mask, softmax."""
-  num_seqs, num_q_heads, head_dim = q.shape
-  num_kv_heads = k_cache.shape[0]
-  k = gather_pages(k_cache, block_tables).astype(jnp.float32)
-  v = gather_pages(v_cache, block_tables).astype(jnp.float32)
-  qg = q.reshape(num_seqs, num_kv_heads, -1, head_dim).astype(jnp.float32)
-  s = jnp.einsum("skgd,skld->skgl", qg, k,
-                 precision=jax.lax.Precision.HIGHEST) * scale
-  if soft_cap is not None:
-    s = soft_cap * jnp.tanh(s / soft_cap)
+  k = gather_pages(k_cache, block_tables)  # [S, K, L, D]
+  v = gather_pages(v_cache, block_tables)
   keys = jnp.arange(k.shape[2])[None, :]
   valid = keys < seq_lens[:, None]
   if sliding_window is not None:
     valid &= keys > seq_lens[:, None] - 1 - sliding_window
-  s = jnp.where(valid[:, None, None, :], s, -jnp.inf)
+  return masked_attention(q, k, v, valid, scale=scale, soft_cap=soft_cap)
+
+
+def masked_attention(q, k, v, visible, *, scale, soft_cap=None):
+  """Softmax attention of rows q [R, Nq, D] over their own keys k, v [R, K, L, D],
+  where visible [R, L] marks the keys each row may see; rows that see nothing give 0.
+  Computed in float32 at full precision: it is the references' common core."""
+  num_rows, _, head_dim = q.shape
+  num_kv_heads = k.shape[1]
+  qg = q.reshape(num_rows, num_kv_heads, -1, head_dim).astype(jnp.float32)
+  s = jnp.einsum("rkgd,rkld->rkgl", qg, k.astype(jnp.float32),
+                 precision=jax.lax.Precision.HIGHEST) * scale
+  if soft_cap is not None:
+    s = soft_cap * jnp.tanh(s / soft_cap)
+  s = jnp.where(visible[:, None, None, :], s, -jnp.inf)
   p = jnp.exp(s - jnp.max(s, axis=-1, keepdims=True, initial=-1e30))
-  p = jnp.where(valid[:, None, None, :], p, 0.0)
+  p = jnp.where(visible[:, None, None, :], p, 0.0)
   denom = p.sum(axis=-1, keepdims=True)
-  o = jnp.einsum("skgl,skld->skgd", p / jnp.where(denom == 0, 1.0, denom), v,
+  o = jnp.einsum("rkgl,rkld->rkgd", p / jnp.where(denom == 0, 1.0, denom), v.astype(jnp.float32),
                  precision=jax.lax.Precision.HIGHEST)
   return o.reshape(q.shape).astype(q.dtype)

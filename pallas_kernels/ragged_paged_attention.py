@@ -24,8 +24,9 @@ from jax.experimental.pallas import triton as plgpu
 
 from pallas_kernels.paged_decode_attention import (
     MASK_VALUE,
-    log2_logits,
     gather_pages,
+    log2_logits,
+    masked_attention,
 )
 
 
@@ -202,8 +203,7 @@ def ragged_paged_attention_reference(
     sliding_window: int | None = None,
 ) -> jax.Array:
   """Plain-jnp `ragged_paged_attention`: each token gathers its sequence's pages."""
-  num_tokens, num_q_heads, head_dim = q.shape
-  num_kv_heads = k_cache.shape[0]
+  num_tokens = q.shape[0]
   num_seqs = seq_lens.shape[0]
   tokens = jnp.arange(num_tokens)
   # side="right" skips the empty sequences that share a start.
@@ -213,21 +213,10 @@ def ragged_paged_attention_reference(
   positions = seq_lens[seq] - query_lens[seq] + tokens - query_start_loc[seq]
   is_query = tokens < query_start_loc[num_seqs]
 
-  k = gather_pages(k_cache, block_tables)[seq].astype(jnp.float32)  # [T, K, L, D]
-  v = gather_pages(v_cache, block_tables)[seq].astype(jnp.float32)
-  qg = q.reshape(num_tokens, num_kv_heads, -1, head_dim).astype(jnp.float32)
-  s = jnp.einsum("tkgd,tkld->tkgl", qg, k,
-                 precision=jax.lax.Precision.HIGHEST) * scale
-  if soft_cap is not None:
-    s = soft_cap * jnp.tanh(s / soft_cap)
+  k = gather_pages(k_cache, block_tables)[seq]  # [T, K, L, D]
+  v = gather_pages(v_cache, block_tables)[seq]
   keys = jnp.arange(k.shape[2])[None, :]
   visible = (keys <= positions[:, None]) & is_query[:, None]
   if sliding_window is not None:
     visible &= keys > positions[:, None] - sliding_window
-  s = jnp.where(visible[:, None, None, :], s, -jnp.inf)
-  p = jnp.exp(s - jnp.max(s, axis=-1, keepdims=True, initial=-1e30))
-  p = jnp.where(visible[:, None, None, :], p, 0.0)
-  denom = p.sum(axis=-1, keepdims=True)
-  o = jnp.einsum("tkgl,tkld->tkgd", p / jnp.where(denom == 0, 1.0, denom), v,
-                 precision=jax.lax.Precision.HIGHEST)
-  return o.reshape(q.shape).astype(q.dtype)
+  return masked_attention(q, k, v, visible, scale=scale, soft_cap=soft_cap)

@@ -7,13 +7,7 @@ import sys
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from jllm import LLM, SamplingParams  # noqa: E402
-
-prompts = [
-    "Hello, my name is",
-    "The president of the United States is",
-    "The capital of France is",
-    "The future of AI is",
-]
+from scripts.generate import DEFAULT_PROMPTS as prompts  # noqa: E402
 
 
 def main() -> None:

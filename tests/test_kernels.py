@@ -53,6 +53,7 @@ class PagedBatch:
   q: jax.Array  # [T, num_q_heads, head_dim]
   k_cache: jax.Array
   v_cache: jax.Array
+  token_to_seq: np.ndarray  # [T]: the sequence of each token (for the dense check)
 
 
 def make_batch(rng, context_lens, query_lens, *, num_tokens, group, head_dim,
@@ -83,12 +84,11 @@ def make_batch(rng, context_lens, query_lens, *, num_tokens, group, head_dim,
       positions=jnp.asarray(positions), slot_mapping=jnp.asarray(slot_mapping),
       block_tables=jnp.asarray(block_tables),
       seq_lens=jnp.asarray(context_lens, jnp.int32),
-      query_start_loc=jnp.asarray(query_start_loc),
-      token_to_seq=jnp.asarray(token_to_seq))
+      query_start_loc=jnp.asarray(query_start_loc))
   cache_shape = (NUM_KV_HEADS, num_blocks, block_size, head_dim)
   normal = lambda shape: jnp.asarray(rng.standard_normal(shape), dtype)
   return PagedBatch(md, normal((num_tokens, NUM_KV_HEADS * group, head_dim)),
-                    normal(cache_shape), normal(cache_shape))
+                    normal(cache_shape), normal(cache_shape), token_to_seq)
 
 
 def dense_attention_numpy(q, k_cache, v_cache, block_tables, seq_lens,
@@ -213,7 +213,7 @@ def test_ragged_reference_matches_dense_numpy(rng, sliding_window, soft_cap):
       sliding_window=sliding_window)
   want = dense_attention_numpy(
       batch.q, batch.k_cache, batch.v_cache, md.block_tables, md.seq_lens,
-      md.token_to_seq, md.positions,
+      batch.token_to_seq, md.positions,
       is_query=np.arange(40) < int(md.query_start_loc[-1]), scale=0.125,
       soft_cap=soft_cap, sliding_window=sliding_window)
   np.testing.assert_allclose(got, want, atol=1e-5, rtol=1e-5)

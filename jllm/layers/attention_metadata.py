@@ -29,6 +29,3 @@ class AttentionMetadata:
     # [S + 1] int32: where each sequence's query tokens start on the token axis;
     # padding rows repeat the total, so their query length is 0.
     query_start_loc: jax.Array
-    # [T] int32: the sequence (row of block_tables) each token belongs to; padding
-    # tokens point at row 0 and are masked by slot_mapping / positions.
-    token_to_seq: jax.Array

@@ -26,7 +26,7 @@ def param_shapes(model, spec) -> dict:
     cache = jax.ShapeDtypeStruct((spec.num_key_value_heads, 1, 1, spec.head_dim), model.dtype)
     caches = [(cache, cache)] * spec.num_hidden_layers
     i32 = jax.ShapeDtypeStruct((t,), jnp.int32)
-    md = AttentionMetadata(i32, i32, jax.ShapeDtypeStruct((1, 1), jnp.int32), i32, jax.ShapeDtypeStruct((2,), jnp.int32), i32)
+    md = AttentionMetadata(i32, i32, jax.ShapeDtypeStruct((1, 1), jnp.int32), i32, jax.ShapeDtypeStruct((2,), jnp.int32))
     cos_sin = jax.ShapeDtypeStruct((t, spec.head_dim), jnp.float32)
     return jax.eval_shape(lambda *args: model.init(jax.random.PRNGKey(0), *args), caches, i32, cos_sin, md)
 

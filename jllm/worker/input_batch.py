@@ -83,7 +83,6 @@ class InputBatchBuilder:
         input_ids = np.zeros(T, np.int32)
         positions = np.zeros(T, np.int32)
         slot_mapping = np.full(T, -1, np.int32)
-        token_to_seq = np.zeros(T, np.int32)
         block_tables = np.zeros((S, P), np.int32)
         seq_lens = np.zeros(S, np.int32)
         query_start_loc = np.full(S + 1, num_tokens, np.int32)
@@ -105,7 +104,6 @@ class InputBatchBuilder:
             input_ids[start:start + n] = tokens[done:done + n]
             positions[start:start + n] = pos
             slot_mapping[start:start + n] = blocks[pos // bs] * bs + pos % bs
-            token_to_seq[start:start + n] = i
             block_tables[i, : len(blocks)] = blocks[:P]
             seq_lens[i] = done + n
             query_start_loc[i] = start
@@ -118,7 +116,7 @@ class InputBatchBuilder:
             start += n
         query_start_loc[len(rows):] = num_tokens
 
-        attn = AttentionMetadata(positions, slot_mapping, block_tables, seq_lens, query_start_loc, token_to_seq)
+        attn = AttentionMetadata(positions, slot_mapping, block_tables, seq_lens, query_start_loc)
         inputs = ModelInputs(input_ids, attn, logits_indices, prompt_targets)
         sampling, shape_flags = self._sampling_metadata(rows, banned, S)
         shape = StepShape(T, S, P, *shape_flags)

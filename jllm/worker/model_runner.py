@@ -153,7 +153,7 @@ class ModelRunner:
         i32 = lambda *s: jax.ShapeDtypeStruct(s, jnp.int32)  # noqa: E731
         f32 = lambda *s: jax.ShapeDtypeStruct(s, jnp.float32)  # noqa: E731
         u32 = lambda *s: jax.ShapeDtypeStruct(s, jnp.uint32)  # noqa: E731
-        attn = AttentionMetadata(i32(T), i32(T), i32(S, P), i32(S), i32(S + 1), i32(T))
+        attn = AttentionMetadata(i32(T), i32(T), i32(S, P), i32(S), i32(S + 1))
         inputs = ModelInputs(i32(T), attn, i32(S), i32(0))
         md = SamplingMetadata(f32(S), i32(S), f32(S), f32(S), u32(S), u32(S), i32(S), f32(S), f32(S), f32(S),
                               i32(S, 0), i32(S, 0), i32(S, 0), f32(S, 0), i32(S, 0), i32(S, 0),
