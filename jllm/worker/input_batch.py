@@ -136,7 +136,7 @@ class InputBatchBuilder:
         )
         if use_penalties:
             prompt_ids = _padded([r.request.prompt_token_ids for r in rows], _LIST_BUCKETS, -1, S)
-            output_ids = _padded([r.request.output_token_ids or [-1] for r in rows], _LIST_BUCKETS, -1, S)
+            output_ids = _padded([r.request.output_token_ids for r in rows], _LIST_BUCKETS, -1, S)
         else:
             prompt_ids = output_ids = np.zeros((S, 0), np.int32)
         bias = [sorted((p.logit_bias or {}).items()) for p in params]
