@@ -15,7 +15,7 @@ import jax.numpy as jnp
 
 from jllm.config import CacheConfig, CompilationConfig, ModelConfig, SchedulerConfig
 from jllm.engine.arg_utils import EngineArgs
-from jllm.layers.attention import AttentionBackend
+from jllm.layers.attention import AttentionBackend, default_attention_backend
 from jllm.models.llama import DecoderSpec
 from jllm.models.registry import resolve_model
 from jllm.worker.buckets import pick_bucket, pow2_buckets
@@ -109,9 +109,8 @@ def build_engine_parts(args: EngineArgs) -> EngineParts:
     model_cls, spec = resolve_model(hf_config)
     dtype = resolve_dtype(args.dtype, hf_config, is_gguf)
     max_model_len = resolve_max_model_len(args.max_model_len, hf_config)
-    # The Pallas kernels (issue 3) become the GPU default once they have passed their
-    # on-device checks; until then every platform runs the plain-jnp reference.
-    backend = AttentionBackend(args.attention_backend or "reference")
+    backend = (AttentionBackend(args.attention_backend) if args.attention_backend
+               else default_attention_backend(jax.default_backend()))
     model_config = ModelConfig(
         model=model_path, tokenizer=args.tokenizer or model_path, tokenizer_mode=args.tokenizer_mode,
         skip_tokenizer_init=args.skip_tokenizer_init, dtype=dtype, max_model_len=max_model_len,
@@ -166,15 +165,16 @@ def build_engine_parts(args: EngineArgs) -> EngineParts:
         model=model, params=params, spec=spec, kv_caches=kv_caches, block_size=block_size,
         max_model_len=max_model_len, max_logprobs=max(args.max_logprobs, 0), hf_config=hf_config,
         token_buckets=compilation_config.token_buckets, page_buckets=page_buckets,
-        max_num_seqs=scheduler_config.max_num_seqs,
+        max_num_seqs=scheduler_config.max_num_seqs, decode_kernel=backend == AttentionBackend.PALLAS,
     )
     if not compilation_config.enforce_eager:
         capture_pages = pick_bucket(page_buckets, -(-min(compilation_config.max_seq_len_to_capture,
                                                           max_model_len) // block_size))
         shapes = [(t, p) for t in compilation_config.token_buckets for p in page_buckets if p <= capture_pages]
         seconds = runner.warmup(shapes)
-        logger.info("Compiled %d step shapes (token buckets %s, page buckets %s) in %.1f s.",
-                    len(shapes), list(compilation_config.token_buckets),
+        logger.info("Compiled %d step programs (token buckets %s, decode-only %s, page buckets %s) in %.1f s.",
+                    runner.num_compiled_steps, list(compilation_config.token_buckets),
+                    list(runner.builder.decode_token_buckets()),
                     [p for p in page_buckets if p <= capture_pages], seconds)
     eos = _eos_token_id(hf_config, tokenizer, generation_config)
     return EngineParts(model_config, scheduler_config, cache_config, compilation_config, hf_config, spec,

@@ -1,22 +1,37 @@
 """Paged attention for one layer: write this step's K/V into the pages, then attend.
 
-`AttentionBackend` picks the implementation from `pallas_kernels/`: the Pallas kernel
-(GPU) or its plain-jnp reference (the CPU, and what `attention_backend="reference"`
-forces on GPU). Every backend computes the same function: token t of
-sequence s attends causally to cache positions [0, positions[t]] of s (within the
-sliding window when one is set), after the step's own K/V have been written.
+`AttentionBackend` picks the implementation from `pallas_kernels/`: the Pallas kernels
+(the GPU's default; on the CPU they run in Pallas interpret mode, for tests) or their
+plain-jnp references (the CPU's default, and what `attention_backend="reference"` forces
+on GPU). Every backend computes the same function: token t of sequence s attends
+causally to cache positions [0, positions[t]] of s (within the sliding window when one
+is set), after the step's own K/V have been written.
 """
 from __future__ import annotations
 
 import enum
 
+import jax
+import jax.numpy as jnp
+
 from jllm.layers.attention_metadata import AttentionMetadata
-from pallas_kernels import ragged_paged_attention, ragged_paged_attention_reference, write_kv_reference
+from pallas_kernels import (
+    paged_decode_attention,
+    ragged_paged_attention,
+    ragged_paged_attention_reference,
+    write_kv_reference,
+)
 
 
 class AttentionBackend(str, enum.Enum):
     REFERENCE = "reference"
     PALLAS = "pallas"
+
+
+def default_attention_backend(platform: str) -> AttentionBackend:
+    """The kernels on accelerators; the plain-jnp reference on the CPU, where the
+    kernels would run interpreted."""
+    return AttentionBackend.REFERENCE if platform == "cpu" else AttentionBackend.PALLAS
 
 
 def paged_attention(
@@ -26,9 +41,18 @@ def paged_attention(
     """Returns (output [T, N, H], k_cache, v_cache)."""
     # An in-place scatter on the donated pages (padding slots -1 are dropped).
     k_cache, v_cache = write_kv_reference(k_cache, v_cache, k, v, md.slot_mapping)
-    attend = ragged_paged_attention if backend == AttentionBackend.PALLAS else ragged_paged_attention_reference
-    out = attend(
-        q, k_cache, v_cache, md.query_start_loc, md.seq_lens, md.block_tables, scale=scale,
-        sliding_window=sliding_window, soft_cap=soft_cap,
-    )
+    kwargs = dict(scale=scale, sliding_window=sliding_window, soft_cap=soft_cap)
+    if backend == AttentionBackend.REFERENCE:
+        out = ragged_paged_attention_reference(
+            q, k_cache, v_cache, md.query_start_loc, md.seq_lens, md.block_tables, **kwargs)
+        return out, k_cache, v_cache
+    kwargs["interpret"] = jax.default_backend() == "cpu"
+    if md.decode_only:
+        # Token i is sequence i's query (S <= T); the tokens past S are padding.
+        num_seqs = md.seq_lens.shape[0]
+        out = paged_decode_attention(q[:num_seqs], k_cache, v_cache, md.seq_lens, md.block_tables, **kwargs)
+        out = jnp.pad(out, ((0, q.shape[0] - num_seqs), (0, 0), (0, 0)))
+    else:
+        out = ragged_paged_attention(
+            q, k_cache, v_cache, md.query_start_loc, md.seq_lens, md.block_tables, **kwargs)
     return out, k_cache, v_cache

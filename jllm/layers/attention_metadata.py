@@ -29,3 +29,7 @@ class AttentionMetadata:
     # [S + 1] int32: where each sequence's query tokens start on the token axis;
     # padding rows repeat the total, so their query length is 0.
     query_start_loc: jax.Array
+    # Static: every sequence has at most one query token, so token i belongs to
+    # sequence i and the split-K decode kernel serves the step. A separate program
+    # (the flag is part of the jit key), as vLLM captures decode-only CUDA graphs.
+    decode_only: bool = dataclasses.field(default=False, metadata=dict(static=True))

@@ -38,6 +38,7 @@ class StepShape:
     num_pages: int
     num_logprobs: int
     num_prompt_logprobs: int
+    decode_only: bool = False
 
 
 def _padded(rows: list[list[int]], width_buckets: tuple[int, ...] | None, pad: int, num_rows: int,
@@ -58,8 +59,11 @@ _LIST_BUCKETS = pow2_buckets(8, 1 << 20)
 
 class InputBatchBuilder:
     def __init__(self, *, block_size: int, token_buckets, max_num_seqs: int, page_buckets, max_logprobs: int,
-                 vocab_size: int):
+                 vocab_size: int, decode_kernel: bool = False):
         self.block_size = block_size
+        # Whether steps whose every row has one query token are marked decode-only,
+        # for the attention backend's split-K decode kernel.
+        self.decode_kernel = decode_kernel
         self.token_buckets = token_buckets
         self.max_num_seqs = max_num_seqs
         self.page_buckets = page_buckets
@@ -70,6 +74,13 @@ class InputBatchBuilder:
         """The sequence axis follows the token bucket (every row has at least one token),
         so a step's shape is fixed by its token and page buckets alone."""
         return min(num_tokens, self.max_num_seqs)
+
+    def decode_token_buckets(self) -> tuple[int, ...]:
+        """The token buckets a decode-only step can land in (one token per row)."""
+        if not self.decode_kernel:
+            return ()
+        largest = pick_bucket(self.token_buckets, min(self.max_num_seqs, self.token_buckets[-1]))
+        return tuple(t for t in self.token_buckets if t <= largest)
 
     def build(self, rows: list[ScheduledRequest], banned: list[list[int]]):
         """Returns (StepShape, ModelInputs as numpy, SamplingMetadata as numpy)."""
@@ -116,10 +127,11 @@ class InputBatchBuilder:
             start += n
         query_start_loc[len(rows):] = num_tokens
 
-        attn = AttentionMetadata(positions, slot_mapping, block_tables, seq_lens, query_start_loc)
+        decode_only = self.decode_kernel and all(r.num_scheduled_tokens == 1 for r in rows)
+        attn = AttentionMetadata(positions, slot_mapping, block_tables, seq_lens, query_start_loc, decode_only)
         inputs = ModelInputs(input_ids, attn, logits_indices, prompt_targets)
         sampling, shape_flags = self._sampling_metadata(rows, banned, S)
-        shape = StepShape(T, S, P, *shape_flags)
+        shape = StepShape(T, S, P, *shape_flags, decode_only=decode_only)
         return shape, inputs, sampling
 
     def _sampling_metadata(self, rows: list[ScheduledRequest], banned: list[list[int]], S: int):

@@ -68,7 +68,7 @@ def _forward_logits(model, params, kv_caches, cos_sin_table, inputs: ModelInputs
 class ModelRunner:
     def __init__(self, *, model, params, spec, kv_caches, block_size: int, max_model_len: int,
                  max_num_seqs: int, max_logprobs: int, hf_config, token_buckets: tuple[int, ...],
-                 page_buckets: tuple[int, ...]):
+                 page_buckets: tuple[int, ...], decode_kernel: bool = False):
         self.model = model
         self.params = params
         self.spec = spec
@@ -77,6 +77,7 @@ class ModelRunner:
         self.builder = InputBatchBuilder(
             block_size=block_size, token_buckets=token_buckets, max_num_seqs=max_num_seqs,
             page_buckets=page_buckets, max_logprobs=max_logprobs, vocab_size=spec.vocab_size,
+            decode_kernel=decode_kernel,
         )
         table = cos_sin_cache(spec.head_dim, rope_parameters(hf_config),
                               getattr(hf_config, "max_position_embeddings", max_model_len), max_model_len)
@@ -140,20 +141,25 @@ class ModelRunner:
         return result
 
     def warmup(self, shapes: list[tuple[int, int]]) -> float:
-        """Compiles the step for each (tokens, pages) shape; returns seconds."""
+        """Compiles the step for each (tokens, pages) shape, and its decode-only
+        variant where a decode step can land; returns seconds."""
         start = time.perf_counter()
+        decode_buckets = self.builder.decode_token_buckets()
         for num_tokens, num_pages in shapes:
-            self._compile(num_tokens, self.builder.num_seqs_for(num_tokens), num_pages)
+            S = self.builder.num_seqs_for(num_tokens)
+            self._compile(num_tokens, S, num_pages, decode_only=False)
+            if num_tokens in decode_buckets:
+                self._compile(num_tokens, S, num_pages, decode_only=True)
         return time.perf_counter() - start
 
-    def _compile(self, T: int, S: int, P: int) -> None:
+    def _compile(self, T: int, S: int, P: int, *, decode_only: bool) -> None:
         from jllm.layers.attention_metadata import AttentionMetadata
         from jllm.layers.sampler import SamplingMetadata
 
         i32 = lambda *s: jax.ShapeDtypeStruct(s, jnp.int32)  # noqa: E731
         f32 = lambda *s: jax.ShapeDtypeStruct(s, jnp.float32)  # noqa: E731
         u32 = lambda *s: jax.ShapeDtypeStruct(s, jnp.uint32)  # noqa: E731
-        attn = AttentionMetadata(i32(T), i32(T), i32(S, P), i32(S), i32(S + 1))
+        attn = AttentionMetadata(i32(T), i32(T), i32(S, P), i32(S), i32(S + 1), decode_only)
         inputs = ModelInputs(i32(T), attn, i32(S), i32(0))
         md = SamplingMetadata(f32(S), i32(S), f32(S), f32(S), u32(S), u32(S), i32(S), f32(S), f32(S), f32(S),
                               i32(S, 0), i32(S, 0), i32(S, 0), f32(S, 0), i32(S, 0), i32(S, 0),
