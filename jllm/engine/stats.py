@@ -1,0 +1,150 @@
+"""Engine statistics per step, as vLLM V1 gathers them for its stat loggers.
+
+`SchedulerStats` is a snapshot of the queues and the KV pool after a step;
+`IterationStats` holds what one step produced (tokens, first-token and inter-token
+latencies, finished requests). `RequestStatsTracker` turns the stream of DELTA outputs
+into those numbers; stat loggers (the Prometheus one in the server, the periodic log
+line here) only read them.
+"""
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass, field
+from typing import Protocol
+
+from jllm.outputs import RequestOutput
+
+logger = logging.getLogger("jllm")
+
+# vLLM logs its throughput line every 5 s (VLLM_LOG_STATS_INTERVAL).
+LOG_STATS_INTERVAL_S = 5.0
+
+
+@dataclass
+class SchedulerStats:
+    num_running_reqs: int = 0
+    num_waiting_reqs: int = 0
+    # Fraction of KV pages held by requests.
+    kv_cache_usage: float = 0.0
+    # Cumulative since the engine started; loggers turn them into counter increments.
+    num_preemptions: int = 0
+    prefix_cache_queries: int = 0
+    prefix_cache_hits: int = 0
+
+
+@dataclass
+class FinishedRequestStats:
+    finish_reason: str
+    e2e_latency: float
+    num_prompt_tokens: int
+    num_generation_tokens: int
+    # Arrival to first schedule, and first schedule to finish (None if never scheduled).
+    queue_time: float | None
+    inference_time: float | None
+
+
+@dataclass
+class IterationStats:
+    num_prompt_tokens: int = 0
+    num_generation_tokens: int = 0
+    time_to_first_tokens: list[float] = field(default_factory=list)
+    inter_token_latencies: list[float] = field(default_factory=list)
+    finished_requests: list[FinishedRequestStats] = field(default_factory=list)
+
+
+@dataclass
+class _RequestTimes:
+    arrival_time: float
+    num_prompt_tokens: int = 0
+    num_generation_tokens: int = 0
+    last_token_time: float | None = None
+
+
+class RequestStatsTracker:
+    """Per-request bookkeeping between steps; lives on the engine thread only."""
+
+    def __init__(self) -> None:
+        self._requests: dict[str, _RequestTimes] = {}
+
+    def add(self, request_id: str, arrival_time: float) -> None:
+        self._requests[request_id] = _RequestTimes(arrival_time)
+
+    def record_outputs(self, outputs: list[RequestOutput], now: float) -> IterationStats:
+        """`outputs` are DELTA outputs: each completion carries only its new tokens."""
+        stats = IterationStats()
+        for output in outputs:
+            times = self._requests.get(output.request_id)
+            if times is None:
+                continue
+            new_tokens = sum(len(c.token_ids) for c in output.outputs)
+            if new_tokens:
+                if times.last_token_time is None:
+                    times.num_prompt_tokens = len(output.prompt_token_ids or ())
+                    stats.num_prompt_tokens += times.num_prompt_tokens
+                    stats.time_to_first_tokens.append(now - times.arrival_time)
+                else:
+                    stats.inter_token_latencies.append(now - times.last_token_time)
+                times.last_token_time = now
+                times.num_generation_tokens += new_tokens
+                stats.num_generation_tokens += new_tokens
+            if output.finished:
+                reason = next((c.finish_reason for c in output.outputs if c.finish_reason), "stop")
+                stats.finished_requests.append(self._finish(output.request_id, reason, now, output))
+        return stats
+
+    def record_abort(self, request_id: str, now: float) -> FinishedRequestStats | None:
+        if request_id not in self._requests:
+            return None
+        return self._finish(request_id, "abort", now, None)
+
+    def _finish(self, request_id: str, reason: str, now: float,
+                output: RequestOutput | None) -> FinishedRequestStats:
+        times = self._requests.pop(request_id)
+        scheduled = output.metrics.first_scheduled_time if output is not None and output.metrics else None
+        return FinishedRequestStats(
+            finish_reason=reason,
+            e2e_latency=now - times.arrival_time,
+            num_prompt_tokens=times.num_prompt_tokens,
+            num_generation_tokens=times.num_generation_tokens,
+            queue_time=scheduled - times.arrival_time if scheduled is not None else None,
+            inference_time=now - scheduled if scheduled is not None else None,
+        )
+
+
+class StatLogger(Protocol):
+    """Called on the engine thread after every step (and after aborts)."""
+
+    def record(self, scheduler_stats: SchedulerStats, iteration_stats: IterationStats) -> None: ...
+
+
+class LoggingStatLogger:
+    """vLLM's periodic throughput line: "Avg prompt throughput: ... tokens/s, ..."."""
+
+    def __init__(self, interval_s: float = LOG_STATS_INTERVAL_S) -> None:
+        self.interval_s = interval_s
+        self._last_log = time.monotonic()
+        self._prompt_tokens = 0
+        self._generation_tokens = 0
+        self._last_scheduler_stats = SchedulerStats()
+
+    def record(self, scheduler_stats: SchedulerStats, iteration_stats: IterationStats) -> None:
+        self._prompt_tokens += iteration_stats.num_prompt_tokens
+        self._generation_tokens += iteration_stats.num_generation_tokens
+        now = time.monotonic()
+        if now - self._last_log < self.interval_s:
+            return
+        elapsed = now - self._last_log
+        previous = self._last_scheduler_stats
+        queries = scheduler_stats.prefix_cache_queries - previous.prefix_cache_queries
+        hits = scheduler_stats.prefix_cache_hits - previous.prefix_cache_hits
+        logger.info(
+            "Avg prompt throughput: %.1f tokens/s, Avg generation throughput: %.1f tokens/s, "
+            "Running: %d reqs, Waiting: %d reqs, GPU KV cache usage: %.1f%%, Prefix cache hit rate: %.1f%%",
+            self._prompt_tokens / elapsed, self._generation_tokens / elapsed,
+            scheduler_stats.num_running_reqs, scheduler_stats.num_waiting_reqs,
+            100 * scheduler_stats.kv_cache_usage, 100 * hits / queries if queries else 0.0,
+        )
+        self._last_log = now
+        self._prompt_tokens = self._generation_tokens = 0
+        self._last_scheduler_stats = scheduler_stats

@@ -1,0 +1,1 @@
+"""jllm's OpenAI-compatible HTTP server (vLLM's vllm/entrypoints/openai)."""
