@@ -1,0 +1,170 @@
+"""Timing, compiling and result-file helpers for scripts/bench_kernels.py."""
+from __future__ import annotations
+
+import concurrent.futures
+import dataclasses
+import json
+import os
+import re
+import statistics
+import time
+from typing import Any, Callable
+
+import jax
+import jax.numpy as jnp
+
+
+def log(*parts) -> None:
+    # Flushed at once, so a run killed at the time cap still shows what it measured.
+    print(*parts, flush=True)
+
+
+def first_line(error: BaseException) -> str:
+    text = str(error).strip().splitlines()
+    return f"{type(error).__name__}: {text[0] if text else ''}"[:300]
+
+
+def looped(fn: Callable, reps: int, varying: tuple[int, ...]) -> Callable:
+    """`fn(*args)` run `reps` times back to back in one program; returns the last output.
+
+    A lone jitted call costs tens of microseconds of dispatch and sync, more than a small
+    decode kernel runs; inside one program it costs that once per `reps` calls. The
+    arguments at positions `varying` come with a leading axis of `reps` copies (see
+    `stack_varying`) and call i reads copy i: otherwise every call would be loop-invariant
+    and XLA would hoist it out of the loop (it drops optimization barriers before it
+    looks). Each call thus also slices its copies, as an engine step gets fresh inputs.
+    The static trip count lets XLA run the loop without a host round trip per iteration.
+    """
+    def run(*args):
+        def call(i):
+            return fn(*(a[i] if n in varying else a for n, a in enumerate(args)))
+
+        out_shape = jax.eval_shape(call, 0)
+        init = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), out_shape)
+        return jax.lax.fori_loop(0, reps, lambda i, _: call(i), init)
+
+    return run
+
+
+def stack_varying(args: tuple, reps: int, varying: tuple[int, ...]) -> tuple:
+    """`args` with the ones at positions `varying` copied `reps` times along a new axis."""
+    return tuple(jnp.repeat(a[None], reps, axis=0) if n in varying else a
+                 for n, a in enumerate(args))
+
+
+def reps_for(seconds_per_call: float, target_s: float = 1e-3, most: int = 50) -> int:
+    """Calls per timed program so that one program runs about `target_s`."""
+    return max(1, min(most, round(target_s / max(seconds_per_call, 1e-9))))
+
+
+def median_seconds(call: Callable[[], Any], iters: int, warmup: int = 1,
+                   max_seconds: float = 3.0) -> float:
+    """Median wall time of `call()`, each run waited on, after `warmup` runs: over `iters`
+    runs, or fewer (at least 3) once `max_seconds` have passed, so that a slow kernel
+    setting does not eat the run's time budget."""
+    for _ in range(warmup):
+        jax.block_until_ready(call())
+    times, deadline = [], time.perf_counter() + max_seconds
+    while len(times) < iters and (len(times) < 3 or time.perf_counter() < deadline):
+        start = time.perf_counter()
+        jax.block_until_ready(call())
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+@dataclasses.dataclass
+class Job:
+    """One function to compile ahead of timing, with example arguments."""
+    fn: Callable
+    args: tuple
+    donate_argnums: tuple[int, ...] = ()
+
+
+def compile_all(jobs: dict[str, Job], threads: int) -> dict[str, Any]:
+    """Name -> compiled executable, or the exception its tracing or compiling raised.
+
+    Compiling on several threads overlaps XLA's and Triton's native compile work (it
+    drops the GIL): a shape's split sweep is a dozen kernels that differ only in their
+    static settings.
+    """
+    def compile_one(job: Job):
+        return jax.jit(job.fn, donate_argnums=job.donate_argnums).lower(*job.args).compile()
+
+    with concurrent.futures.ThreadPoolExecutor(max(1, threads)) as pool:
+        futures = {name: pool.submit(compile_one, job) for name, job in jobs.items()}
+        compiled = {}
+        for name, future in futures.items():
+            try:
+                compiled[name] = future.result()
+            except Exception as error:  # noqa: BLE001 - reported per kernel, the run goes on.
+                compiled[name] = error
+    return compiled
+
+
+@jax.jit
+def _max_abs_diff_and_ref(out, ref):
+    out, ref = out.astype(jnp.float32), ref.astype(jnp.float32)
+    return jnp.max(jnp.abs(out - ref)), jnp.max(jnp.abs(ref))
+
+
+def rel_err(pairs) -> float:
+    """max |out - ref| / max |ref| over (out, ref) pairs of arrays, computed on the device."""
+    diff, scale = 0.0, 0.0
+    for out, ref in pairs:
+        d, s = _max_abs_diff_and_ref(out, ref)
+        diff, scale = max(diff, float(d)), max(scale, float(s))
+    return diff / scale if scale else diff
+
+
+def bandwidth_tbps(nbytes: int, iters: int) -> dict[str, float]:
+    """Read + write TB/s of a jitted copy and of x + 1 over an `nbytes` bf16 array.
+
+    The copy is the ceiling a memory-bound kernel can hope for; x + 1 is what an
+    XLA elementwise fusion gets.
+    """
+    x = jnp.zeros((nbytes // 2,), jnp.bfloat16)
+    figures = {}
+    for name, fn in (("copy", jnp.copy), ("elementwise", lambda a: a + 1)):
+        step = jax.jit(fn)
+        seconds = median_seconds(lambda: step(x), iters)
+        figures[name] = 2 * x.nbytes / seconds / 1e12
+    return figures
+
+
+def full_copies_in_hlo(hlo_text: str, shapes: list[tuple[int, ...]]) -> list[str]:
+    """Lines of optimized HLO that copy a whole array of one of `shapes`."""
+    dims = "|".join(",".join(map(str, s)) for s in shapes)
+    pattern = re.compile(rf"= \w+\[({dims})\]\S* copy(-start)?\(")
+    return [line.strip() for line in hlo_text.splitlines() if pattern.search(line)]
+
+
+def device_memory_bytes(device) -> int:
+    """What the device can hold: the allocator's limit, or the host's RAM on CPU."""
+    stats = device.memory_stats() or {}
+    if "bytes_limit" in stats:
+        return int(stats["bytes_limit"])
+    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+
+
+class Results:
+    """The run's JSON record, rewritten after every shape so a killed run leaves its results."""
+
+    def __init__(self, path: str, header: dict):
+        self.path = path
+        self.record = {**header, "rows": [], "sweeps": []}
+
+    def add_row(self, **row) -> None:
+        self.record["rows"].append(row)
+
+    def add_sweep(self, **entry) -> None:
+        self.record["sweeps"].append(entry)
+
+    def rows(self, prefix: str = "") -> list[dict]:
+        return [r for r in self.record["rows"] if r["kernel"].startswith(prefix)]
+
+    def write(self) -> None:
+        os.makedirs(os.path.dirname(os.path.abspath(self.path)), exist_ok=True)
+        tmp = self.path + ".tmp"
+        with open(tmp, "w") as f:
+            json.dump(self.record, f, indent=1)
+        os.replace(tmp, self.path)  # Never a half-written file, even if killed mid-write.
