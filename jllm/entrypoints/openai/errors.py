@@ -56,8 +56,9 @@ def serving_error_response(exc: OpenAIServingError) -> ErrorResponse:
 def install_exception_handlers(app: FastAPI) -> None:
     @app.exception_handler(RequestValidationError)
     async def validation_exception_handler(_: Request, exc: RequestValidationError) -> JSONResponse:
-        exc_str, errors_str = str(exc), str(exc.errors())
-        message = f"{exc_str} {errors_str}" if exc.errors() and errors_str != exc_str else exc_str
+        # The error list alone, as vLLM's message read before FastAPI's str() began to
+        # append the endpoint's source file and line, which a client has no use for.
+        message = str(list(exc.errors()))
         return error_json_response(
             create_error_response(message, HTTPStatus.BAD_REQUEST.phrase, HTTPStatus.BAD_REQUEST))
 
