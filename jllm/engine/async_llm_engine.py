@@ -124,6 +124,8 @@ class AsyncLLMEngine:
         self._lock = threading.Lock()
         self._pending_adds: list[_PendingAdd] = []
         self._pending_aborts: set[str] = set()
+        # Additions taken from the inbox and not yet in the engine.
+        self._num_adding = 0
         self._wakeup = threading.Event()
         # Engine-thread state: each running request's stream and output conversion.
         self._streams: dict[str, tuple[RequestStream, _OutputAccumulator]] = {}
@@ -171,7 +173,8 @@ class AsyncLLMEngine:
             raise self._dead
 
     def get_num_unfinished_requests(self) -> int:
-        return len(self._streams) + len(self._pending_adds)
+        with self._lock:
+            return len(self._streams) + len(self._pending_adds) + self._num_adding
 
     # ----- requests -------------------------------------------------------------------
 
@@ -272,6 +275,7 @@ class AsyncLLMEngine:
         with self._lock:
             adds, self._pending_adds = self._pending_adds, []
             aborts, self._pending_aborts = self._pending_aborts, set()
+            self._num_adding = len(adds)
         for add in adds:
             loop = add.stream.loop
             if add.request_id in aborts:
@@ -286,20 +290,25 @@ class AsyncLLMEngine:
             self._streams[add.request_id] = (add.stream, _OutputAccumulator(add.output_kind))
             self._stats.add(add.request_id, add.arrival_time)
             self._call_soon(loop, _resolve, add.accepted, None)
+        with self._lock:
+            self._num_adding = 0
         if not aborts:
             return
         known = [r for r in aborts if r in self._streams]
+        if not known:
+            return
         self.engine.abort_request(known)
         now = time.time()
         iteration = IterationStats()
         for request_id in known:
-            del self._streams[request_id]
             finished = self._stats.record_abort(request_id, now)
             if finished is not None:
                 iteration.finished_requests.append(finished)
-        if known:
-            logger.info("Aborted request(s) %s.", ", ".join(sorted(known)))
-            self._record_stats(iteration)
+        logger.info("Aborted request(s) %s.", ", ".join(sorted(known)))
+        # Counted before the requests leave _streams, so no one sees them gone but uncounted.
+        self._record_stats(iteration)
+        for request_id in known:
+            del self._streams[request_id]
 
     def _process_outputs(self, outputs: list[RequestOutput]) -> None:
         iteration = self._stats.record_outputs(outputs, time.time())
@@ -314,9 +323,10 @@ class AsyncLLMEngine:
             item = accumulator.convert(output)
             if item is not None:
                 by_loop[stream.loop].append((stream, item))
+        # Statistics first: a client that has its last token may read /metrics at once.
+        self._record_stats(iteration)
         for loop, items in by_loop.items():
             self._call_soon(loop, _deliver, items)
-        self._record_stats(iteration)
 
     def _record_stats(self, iteration: IterationStats) -> None:
         if not self._stat_loggers:
