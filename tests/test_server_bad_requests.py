@@ -121,6 +121,8 @@ CATALOGUE = [
      "Bad Request", "Cannot set both `continue_final_message` and `add_generation_prompt` to True."),
     ("chat_max_completion_tokens_over_context", chat(max_completion_tokens=10_000), 400, "BadRequestError",
      "This model's maximum context length is 320 tokens. However, you requested 10000 output tokens"),
+    ("chat_prompt_alone_over_context", chat(messages=[{"role": "user", "content": "hello " * 400}], max_tokens=None),
+     400, "BadRequestError", "However, you requested 0 output tokens and your prompt contains"),
     ("chat_image_part", chat(messages=[{"role": "user", "content": [{"type": "image_url", "image_url": {}}]}]), 400,
      "BadRequestError", "Content part type 'image_url' is not supported"),
     ("chat_untrusted_request_template", chat(chat_template="{{ messages }}"), 400, "BadRequestError",

@@ -15,11 +15,17 @@ from tiny_model import ENGINE_ARGS, MAX_MODEL_LEN
 MODEL_NAME = "tiny-llama"
 PROMPT = "The capital of France is"
 CONVERSATION = [{"role": "user", "content": "Write a haiku about JAX."}]
+# --chat-template: SmolLM2's turn markers without the default system prompt its own template adds.
+CHAT_TEMPLATE = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
+                 "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
 
 
 @pytest.fixture(scope="module")
-def server(tiny_llama_path):
-    server = InProcessServer(server_args(tiny_llama_path, "--served-model-name", MODEL_NAME))
+def server(tiny_llama_path, tmp_path_factory):
+    template_path = tmp_path_factory.mktemp("template") / "chat_template.jinja"
+    template_path.write_text(CHAT_TEMPLATE)
+    server = InProcessServer(server_args(tiny_llama_path, "--served-model-name", MODEL_NAME,
+                                         "--chat-template", str(template_path), "--trust-request-chat-template"))
     yield server
     server.stop()
 
@@ -153,8 +159,11 @@ def test_stop_string_and_stop_token_ids(client):
     assert choice.token_ids == token_ids[:3] and (choice.finish_reason, choice.stop_reason) == ("stop", token_ids[2])
 
 
-def test_greedy_chat_equals_offline_chat(client, llm):
-    expected = llm.chat(CONVERSATION, SamplingParams(temperature=0.0, max_tokens=8), use_tqdm=False)[0]
+def test_greedy_chat_equals_offline_chat_with_the_servers_template(client, llm):
+    expected = llm.chat(CONVERSATION, SamplingParams(temperature=0.0, max_tokens=8), use_tqdm=False,
+                        chat_template=CHAT_TEMPLATE)[0]
+    default = llm.chat(CONVERSATION, SamplingParams(temperature=0.0, max_tokens=1), use_tqdm=False)[0]
+    assert len(default.prompt_token_ids) > len(expected.prompt_token_ids)  # the template is not the tokenizer's
     chat = client.chat.completions.create(model=MODEL_NAME, messages=CONVERSATION, max_completion_tokens=8,
                                           temperature=0)
     [choice] = chat.choices
@@ -190,6 +199,24 @@ def test_streaming_chat_n_choices(client):
     roles = [c.choices[0].index for c in chunks if c.choices[0].delta.role == "assistant"]
     finished = sorted(c.choices[0].index for c in chunks if c.choices[0].finish_reason)
     assert roles == [0, 1, 2] and finished == [0, 1, 2]
+
+
+def test_a_request_chat_template_is_honoured_when_trusted(client, llm):
+    template = "{% for m in messages %}{{ m['content'] }}{% endfor %}"
+    chat = client.chat.completions.create(model=MODEL_NAME, messages=CONVERSATION, max_tokens=2, temperature=0,
+                                          extra_body={"chat_template": template})
+    assert chat.usage.prompt_tokens == len(llm.get_tokenizer().encode(CONVERSATION[0]["content"]))
+
+
+def test_chat_content_parts_are_joined(client):
+    parts = [{"type": "text", "text": "Write a haiku"}, {"type": "text", "text": "about JAX."}]
+    as_parts = client.chat.completions.create(model=MODEL_NAME, messages=[{"role": "user", "content": parts}],
+                                              max_tokens=4, temperature=0)
+    as_text = client.chat.completions.create(
+        model=MODEL_NAME, messages=[{"role": "user", "content": "Write a haiku\nabout JAX."}], max_tokens=4,
+        temperature=0)
+    assert as_parts.choices[0].message.content == as_text.choices[0].message.content
+    assert as_parts.usage.prompt_tokens == as_text.usage.prompt_tokens
 
 
 def test_chat_logprobs(client):
@@ -234,7 +261,8 @@ def test_tokenize_detokenize_roundtrip(server, llm):
     back = httpx.post(f"{server.base_url}/detokenize", json={"tokens": response["tokens"]}).json()
     assert back == {"prompt": PROMPT}
     chat = httpx.post(f"{server.base_url}/tokenize", json={"messages": CONVERSATION}).json()
-    text = tokenizer.apply_chat_template(CONVERSATION, add_generation_prompt=True, tokenize=False)
+    text = tokenizer.apply_chat_template(CONVERSATION, chat_template=CHAT_TEMPLATE, add_generation_prompt=True,
+                                         tokenize=False)
     assert chat["tokens"] == tokenizer.encode(text, add_special_tokens=False)
 
 
@@ -243,3 +271,14 @@ def test_health_and_version(server):
 
     assert httpx.get(f"{server.base_url}/health").status_code == 200
     assert httpx.get(f"{server.base_url}/version").json() == {"version": jllm.__version__}
+
+
+def test_chat_template_flag_reads_a_file_or_a_literal(tmp_path):
+    from jllm.entrypoints.openai.chat_utils import load_chat_template
+
+    path = tmp_path / "t.jinja"
+    path.write_text(CHAT_TEMPLATE)
+    assert load_chat_template(str(path)) == CHAT_TEMPLATE
+    assert load_chat_template("{{ messages[0]['content'] }}\\n") == "{{ messages[0]['content'] }}\n"
+    with pytest.raises(ValueError, match=r"appears path-like, but doesn't exist!"):
+        load_chat_template("templates/missing.jinja")
