@@ -23,6 +23,7 @@ class FakeEngineCore:
         self.requests: dict[str, list] = {}
         self.aborted: list[str] = []
         self.kinds: list[RequestOutputKind] = []
+        self.added: list[str] = []
         self.fail_at_step = fail_at_step
         self.step_seconds = step_seconds
         self.num_steps = 0
@@ -36,6 +37,7 @@ class FakeEngineCore:
         if request_id in self.requests:
             raise ValueError(f"Request id {request_id} already running.")
         self.kinds.append(params.output_kind)
+        self.added.append(request_id)
         self.requests[request_id] = [prompt, params, 0]
 
     def abort_request(self, request_ids) -> None:
@@ -162,6 +164,27 @@ def test_a_cancelled_consumer_aborts_its_request(engine, core):
 
     asyncio.run(main())
     wait_until(lambda: core.aborted == ["cancelled"])
+
+
+def test_a_caller_that_leaves_before_admission_never_runs(core):
+    core.step_seconds = 0.05  # the engine is mid-step when the caller gives up
+    engine = AsyncLLMEngine(core)
+
+    async def main():
+        busy = asyncio.create_task(collect(engine, "busy", params(10, RequestOutputKind.FINAL_ONLY)))
+        while core.num_steps < 1:
+            await asyncio.sleep(0.001)
+        waiting = asyncio.create_task(engine.add_request("left", "hello", params(10_000, RequestOutputKind.DELTA)))
+        await asyncio.sleep(0)
+        waiting.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await waiting
+        await busy
+
+    asyncio.run(main())
+    wait_until(lambda: engine.get_num_unfinished_requests() == 0)
+    engine.shutdown()
+    assert core.added == ["busy"]
 
 
 def test_several_event_loops_each_get_their_own_outputs(engine):

@@ -64,6 +64,8 @@ class _PendingAdd:
     arrival_time: float
     stream: RequestStream
     accepted: asyncio.Future
+    # Set when the caller stops waiting; the engine thread then skips the addition.
+    cancelled: bool = False
 
 
 class _OutputAccumulator:
@@ -200,7 +202,8 @@ class AsyncLLMEngine:
         try:
             await pending.accepted
         except asyncio.CancelledError:
-            self.abort(request_id)
+            pending.cancelled = True
+            self.abort(request_id)  # in case the engine took it in meanwhile
             raise
         return pending.stream
 
@@ -278,9 +281,7 @@ class AsyncLLMEngine:
             self._num_adding = len(adds)
         for add in adds:
             loop = add.stream.loop
-            if add.request_id in aborts:
-                aborts.discard(add.request_id)  # its caller left before it got in
-                self._call_soon(loop, add.accepted.cancel)
+            if add.cancelled:
                 continue
             try:
                 self.engine.add_request(add.request_id, add.prompt, add.params, add.arrival_time)

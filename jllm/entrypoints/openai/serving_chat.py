@@ -63,7 +63,7 @@ class OpenAIServingChat(OpenAIServing):
         token_ids = self.truncate(token_ids, request.truncate_prompt_tokens)
         requested = request.max_completion_tokens or request.max_tokens
         self.validate_input_length(len(token_ids), requested)
-        params = self.sampling_params(request, len(token_ids), self.max_tokens(len(token_ids), requested))
+        params = self.sampling_params(request, self.max_tokens(len(token_ids), requested))
         engine_prompt = {"prompt_token_ids": token_ids, "prompt": text}
         if request.cache_salt is not None:
             engine_prompt["cache_salt"] = request.cache_salt

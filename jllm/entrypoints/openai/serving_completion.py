@@ -31,7 +31,7 @@ class OpenAIServingCompletion(OpenAIServing):
             self.validate_input_length(len(token_ids), request.max_tokens)
             # echo with max_tokens=0 returns the prompt alone; one token is generated and dropped.
             requested = 1 if request.echo and request.max_tokens == 0 else request.max_tokens
-            params = self.sampling_params(request, len(token_ids), self.max_tokens(len(token_ids), requested))
+            params = self.sampling_params(request, self.max_tokens(len(token_ids), requested))
             engine_prompt = {"prompt_token_ids": token_ids, "prompt": text}
             if request.cache_salt is not None:
                 engine_prompt["cache_salt"] = request.cache_salt

@@ -86,7 +86,7 @@ class OpenAIServing:
         self.default_sampling_params = default_sampling_params(engine.generation_config)
         # One thread: tokenizing a long prompt must not stall the event loop, and the
         # tokenizer is not shared between several frontend threads.
-        self._tokenizer_executor = tokenizer_executor
+        self.tokenizer_executor = tokenizer_executor
 
     # ----- request checks -------------------------------------------------------------
 
@@ -118,7 +118,7 @@ class OpenAIServing:
 
     async def run_in_tokenizer_thread(self, fn, *args):
         loop = asyncio.get_running_loop()
-        return await loop.run_in_executor(self._tokenizer_executor, fn, *args)
+        return await loop.run_in_executor(self.tokenizer_executor, fn, *args)
 
     async def tokenize(self, text: str, add_special_tokens: bool) -> list[int]:
         tokenizer = self.require_tokenizer("A text prompt")
@@ -150,7 +150,7 @@ class OpenAIServing:
                       self.default_sampling_params.get("max_tokens"))
         return min(v for v in candidates if v is not None)
 
-    def sampling_params(self, request, num_prompt_tokens: int, max_tokens: int) -> SamplingParams:
+    def sampling_params(self, request, max_tokens: int) -> SamplingParams:
         try:
             params = request.to_sampling_params(max_tokens, self.default_sampling_params)
             self._check_engine_limits(params)

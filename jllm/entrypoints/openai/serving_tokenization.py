@@ -12,7 +12,7 @@ from jllm.entrypoints.openai.serving_engine import OpenAIServing
 class OpenAIServingTokenization(OpenAIServing):
     def __init__(self, serving_chat: OpenAIServingChat) -> None:
         super().__init__(serving_chat.engine, serving_chat.models, serving_chat.request_logger,
-                         serving_chat._tokenizer_executor)
+                         serving_chat.tokenizer_executor)
         self.serving_chat = serving_chat
 
     async def create_tokenize(self, request: TokenizeRequest) -> TokenizeResponse:
