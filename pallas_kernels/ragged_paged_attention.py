@@ -82,7 +82,7 @@ def _ragged_kernel(query_start_loc_ref, seq_lens_ref, block_tables_ref, q_ref,
   q_index = (tokens[:, None], heads[:, None], cols)
   q = plgpu.load(q_ref.at[q_index], mask=row_mask, other=0)
 
-  def body(b, carry):
+  def body(b, carry, *, masked: bool):
     o_prev, m_prev, l_prev = carry
     keys = b * block_kv + jnp.arange(block_kv)
     loaded = keys < kv_hi
@@ -93,10 +93,11 @@ def _ragged_kernel(query_start_loc_ref, seq_lens_ref, block_tables_ref, q_ref,
     v = plgpu.load(v_cache_ref.at[slots, cols], mask=loaded[:, None], other=0)
     # [block_q * group_padded, block_kv], f32, in log2 units.
     s = log2_logits(plgpu.dot(q, k, trans_b=True), scale, soft_cap)
-    visible = keys[None, :] <= row_pos
-    if sliding_window is not None:
-      visible &= keys[None, :] > row_pos - sliding_window
-    s = jnp.where(visible, s, MASK_VALUE)
+    if masked:
+      visible = keys[None, :] <= row_pos
+      if sliding_window is not None:
+        visible &= keys[None, :] > row_pos - sliding_window
+      s = jnp.where(visible, s, MASK_VALUE)
     m_next = jnp.maximum(m_prev, s.max(axis=-1))
     correction = jnp.exp2(m_prev - m_next)
     p = jnp.exp2(s - m_next[:, None])
@@ -107,8 +108,13 @@ def _ragged_kernel(query_start_loc_ref, seq_lens_ref, block_tables_ref, q_ref,
   o = jnp.zeros((block_q * group_padded, head_dim), jnp.float32)
   m = jnp.full((block_q * group_padded,), -jnp.inf, jnp.float32)
   l = jnp.zeros((block_q * group_padded,), jnp.float32)
-  o, m, l = jax.lax.fori_loop(kv_lo // block_kv, pl.cdiv(kv_hi, block_kv), body,
-                              (o, m, l))
+  lo, hi = kv_lo // block_kv, pl.cdiv(kv_hi, block_kv)
+  # Kv blocks wholly at or before the block's first query position are visible to
+  # every row: they skip the causal mask (without a sliding window, which cuts rows
+  # differently). Only the blocks on the diagonal pay for it.
+  unmasked_hi = lo if sliding_window is not None else jnp.clip((first_pos + 1) // block_kv, lo, hi)
+  carry = jax.lax.fori_loop(lo, unmasked_hi, functools.partial(body, masked=False), (o, m, l))
+  o, m, l = jax.lax.fori_loop(unmasked_hi, hi, functools.partial(body, masked=True), carry)
   # Padding tokens ran no kv block (l == 0) and are written as zeros.
   o = o / jnp.where(l == 0, 1.0, l)[:, None]
   plgpu.store(o_ref.at[q_index], o.astype(o_ref.dtype), mask=row_mask)
@@ -141,9 +147,9 @@ def ragged_paged_attention(
   sits at position seq_lens[s] - query_len[s] + (t - query_start_loc[s]), i.e. a
   sequence's query tokens are the last ones of its context (what `positions` holds).
   Returns [T, num_q_heads, head_dim] in q's dtype; padding tokens are zeros.
-  `block_q` tokens per program (default: 64 rows of tokens x query heads); `block_kv`
-  keys per inner step; both powers of two. `num_warps` defaults to 4 for head_dim
-  64 and 8 above (4 warps at head_dim 128 need ~230 registers a thread).
+  `block_q` tokens per program (default: 128 rows of tokens x query heads); `block_kv`
+  keys per inner step; both powers of two. `num_warps` defaults to 8 for tiles of
+  128 rows x 64 dims and more, 4 below.
   """
   num_tokens, num_q_heads, head_dim = q.shape
   num_kv_heads, num_blocks, block_size, _ = k_cache.shape
@@ -151,11 +157,13 @@ def ragged_paged_attention(
   group = num_q_heads // num_kv_heads
   group_padded = pl.next_power_of_2(group)
   if block_q is None:
-    block_q = max(1, 64 // group_padded)
+    block_q = max(1, 128 // group_padded)
   # tl.dot wants at least 16 rows.
   block_q = max(block_q, 16 // min(group_padded, 16))
   if num_warps is None:
-    num_warps = 4 if head_dim <= 64 else 8
+    # 4 warps suffice for a small tile; a 128-row tile needs 8 to hold its f32
+    # accumulator and scores without spilling (ptxas, sm_90a).
+    num_warps = 8 if block_q * group_padded * head_dim >= 128 * 64 else 4
 
   num_slots = num_blocks * block_size
   k_flat = k_cache.reshape(num_kv_heads, num_slots, head_dim)

@@ -101,9 +101,16 @@ SPLIT_CANDIDATES = (1, 2, 4, 8, 16, 32)
 PROGRAMS_PER_SM_ENOUGH = 16
 JLLM_DECODE_BLOCK_KV = 64  # paged_decode_attention's default keys per inner step.
 JAX_PAGES_PER_COMPUTE_BLOCK = (8, 4, 16)  # Its default first, then tried at the best k_splits.
-# (block_q, block_kv) settings of the ragged kernel timed at each prefill length; the
-# first is its default (block_q None: 64 rows of tokens x query heads).
-PREFILL_BLOCKS = ((None, 64), (8, 64), (32, 64), (16, 32), (16, 128))
+# Settings of the ragged kernel timed at each prefill length; the first ({}) is its
+# default.
+PREFILL_SETTINGS = (
+    {},
+    {"block_q": 16, "block_kv": 64},
+    {"block_q": 32, "block_kv": 64, "num_stages": 3},
+    {"block_q": 32, "block_kv": 128, "num_warps": 8},
+    {"block_q": 32, "block_kv": 64, "num_warps": 4},
+    {"block_q": 64, "block_kv": 64, "num_warps": 8},
+)
 # Rough device speeds, only to choose calls per timed program.
 GUESS_TBPS, GUESS_TFLOPS = 2.5, 300.0
 
@@ -514,11 +521,10 @@ def ragged_args(q, k_cache, v_cache, block_tables, context):
 
 
 def jllm_prefill_variants(bench, heads, q, k_cache, v_cache, block_tables, scale) -> list[Variant]:
-    """The ragged kernel over the whole sequence: its defaults first, then PREFILL_BLOCKS."""
+    """The ragged kernel over the whole sequence: its defaults first, then PREFILL_SETTINGS."""
     args = ragged_args(q, k_cache, v_cache, block_tables, q.shape[0])
     variants = []
-    for block_q, block_kv in PREFILL_BLOCKS:
-        params = {} if block_q is None else {"block_q": block_q, "block_kv": block_kv}
+    for params in PREFILL_SETTINGS:
         fn = functools.partial(ragged_paged_attention, scale=scale, interpret=bench.interpret,
                                **params)
         variants.append(Variant("jllm_prefill", params, fn, args, PREFILL_VARYING))
@@ -694,7 +700,7 @@ def prefill_summary(rows: list[dict]) -> list[str]:
              "| tokens | query tokens | kernel | ms | TFLOP/s | max rel err |",
              "|---|---|---|---|---|---|"]
     for r in prefill:
-        settings = ", ".join(f"{k} {r[k]}" for k in ("block_q", "block_kv") if k in r)
+        settings = ", ".join(f"{k} {r[k]}" for k in ("block_q", "block_kv", "num_warps", "num_stages") if k in r)
         kernel = f"{r['kernel']} ({settings})" if settings else r["kernel"]
         tflops = "failed" if r.get("error") else _fmt(r["tflops"], ".1f")
         lines.append(f"| {r['context']} | {r['query_len']} | {kernel} | {_fmt(r['ms'], '.3f')} "
