@@ -110,6 +110,9 @@ class BlockManager:
                        new_computed_blocks: Sequence[int] = ()) -> bool:
         """Give `request` pages for its computed tokens, any new prefix-cache hits and
         `num_new_tokens` more; False, changing nothing, when too few pages are free."""
+        if (not new_computed_blocks and request.block_ids and request.num_computed_tokens + num_new_tokens
+                <= len(request.block_ids) * self.block_size):
+            return True  # A decode within its last page, the common case: nothing to do.
         num_tokens = (request.num_computed_tokens
                       + len(new_computed_blocks) * self.block_size + num_new_tokens)
         num_new_blocks = max(

@@ -25,7 +25,7 @@ logger = logging.getLogger(__name__)
 PREEMPTION_WARNING_INTERVAL = 50
 
 
-@dataclass
+@dataclass(slots=True)
 class ScheduledRequest:
     request: Request
     num_scheduled_tokens: int
@@ -173,14 +173,10 @@ class Scheduler:
     def _add_scheduled(self, output: SchedulerOutput, request: Request, num_new_tokens: int,
                        is_new: bool = False, resumed: bool = False) -> None:
         num_computed_tokens = request.num_computed_tokens
+        # Positional: this runs for every request every step.
         output.scheduled_requests.append(ScheduledRequest(
-            request=request,
-            num_scheduled_tokens=num_new_tokens,
-            num_computed_tokens=num_computed_tokens,
-            block_ids=list(request.block_ids),
-            sample=num_computed_tokens + num_new_tokens == request.num_tokens,
-            is_new=is_new,
-            resumed_from_preemption=resumed,
+            request, num_new_tokens, num_computed_tokens, list(request.block_ids),
+            num_computed_tokens + num_new_tokens == request.num_tokens, is_new, resumed,
         ))
         output.num_scheduled_tokens[request.request_id] = num_new_tokens
         output.total_num_scheduled_tokens += num_new_tokens

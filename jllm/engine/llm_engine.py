@@ -39,6 +39,8 @@ class LLMEngine:
         self._states: dict[str, RequestState] = {}
         self._sample_of: dict[str, tuple[RequestState, SampleState]] = {}
         self._bad_words: dict[str, list[list[int]]] = {}
+        # Samples that may ban tokens (bad words, or stop tokens until min_tokens).
+        self._may_ban: set[str] = set()
 
     @classmethod
     def from_engine_args(cls, engine_args: EngineArgs) -> "LLMEngine":
@@ -82,6 +84,8 @@ class LLMEngine:
             self._sample_of[sample_id] = (state, sample)
             if bad_words:
                 self._bad_words[sample_id] = bad_words
+            if bad_words or (params.min_tokens and params.all_stop_token_ids):
+                self._may_ban.add(sample_id)
         self._states[request_id] = state
         for sample in state.samples:
             self.scheduler.add_request(sample.request)
@@ -101,6 +105,7 @@ class LLMEngine:
         for sid in sample_ids:
             self._sample_of.pop(sid, None)
             self._bad_words.pop(sid, None)
+            self._may_ban.discard(sid)
 
     def has_unfinished_requests(self) -> bool:
         return self.scheduler.has_unfinished_requests()
@@ -112,19 +117,27 @@ class LLMEngine:
 
     def step(self) -> list[RequestOutput]:
         sched = self.scheduler.schedule()
+        # Before the empty check: a step that runs nothing may still report finished ids.
+        self.runner.remove_requests(sched.finished_req_ids | sched.preempted_req_ids)
         if sched.is_empty:
             return []
         rows = sched.scheduled_requests
-        banned = [self._banned_token_ids(row.request) for row in rows]
-        result = self.runner.execute_model(rows, banned)
+        result = self.runner.execute_model(rows, self._banned_rows(rows))
         now = time.time()
-        sampled = {row.request.request_id: int(tok)
-                   for row, tok in zip(rows, result.sampled_token_ids) if row.sample}
+        sampled = {row.request.request_id: token
+                   for row, token in zip(rows, result.sampled_token_ids.tolist()) if row.sample}
         self._record_prompt_logprobs(rows, result)
         updated = self.scheduler.update_from_output(sched, sampled)
+        touched = self._process_sampled(updated, rows, result, now)
+        return self._make_outputs(touched)
+
+    def _process_sampled(self, updated: list[Request], rows, result, now: float) -> list[RequestState]:
+        """Per new token: timestamps, logprobs, stop checks and text; ends the requests
+        that stopped. Returns the user requests touched, each once."""
         touched: dict[str, RequestState] = {}
         finished_ids: dict[RequestStatus, list[str]] = {}
-        row_of = {row.request.request_id: i for i, row in enumerate(rows)}
+        row_of = None
+        max_model_len = self.model_config.max_model_len
         for req in updated:
             state, sample = self._sample_of[req.request_id]
             touched[state.request_id] = state
@@ -133,10 +146,12 @@ class LLMEngine:
             req.last_token_time = now
             token = req.output_token_ids[-1]
             if sample.logprobs is not None:
+                if row_of is None:
+                    row_of = {row.request.request_id: i for i, row in enumerate(rows)}
                 i = row_of[req.request_id]
                 state.add_sampled_logprobs(sample, token, result.sampled_logprobs[i], result.sampled_ranks[i],
                                            result.topk_token_ids[i], result.topk_logprobs[i])
-            stopped = check_stop(req, self.model_config.max_model_len)
+            stopped = check_stop(req, max_model_len)
             stop_str = sample.detokenizer.update(
                 [token], stopped and req.status == RequestStatus.FINISHED_STOPPED
             )
@@ -149,12 +164,17 @@ class LLMEngine:
                 finished_ids.setdefault(req.status, []).append(req.request_id)
         for status, ids in finished_ids.items():
             self.scheduler.finish_requests(ids, status)
+        return list(touched.values())
+
+    def _make_outputs(self, touched: list[RequestState]) -> list[RequestOutput]:
+        """The RequestOutputs of this step; forgets the requests that finished."""
         outputs = []
-        for state in touched.values():
+        for state in touched:
             out = state.make_output()
-            if out is not None:
-                outputs.append(out)
-            if state.finished:
+            if out is None:
+                continue  # FINAL_ONLY and still running
+            outputs.append(out)
+            if out.finished:
                 self._states.pop(state.request_id, None)
                 self._forget([s.request.request_id for s in state.samples])
         return outputs
@@ -177,6 +197,14 @@ class LLMEngine:
                     result.prompt_topk_ids[sl], result.prompt_topk_logprobs[sl],
                 )
             start += n
+
+    def _banned_rows(self, rows) -> list[list[int]]:
+        """Each row's banned tokens; one shared empty list when no request can ban any."""
+        if not self._may_ban:
+            return [[]] * len(rows)
+        may_ban = self._may_ban
+        return [self._banned_token_ids(row.request) if row.request.request_id in may_ban else []
+                for row in rows]
 
     def _banned_token_ids(self, req: Request) -> list[int]:
         """Tokens this request may not sample next: min_tokens stops and bad words."""

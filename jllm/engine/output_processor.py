@@ -61,7 +61,10 @@ class RequestState:
 
     @property
     def finished(self) -> bool:
-        return all(s.request.is_finished for s in self.samples)
+        for sample in self.samples:
+            if not sample.request.is_finished:
+                return False
+        return True
 
     def add_sampled_logprobs(self, sample: SampleState, token_id: int, token_lp: float, rank: int,
                              top_ids: np.ndarray, top_lps: np.ndarray) -> None:
@@ -96,43 +99,50 @@ class RequestState:
             return [None] * len(ids)
         return convert_ids_list_to_tokens(self.tokenizer, ids)
 
+    # make_output runs for every running request every step (but FINAL_ONLY), so the
+    # records below are built with positional arguments, in their fields' order.
+
     def make_output(self) -> RequestOutput | None:
         kind = self.params.output_kind
         finished = self.finished
         if kind == RequestOutputKind.FINAL_ONLY and not finished:
             return None
         delta = kind == RequestOutputKind.DELTA
-        outputs = []
-        for sample in self.samples:
-            req = sample.request
-            done = req.is_finished
-            text = sample.detokenizer.get_next_output_text(done, delta)
-            if delta:
-                token_ids = req.output_token_ids[sample.sent_tokens:]
-                logprobs = sample.logprobs[sample.sent_logprobs:] if sample.logprobs is not None else None
-            else:
-                token_ids = list(req.output_token_ids)
-                logprobs = list(sample.logprobs) if sample.logprobs is not None else None
-            sample.sent_tokens = req.num_output_tokens
-            sample.sent_logprobs = len(sample.logprobs) if sample.logprobs is not None else 0
-            outputs.append(CompletionOutput(
-                index=req.index, text=text, token_ids=token_ids,
-                cumulative_logprob=sample.cumulative_logprob, logprobs=logprobs,
-                finish_reason=req.get_finish_reason() if done else None,
-                stop_reason=req.stop_reason if done else None,
-            ))
-        first = self.samples[0].request
-        metrics = RequestMetrics(
-            arrival_time=self.arrival_time,
-            first_scheduled_time=first.first_scheduled_time,
-            first_token_time=min((s.request.first_token_time for s in self.samples
-                                  if s.request.first_token_time), default=None),
-            last_token_time=max((s.request.last_token_time for s in self.samples
-                                 if s.request.last_token_time), default=None),
-            finished_time=max((s.request.finished_time or 0.0) for s in self.samples) if finished else None,
-        )
-        return RequestOutput(
-            request_id=self.request_id, prompt=self.prompt, prompt_token_ids=self.prompt_token_ids,
-            prompt_logprobs=self.prompt_logprobs, outputs=outputs, finished=finished, metrics=metrics,
-            num_cached_tokens=max(first.num_cached_tokens, 0),
-        )
+        outputs = [self._completion(sample, delta) for sample in self.samples]
+        num_cached_tokens = max(self.samples[0].request.num_cached_tokens, 0)
+        return RequestOutput(self.request_id, self.prompt, self.prompt_token_ids, self.prompt_logprobs,
+                             outputs, finished, self._metrics(finished), num_cached_tokens)
+
+    @staticmethod
+    def _completion(sample: SampleState, delta: bool) -> CompletionOutput:
+        req = sample.request
+        done = req.is_finished
+        text = sample.detokenizer.get_next_output_text(done, delta)
+        logprobs = sample.logprobs
+        if delta:
+            token_ids = req.output_token_ids[sample.sent_tokens:]
+            if logprobs is not None:
+                logprobs = logprobs[sample.sent_logprobs:]
+        else:
+            token_ids = list(req.output_token_ids)
+            if logprobs is not None:
+                logprobs = list(logprobs)
+        sample.sent_tokens = len(req.output_token_ids)
+        sample.sent_logprobs = len(sample.logprobs) if sample.logprobs is not None else 0
+        if done:
+            return CompletionOutput(req.index, text, token_ids, sample.cumulative_logprob, logprobs,
+                                    req.get_finish_reason(), req.stop_reason)
+        return CompletionOutput(req.index, text, token_ids, sample.cumulative_logprob, logprobs)
+
+    def _metrics(self, finished: bool) -> RequestMetrics:
+        requests = [s.request for s in self.samples]
+        first = requests[0]
+        if len(requests) == 1:
+            first_token_time, last_token_time = first.first_token_time or None, first.last_token_time or None
+            finished_time = first.finished_time or 0.0
+        else:
+            first_token_time = min((r.first_token_time for r in requests if r.first_token_time), default=None)
+            last_token_time = max((r.last_token_time for r in requests if r.last_token_time), default=None)
+            finished_time = max(r.finished_time or 0.0 for r in requests)
+        return RequestMetrics(self.arrival_time, first.first_scheduled_time, first_token_time, last_token_time,
+                              finished_time if finished else None)

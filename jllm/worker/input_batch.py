@@ -1,12 +1,18 @@
 """Host-side assembly of one step's device inputs from the scheduled requests.
 
-Everything here is plain numpy on the host: the page tables, positions and slot
-mapping are derived from each request's block_ids and num_computed_tokens, padded
-to the step's buckets, and shipped to the device in one transfer.
+Everything here is plain numpy on the host. Each running request keeps a row of
+persistent state (its page table and its fixed sampling settings, vLLM's InputBatch and
+BlockTable), so a step gathers rows with numpy instead of rebuilding them request by
+request. Positions, slot mapping and query offsets are derived for all rows at once,
+padded to the step's buckets, and packed into one int32 buffer: one host-to-device
+transfer per step, unpacked by static slices inside the jitted step.
 """
 from __future__ import annotations
 
 import dataclasses
+import math
+import operator
+from typing import Any
 
 import jax
 import numpy as np
@@ -17,6 +23,8 @@ from jllm.layers.sampler import SamplingMetadata
 from jllm.worker.buckets import pick_bucket, pow2_buckets
 
 _UINT32 = (1 << 32) - 1
+# A row's logprobs setting when it asked for none.
+_NO_LOGPROBS = -1
 
 
 @jax.tree_util.register_dataclass
@@ -41,20 +49,203 @@ class StepShape:
     decode_only: bool = False
 
 
+# ----- one transfer per step ----------------------------------------------------------
+
+@dataclasses.dataclass(frozen=True)
+class PackedLayout:
+    """Where each array of a packed pytree lies in its int32 buffer; static (hashable),
+    so it is part of the jit key exactly as the arrays' shapes were."""
+    treedef: Any
+    leaves: tuple[tuple[tuple[int, ...], np.dtype], ...]  # (shape, dtype) of each leaf
+
+
+def pack(tree) -> tuple[np.ndarray, PackedLayout]:
+    """A pytree of 4-byte and bool numpy arrays -> one int32 buffer and its layout."""
+    leaves, treedef = jax.tree.flatten(tree)
+    layout = PackedLayout(treedef, tuple((x.shape, x.dtype) for x in leaves))
+    return np.concatenate([_as_int32(x) for x in leaves]), layout
+
+
+def _as_int32(x: np.ndarray) -> np.ndarray:
+    x = np.ascontiguousarray(x).reshape(-1)
+    if x.dtype == np.bool_:
+        return x.astype(np.int32)
+    if x.dtype.itemsize != 4:
+        raise TypeError(f"pack takes 4-byte or bool arrays, got {x.dtype}")
+    return x.view(np.int32)  # float32 and uint32 travel as their bits
+
+
+def unpack(buffer: jax.Array, layout: PackedLayout):
+    """Inverse of `pack`, inside jit: static slices of the buffer, bitcast back."""
+    leaves, offset = [], 0
+    for shape, dtype in layout.leaves:
+        size = math.prod(shape)
+        x = buffer[offset:offset + size].reshape(shape)
+        offset += size
+        if dtype == np.bool_:
+            x = x != 0
+        elif dtype != np.int32:
+            x = jax.lax.bitcast_convert_type(x, dtype)
+        leaves.append(x)
+    return jax.tree.unflatten(layout.treedef, leaves)
+
+
+# ----- persistent per-request rows ----------------------------------------------------
+
+# SamplingMetadata's float fields, kept side by side, and their values in a padding row.
+_FLOAT_FIELDS = ("temperature", "top_p", "min_p", "presence_penalty", "frequency_penalty",
+                 "repetition_penalty")
+_FLOAT_PADS = np.asarray([0.0, 1.0, 0.0, 0.0, 0.0, 1.0], np.float32)
+
+
+class RequestRows:
+    """One row of host state per running request, kept across steps.
+
+    A row holds what a step would otherwise rebuild from Python lists every time: the
+    request's tokens, its page table (extended as pages are added) and its sampling
+    settings (fixed for its life). A row is (re)filled when the scheduler says the
+    request is new or resumed from preemption, and freed by `remove`. In between, the
+    only tokens a request gains are the ones the runner samples for it, and the runner
+    writes those in with `record` (vLLM's InputBatch.token_ids_cpu).
+    """
+
+    def __init__(self, max_pages: int, vocab_size: int, capacity: int = 64):
+        self.vocab_size = vocab_size
+        self.row_of: dict[str, int] = {}
+        self._free: list[int] = []
+        # Row-indexed arrays: (name, shape of one row, dtype, value of an empty row).
+        self._columns = (
+            ("block_table", (max_pages,), np.int32, 0),
+            ("floats", (len(_FLOAT_FIELDS),), np.float32, 0.0),
+            ("top_k", (), np.int32, 0),
+            ("seeds", (2,), np.uint32, 0),  # the 64-bit seed's high and low halves
+            ("prompt_len", (), np.int32, 0),
+            # Widths asked for (the vocabulary for -1), _NO_LOGPROBS for none.
+            ("logprobs", (), np.int32, _NO_LOGPROBS),
+            ("prompt_logprobs", (), np.int32, _NO_LOGPROBS),
+            ("uses_penalties", (), bool, False),
+            ("has_bias", (), bool, False),
+            ("has_allowed", (), bool, False),
+        )
+        for name, shape, dtype, fill in self._columns:
+            setattr(self, name, np.full((0,) + shape, fill, dtype))
+        self.token_ids = np.zeros((0, 0), np.int32)  # [rows, tokens], widened as needed
+        self.num_blocks: list[int] = []
+        self.bias: list[tuple[list[int], list[float]]] = []
+        self.allowed: list[list[int]] = []
+        self._grow(capacity)
+
+    def sync(self, scheduled: ScheduledRequest) -> int:
+        """The request's row, (re)filled if new and its page table brought up to date."""
+        row = self.row_of.get(scheduled.request.request_id)
+        if row is None or scheduled.is_new or scheduled.resumed_from_preemption:
+            return self._fill(scheduled, row)
+        if len(scheduled.block_ids) != self.num_blocks[row]:
+            self._write_blocks(row, scheduled.block_ids)
+        return row
+
+    def record(self, rows: np.ndarray, positions: np.ndarray, token_ids: np.ndarray) -> None:
+        """Writes sampled tokens at their positions."""
+        if rows.size:
+            self._widen_tokens(int(positions.max()) + 1)
+            self.token_ids[rows, positions] = token_ids
+
+    def remove(self, request_ids) -> None:
+        for request_id in request_ids:
+            row = self.row_of.pop(request_id, None)
+            if row is not None:
+                self._free.append(row)
+
+    def _fill(self, scheduled: ScheduledRequest, row: int | None) -> int:
+        req = scheduled.request
+        if row is None:
+            if not self._free:
+                self._grow(2 * len(self.num_blocks))
+            row = self._free.pop()
+            self.row_of[req.request_id] = row
+        p = req.sampling_params
+        self.floats[row] = [getattr(p, name) for name in _FLOAT_FIELDS]
+        self.top_k[row] = p.top_k
+        self.seeds[row] = [(req.seed >> 32) & _UINT32, req.seed & _UINT32]
+        self.prompt_len[row] = req.num_prompt_tokens
+        self.logprobs[row] = self._width(p.logprobs)
+        self.prompt_logprobs[row] = self._width(p.prompt_logprobs)
+        self.uses_penalties[row] = (p.presence_penalty != 0 or p.frequency_penalty != 0
+                                    or p.repetition_penalty != 1)
+        bias = sorted((p.logit_bias or {}).items())
+        self.bias[row] = ([t for t, _ in bias], [v for _, v in bias])
+        self.has_bias[row] = bool(bias)
+        self.allowed[row] = list(p.allowed_token_ids or [])
+        self.has_allowed[row] = bool(self.allowed[row])
+        self._widen_tokens(req.num_tokens)
+        self.token_ids[row, :req.num_tokens] = req.all_token_ids
+        self.block_table[row] = 0
+        self.num_blocks[row] = 0
+        self._write_blocks(row, scheduled.block_ids)
+        return row
+
+    def _width(self, requested: int | None) -> int:
+        if requested is None:
+            return _NO_LOGPROBS
+        return self.vocab_size if requested == -1 else requested
+
+    def _write_blocks(self, row: int, block_ids: list[int]) -> None:
+        # Pages are only appended while a request holds them (a preempted request starts
+        # over and comes back marked resumed), so only the new tail is written.
+        have, num = self.num_blocks[row], len(block_ids)
+        if num < have:
+            self.block_table[row] = 0
+            have = 0
+        self.block_table[row, have:num] = block_ids[have:]
+        self.num_blocks[row] = num
+
+    def _widen_tokens(self, width: int) -> None:
+        if width > self.token_ids.shape[1]:
+            wider = np.zeros((len(self.token_ids), max(width, 2 * self.token_ids.shape[1], 1024)), np.int32)
+            wider[:, :self.token_ids.shape[1]] = self.token_ids
+            self.token_ids = wider
+
+    def _grow(self, capacity: int) -> None:
+        old = len(self.num_blocks)
+        extra = capacity - old
+        for name, shape, dtype, fill in self._columns:
+            setattr(self, name, np.concatenate([getattr(self, name), np.full((extra,) + shape, fill, dtype)]))
+        self.token_ids = np.concatenate([self.token_ids, np.zeros((extra, self.token_ids.shape[1]), np.int32)])
+        self.num_blocks += [0] * extra
+        self.bias += [([], [])] * extra
+        self.allowed += [[]] * extra
+        self._free.extend(reversed(range(old, capacity)))
+
+
+# ----- the step's arrays --------------------------------------------------------------
+
 def _padded(rows: list[list[int]], width_buckets: tuple[int, ...] | None, pad: int, num_rows: int,
             dtype=np.int32) -> np.ndarray:
-    longest = max((len(r) for r in rows), default=0)
+    longest = max(map(len, rows), default=0)
     if longest == 0:
-        width = 0
-    else:
-        width = pick_bucket(width_buckets, longest) if width_buckets else longest
+        return np.full((num_rows, 0), pad, dtype)
+    width = pick_bucket(width_buckets, longest) if width_buckets else longest
     out = np.full((num_rows, width), pad, dtype)
     for i, r in enumerate(rows):
-        out[i, : len(r)] = r
+        if r:
+            out[i, : len(r)] = r
+    return out
+
+
+def _rows_then_pad(values: np.ndarray, num_rows: int, pad) -> np.ndarray:
+    """values [n, ...] followed by padding rows up to num_rows."""
+    out = np.empty((num_rows,) + values.shape[1:], values.dtype)
+    out[:len(values)] = values
+    out[len(values):] = pad
     return out
 
 
 _LIST_BUCKETS = pow2_buckets(8, 1 << 20)
+# Field readers for map(): cheaper per row than a generator expression.
+_num_scheduled_tokens = operator.attrgetter("num_scheduled_tokens")
+_num_computed_tokens = operator.attrgetter("num_computed_tokens")
+_block_ids = operator.attrgetter("block_ids")
+_sample = operator.attrgetter("sample")
 
 
 class InputBatchBuilder:
@@ -69,6 +260,8 @@ class InputBatchBuilder:
         self.page_buckets = page_buckets
         self.max_logprobs = max_logprobs
         self.vocab_size = vocab_size
+        self.rows = RequestRows(page_buckets[-1], vocab_size, capacity=max_num_seqs)
+        self._sampled_at = (np.zeros(0, np.intp), np.zeros(0, np.int32), np.zeros(0, bool))
 
     def num_seqs_for(self, num_tokens: int) -> int:
         """The sequence axis follows the token bucket (every row has at least one token),
@@ -82,109 +275,115 @@ class InputBatchBuilder:
         largest = pick_bucket(self.token_buckets, min(self.max_num_seqs, self.token_buckets[-1]))
         return tuple(t for t in self.token_buckets if t <= largest)
 
+    def remove_requests(self, request_ids) -> None:
+        """Frees the rows of requests that finished or were preempted."""
+        self.rows.remove(request_ids)
+
+    def record_sampled(self, sampled_token_ids: np.ndarray) -> None:
+        """Writes the tokens the last built step sampled ([rows] of that step, in order)
+        into the sampling rows, so that the next step reads them from the table."""
+        rows, positions, samples = self._sampled_at
+        self.rows.record(rows, positions, sampled_token_ids[:len(samples)][samples])
+
     def build(self, rows: list[ScheduledRequest], banned: list[list[int]]):
         """Returns (StepShape, ModelInputs as numpy, SamplingMetadata as numpy)."""
-        bs = self.block_size
-        num_tokens = sum(r.num_scheduled_tokens for r in rows)
+        n = len(rows)
+        row_idx = np.fromiter(map(self.rows.sync, rows), np.intp, n)
+        num_scheduled = np.fromiter(map(_num_scheduled_tokens, rows), np.int32, n)
+        computed = np.fromiter(map(_num_computed_tokens, rows), np.int32, n)
+        ends = np.cumsum(num_scheduled, dtype=np.int32)
+        starts = ends - num_scheduled
+        seq_lens = computed + num_scheduled
+        num_tokens = int(ends[-1])
         T = pick_bucket(self.token_buckets, num_tokens)
         S = self.num_seqs_for(T)
-        max_pages = max(len(r.block_ids) for r in rows)
-        P = pick_bucket(self.page_buckets, max_pages)
+        P = pick_bucket(self.page_buckets, max(map(len, map(_block_ids, rows))))
 
-        input_ids = np.zeros(T, np.int32)
-        positions = np.zeros(T, np.int32)
-        slot_mapping = np.full(T, -1, np.int32)
-        block_tables = np.zeros((S, P), np.int32)
-        seq_lens = np.zeros(S, np.int32)
-        query_start_loc = np.full(S + 1, num_tokens, np.int32)
-        logits_indices = np.zeros(S, np.int32)
-        want_prompt_lp = any(
-            r.request.sampling_params.prompt_logprobs is not None
-            and r.num_computed_tokens < r.request.num_prompt_tokens
-            for r in rows
+        # Each token's position: its row's first position plus its offset in the row.
+        positions = np.arange(num_tokens, dtype=np.int32) - np.repeat(starts - computed, num_scheduled)
+        token_rows = np.repeat(row_idx, num_scheduled)
+        input_ids = self.rows.token_ids[token_rows, positions]
+        pages = self.rows.block_table[token_rows, positions // self.block_size]
+        # Where this step's sampled tokens go, for record_sampled.
+        samples = np.fromiter(map(_sample, rows), bool, n)
+        self._sampled_at = (row_idx[samples], seq_lens[samples], samples)
+        decode_only = self.decode_kernel and num_tokens == n
+        attn = AttentionMetadata(
+            positions=_rows_then_pad(positions, T, 0),
+            slot_mapping=_rows_then_pad(pages * self.block_size + positions % self.block_size, T, -1),
+            block_tables=_rows_then_pad(self.rows.block_table[row_idx, :P], S, 0),
+            seq_lens=_rows_then_pad(seq_lens, S, 0),
+            query_start_loc=_rows_then_pad(starts, S + 1, num_tokens),
+            decode_only=decode_only,
         )
-        prompt_targets = np.full(T if want_prompt_lp else 0, -1, np.int32)
-
-        start = 0
-        for i, row in enumerate(rows):
-            req, n = row.request, row.num_scheduled_tokens
-            done = row.num_computed_tokens
-            tokens = req.all_token_ids
-            pos = np.arange(done, done + n, dtype=np.int32)
-            blocks = np.asarray(row.block_ids, np.int32)
-            input_ids[start:start + n] = tokens[done:done + n]
-            positions[start:start + n] = pos
-            slot_mapping[start:start + n] = blocks[pos // bs] * bs + pos % bs
-            block_tables[i, : len(blocks)] = blocks[:P]
-            seq_lens[i] = done + n
-            query_start_loc[i] = start
-            logits_indices[i] = start + n - 1
-            if want_prompt_lp and req.sampling_params.prompt_logprobs is not None:
-                nxt = pos + 1
-                in_prompt = nxt < req.num_prompt_tokens
-                prompt_ids = np.asarray(req.prompt_token_ids, np.int32)
-                prompt_targets[start:start + n] = np.where(in_prompt, prompt_ids[np.minimum(nxt, len(prompt_ids) - 1)], -1)
-            start += n
-        query_start_loc[len(rows):] = num_tokens
-
-        decode_only = self.decode_kernel and all(r.num_scheduled_tokens == 1 for r in rows)
-        attn = AttentionMetadata(positions, slot_mapping, block_tables, seq_lens, query_start_loc, decode_only)
-        inputs = ModelInputs(input_ids, attn, logits_indices, prompt_targets)
-        sampling, shape_flags = self._sampling_metadata(rows, banned, S)
-        shape = StepShape(T, S, P, *shape_flags, decode_only=decode_only)
+        prompt_len = self.rows.prompt_len[row_idx]
+        # Prompt logprobs are asked of rows still in their prompt.
+        prompt_lp = np.where(computed < prompt_len, self.rows.prompt_logprobs[row_idx], _NO_LOGPROBS)
+        inputs = ModelInputs(
+            input_ids=_rows_then_pad(input_ids, T, 0),
+            attn=attn,
+            logits_indices=_rows_then_pad(ends - 1, S, 0),
+            prompt_targets=self._prompt_targets(rows, prompt_lp != _NO_LOGPROBS, starts, T),
+        )
+        # The output position each row samples (for a sampling row, its output count).
+        step = np.maximum(seq_lens - prompt_len, 0)
+        sampling = self._sampling_metadata(rows, row_idx, step, banned, S)
+        shape = StepShape(T, S, P, self._logprobs_width(self.rows.logprobs[row_idx]),
+                          self._logprobs_width(prompt_lp), decode_only=decode_only)
         return shape, inputs, sampling
 
-    def _sampling_metadata(self, rows: list[ScheduledRequest], banned: list[list[int]], S: int):
-        n = len(rows)
-        params = [r.request.sampling_params for r in rows]
-        f32 = lambda vals, fill: np.asarray(list(vals) + [fill] * (S - n), np.float32)  # noqa: E731
-        temperature = f32((p.temperature for p in params), 0.0)
-        seeds = [r.request.seed for r in rows]
-        seed_hi = np.asarray([(s >> 32) & _UINT32 for s in seeds] + [0] * (S - n), np.uint32)
-        seed_lo = np.asarray([s & _UINT32 for s in seeds] + [0] * (S - n), np.uint32)
-        step = np.asarray([r.request.num_output_tokens for r in rows] + [0] * (S - n), np.int32)
-        use_penalties = any(
-            p.presence_penalty != 0 or p.frequency_penalty != 0 or p.repetition_penalty != 1 for p in params
-        )
-        if use_penalties:
+    def _prompt_targets(self, rows: list[ScheduledRequest], wanted: np.ndarray, starts: np.ndarray,
+                        T: int) -> np.ndarray:
+        """[T] (or [0] when no row asks): the prompt token after each token, -1 where none."""
+        if not wanted.any():
+            return np.zeros(0, np.int32)
+        targets = np.full(T, -1, np.int32)
+        for i in np.flatnonzero(wanted).tolist():
+            row, start = rows[i], int(starts[i])
+            req, n = row.request, row.num_scheduled_tokens
+            nxt = np.arange(row.num_computed_tokens + 1, row.num_computed_tokens + n + 1)
+            prompt_ids = np.asarray(req.prompt_token_ids, np.int32)
+            in_prompt = nxt < len(prompt_ids)
+            targets[start:start + n] = np.where(in_prompt, prompt_ids[np.minimum(nxt, len(prompt_ids) - 1)], -1)
+        return targets
+
+    def _sampling_metadata(self, rows: list[ScheduledRequest], row_idx: np.ndarray, step: np.ndarray,
+                           banned: list[list[int]], S: int) -> SamplingMetadata:
+        table = self.rows
+        floats = np.ascontiguousarray(_rows_then_pad(table.floats[row_idx], S, _FLOAT_PADS).T)
+        seeds = np.ascontiguousarray(_rows_then_pad(table.seeds[row_idx], S, 0).T)
+        none = np.zeros((S, 0), np.int32)
+        prompt_ids = output_ids = bias_ids = allowed = none
+        bias_values = np.zeros((S, 0), np.float32)
+        # The optional parts are built only when some row uses them.
+        if table.uses_penalties[row_idx].any():
             prompt_ids = _padded([r.request.prompt_token_ids for r in rows], _LIST_BUCKETS, -1, S)
             output_ids = _padded([r.request.output_token_ids for r in rows], _LIST_BUCKETS, -1, S)
-        else:
-            prompt_ids = output_ids = np.zeros((S, 0), np.int32)
-        bias = [sorted((p.logit_bias or {}).items()) for p in params]
-        bias_ids = _padded([[t for t, _ in b] for b in bias], _LIST_BUCKETS, -1, S)
-        bias_vals = _padded([[v for _, v in b] for b in bias], _LIST_BUCKETS, 0.0, S, np.float32)
-        allowed = [list(p.allowed_token_ids or []) for p in params]
-        md = SamplingMetadata(
-            temperature=temperature,
-            top_k=np.asarray([p.top_k for p in params] + [0] * (S - n), np.int32),
-            top_p=f32((p.top_p for p in params), 1.0),
-            min_p=f32((p.min_p for p in params), 0.0),
-            seed_hi=seed_hi,
-            seed_lo=seed_lo,
-            step=step,
-            presence_penalty=f32((p.presence_penalty for p in params), 0.0),
-            frequency_penalty=f32((p.frequency_penalty for p in params), 0.0),
-            repetition_penalty=f32((p.repetition_penalty for p in params), 1.0),
+        if table.has_bias[row_idx].any():
+            bias = [table.bias[i] for i in row_idx.tolist()]
+            bias_ids = _padded([ids for ids, _ in bias], _LIST_BUCKETS, -1, S)
+            bias_values = _padded([values for _, values in bias], _LIST_BUCKETS, 0.0, S, np.float32)
+        if table.has_allowed[row_idx].any():
+            allowed = _padded([table.allowed[i] for i in row_idx.tolist()], _LIST_BUCKETS, -1, S)
+        return SamplingMetadata(
+            **dict(zip(_FLOAT_FIELDS, floats)),
+            top_k=_rows_then_pad(table.top_k[row_idx], S, 0),
+            seed_hi=seeds[0],
+            seed_lo=seeds[1],
+            step=_rows_then_pad(step, S, 0),
             prompt_token_ids=prompt_ids,
             output_token_ids=output_ids,
             bias_token_ids=bias_ids,
-            bias_values=bias_vals,
+            bias_values=bias_values,
             banned_token_ids=_padded(banned, _LIST_BUCKETS, -1, S),
-            allowed_token_ids=_padded(allowed, _LIST_BUCKETS, -1, S),
-            has_allowed=np.asarray([bool(a) for a in allowed] + [False] * (S - n), bool),
+            allowed_token_ids=allowed,
+            has_allowed=_rows_then_pad(table.has_allowed[row_idx], S, False),
         )
-        num_logprobs = self._logprobs_width([p.logprobs for p in params])
-        num_prompt_logprobs = self._logprobs_width(
-            [p.prompt_logprobs for r, p in zip(rows, params)
-             if r.num_computed_tokens < r.request.num_prompt_tokens]
-        )
-        return md, (num_logprobs, num_prompt_logprobs)
 
-    def _logprobs_width(self, requested: list[int | None]) -> int:
+    def _logprobs_width(self, requested: np.ndarray) -> int:
         """0 when no row wants logprobs, else one fixed width so the step compiles once."""
-        wanted = [self.vocab_size if k == -1 else k for k in requested if k is not None]
-        if not wanted:
+        widest = int(requested.max(initial=_NO_LOGPROBS))
+        if widest == _NO_LOGPROBS:
             return 0
-        width = max(max(wanted), 1)
+        width = max(widest, 1)
         return width if width > self.max_logprobs else max(self.max_logprobs, 1)

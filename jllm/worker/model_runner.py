@@ -1,12 +1,12 @@
 """The model runner: weights and KV pool on the device, one jitted call per engine step.
 
-`execute_model` turns the scheduler's decision into bucketed device arrays, runs the
-jitted step (model forward with the KV pool donated, logits of the rows that sample,
-on-device sampling) and brings back only the sampled tokens and any logprobs asked for.
+`execute_model` turns the scheduler's decision into bucketed arrays packed into one
+buffer (one host-to-device transfer), runs the jitted step (model forward with the KV
+pool donated, logits of the rows that sample, on-device sampling) and brings back only
+the sampled tokens and any logprobs asked for.
 """
 from __future__ import annotations
 
-import dataclasses
 import functools
 import logging
 import time
@@ -16,11 +16,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jllm.layers.attention import AttentionBackend
-from jllm.layers.rotary import cos_sin_cache, rope_parameters
-from jllm.layers.sampler import SamplerOutput, compute_logprobs, sample
 from jllm.core.scheduler import ScheduledRequest
-from jllm.worker.input_batch import InputBatchBuilder, ModelInputs, StepShape
+from jllm.layers.attention_metadata import AttentionMetadata
+from jllm.layers.rotary import cos_sin_cache, rope_parameters
+from jllm.layers.sampler import SamplingMetadata, compute_logprobs, sample
+from jllm.worker.input_batch import InputBatchBuilder, ModelInputs, PackedLayout, StepShape, pack, unpack
 
 logger = logging.getLogger(__name__)
 
@@ -46,17 +46,26 @@ def _forward(model, params, kv_caches, cos_sin_table, inputs: ModelInputs):
     return kv_caches, hidden
 
 
-def _step(model, params, kv_caches, cos_sin_table, inputs: ModelInputs, sampling_md, *,
+def _step(model, params, kv_caches, cos_sin_table, packed_inputs: jax.Array, *, layout: PackedLayout,
           num_logprobs: int, num_prompt_logprobs: int):
+    """(ModelInputs, SamplingMetadata) arrive packed in one int32 buffer (one transfer).
+
+    Returns the pool, the sampled tokens, and the sampled rows' and the prompt's logprobs
+    (compute_logprobs' tuples) or None where not asked for, so that only what the host
+    reads leaves the device.
+    """
+    inputs, sampling_md = unpack(packed_inputs, layout)
     kv_caches, hidden = _forward(model, params, kv_caches, cos_sin_table, inputs)
     logits = model.apply(params, hidden[inputs.logits_indices], method=type(model).compute_logits)
     out = sample(logits, sampling_md, num_logprobs=num_logprobs)
-    prompt = None
+    logprobs = prompt = None
+    if num_logprobs:
+        logprobs = (out.topk_token_ids, out.topk_logprobs, out.sampled_logprobs, out.sampled_ranks)
     if num_prompt_logprobs:
         all_logits = model.apply(params, hidden, method=type(model).compute_logits)
         targets = jnp.maximum(inputs.prompt_targets, 0)
         prompt = compute_logprobs(all_logits, targets, num_prompt_logprobs)
-    return kv_caches, out, prompt
+    return kv_caches, out.sampled_token_ids, logprobs, prompt
 
 
 def _forward_logits(model, params, kv_caches, cos_sin_table, inputs: ModelInputs):
@@ -84,7 +93,7 @@ class ModelRunner:
         self.cos_sin_table = jnp.asarray(table)
         self._step = jax.jit(
             functools.partial(_step, model),
-            static_argnames=("num_logprobs", "num_prompt_logprobs"),
+            static_argnames=("layout", "num_logprobs", "num_prompt_logprobs"),
             donate_argnums=(1,),
         )
         self._forward_logits = jax.jit(functools.partial(_forward_logits, model), donate_argnums=(1,))
@@ -96,20 +105,31 @@ class ModelRunner:
         """Programs compiled for the fused step so far (the no-recompilation test reads it)."""
         return self._step._cache_size()
 
+    def remove_requests(self, request_ids) -> None:
+        """Forgets requests that finished or were preempted (their persistent rows)."""
+        self.builder.remove_requests(request_ids)
+
     def execute_model(self, rows: list[ScheduledRequest], banned: list[list[int]]) -> RunnerOutput:
         shape, inputs, sampling_md = self.builder.build(rows, banned)
         if shape not in self.seen_shapes:
             logger.debug("Compiling step for %s", shape)
             self.seen_shapes.add(shape)
-        n = len(rows)
-        processors = [r.request.sampling_params.logits_processors for r in rows]
-        if any(processors):
-            return self._execute_with_processors(rows, shape, inputs, sampling_md)
-        self.kv_caches, out, prompt = self._step(
-            self.params, self.kv_caches, self.cos_sin_table, inputs, sampling_md,
+        if any(r.request.sampling_params.logits_processors for r in rows):
+            result = self._execute_with_processors(rows, shape, inputs, sampling_md)
+        else:
+            result = self.run_step(shape, inputs, sampling_md, len(rows))
+        self.builder.record_sampled(result.sampled_token_ids)
+        return result
+
+    def run_step(self, shape: StepShape, inputs: ModelInputs, sampling_md: SamplingMetadata,
+                 num_rows: int) -> RunnerOutput:
+        """The fused jitted step on built (numpy) inputs; results of the first num_rows rows."""
+        packed, layout = pack((inputs, sampling_md))
+        self.kv_caches, sampled, logprobs, prompt = self._step(
+            self.params, self.kv_caches, self.cos_sin_table, packed, layout=layout,
             num_logprobs=shape.num_logprobs, num_prompt_logprobs=shape.num_prompt_logprobs,
         )
-        return self._to_host(out, prompt, n, shape)
+        return self._to_host(sampled, logprobs, prompt, num_rows)
 
     def _execute_with_processors(self, rows, shape: StepShape, inputs, sampling_md) -> RunnerOutput:
         self.kv_caches, logits = self._forward_logits(self.params, self.kv_caches, self.cos_sin_table, inputs)
@@ -122,19 +142,20 @@ class ModelRunner:
                 except TypeError:
                     logits[i] = fn(req.output_token_ids, logits[i])
         out = self._sample(jnp.asarray(logits), sampling_md, num_logprobs=shape.num_logprobs)
-        return self._to_host(out, None, len(rows), shape)
+        logprobs = None
+        if shape.num_logprobs:
+            logprobs = (out.topk_token_ids, out.topk_logprobs, out.sampled_logprobs, out.sampled_ranks)
+        return self._to_host(out.sampled_token_ids, logprobs, None, len(rows))
 
-    def _to_host(self, out: SamplerOutput, prompt, n: int, shape: StepShape) -> RunnerOutput:
-        # One device-to-host transfer for everything the step returns.
-        host = jax.device_get((out, prompt))
-        out, prompt = host
-        result = RunnerOutput(
-            sampled_token_ids=out.sampled_token_ids[:n],
-            topk_token_ids=out.topk_token_ids[:n] if shape.num_logprobs else None,
-            topk_logprobs=out.topk_logprobs[:n] if shape.num_logprobs else None,
-            sampled_logprobs=out.sampled_logprobs[:n] if shape.num_logprobs else None,
-            sampled_ranks=out.sampled_ranks[:n] if shape.num_logprobs else None,
-        )
+    @staticmethod
+    def _to_host(sampled, logprobs, prompt, n: int) -> RunnerOutput:
+        # One device-to-host copy per array the host reads, started together.
+        sampled, logprobs, prompt = jax.device_get((sampled, logprobs, prompt))
+        result = RunnerOutput(sampled_token_ids=sampled[:n], topk_token_ids=None, topk_logprobs=None,
+                              sampled_logprobs=None, sampled_ranks=None)
+        if logprobs is not None:
+            (result.topk_token_ids, result.topk_logprobs, result.sampled_logprobs,
+             result.sampled_ranks) = (x[:n] for x in logprobs)
         if prompt is not None:
             (result.prompt_topk_ids, result.prompt_topk_logprobs, result.prompt_target_logprobs,
              result.prompt_target_ranks) = prompt
@@ -153,23 +174,19 @@ class ModelRunner:
         return time.perf_counter() - start
 
     def _compile(self, T: int, S: int, P: int, *, decode_only: bool) -> None:
-        from jllm.layers.attention_metadata import AttentionMetadata
-        from jllm.layers.sampler import SamplingMetadata
-
-        i32 = lambda *s: jax.ShapeDtypeStruct(s, jnp.int32)  # noqa: E731
-        f32 = lambda *s: jax.ShapeDtypeStruct(s, jnp.float32)  # noqa: E731
-        u32 = lambda *s: jax.ShapeDtypeStruct(s, jnp.uint32)  # noqa: E731
-        attn = AttentionMetadata(i32(T), i32(T), i32(S, P), i32(S), i32(S + 1), decode_only)
+        i32 = lambda *s: np.zeros(s, np.int32)  # noqa: E731
+        f32 = lambda *s: np.zeros(s, np.float32)  # noqa: E731
+        u32 = lambda *s: np.zeros(s, np.uint32)  # noqa: E731
+        # Slot -1 drops the writes: warm-up must not touch pages a request may own.
+        attn = AttentionMetadata(i32(T), np.full((T,), -1, np.int32), i32(S, P), i32(S), i32(S + 1), decode_only)
         inputs = ModelInputs(i32(T), attn, i32(S), i32(0))
         md = SamplingMetadata(f32(S), i32(S), f32(S), f32(S), u32(S), u32(S), i32(S), f32(S), f32(S), f32(S),
                               i32(S, 0), i32(S, 0), i32(S, 0), f32(S, 0), i32(S, 0), i32(S, 0),
-                              jax.ShapeDtypeStruct((S,), jnp.bool_))
-        # Run once on zeros so the jit cache holds the program. Host numpy arrays, as
-        # execute_model passes: jit keys its cache on numpy and device arrays apart.
-        args = jax.tree.map(lambda s: np.zeros(s.shape, s.dtype), (inputs, md))
-        # Slot -1 drops the writes: warm-up must not touch pages a request may own.
-        attn0 = dataclasses.replace(args[0].attn, slot_mapping=np.full((T,), -1, np.int32))
-        args = (dataclasses.replace(args[0], attn=attn0), args[1])
-        self.kv_caches, _, _ = self._step(
-            self.params, self.kv_caches, self.cos_sin_table, *args, num_logprobs=0, num_prompt_logprobs=0,
+                              np.zeros((S,), bool))
+        # Packed as execute_model packs, so the jit cache holds the very program a
+        # step of this shape looks up.
+        packed, layout = pack((inputs, md))
+        self.kv_caches, _, _, _ = self._step(
+            self.params, self.kv_caches, self.cos_sin_table, packed, layout=layout,
+            num_logprobs=0, num_prompt_logprobs=0,
         )
