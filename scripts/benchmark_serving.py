@@ -294,6 +294,17 @@ def missing_server_packages() -> list[str]:
     return [name for name in SERVER_PACKAGES if importlib.util.find_spec(name) is None]
 
 
+def server_device() -> dict:
+    """The launched server's device and JAX version (same machine, same Python), read
+    in a subprocess: this client never imports JAX."""
+    code = "import jax, json; print(json.dumps([jax.devices()[0].device_kind, jax.__version__]))"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT)
+    if out.returncode != 0:
+        return {"device": None, "jax_version": None}
+    device, version = json.loads(out.stdout.strip().splitlines()[-1])
+    return {"device": device, "jax_version": version}
+
+
 def launch_server(args, server_flags: list[str], log_path: str) -> subprocess.Popen:
     missing = missing_server_packages()
     if missing:
@@ -420,6 +431,8 @@ def main(argv: list[str] | None = None) -> dict:
         if proc is not None:
             stop_server(proc)
     record["server_command"] = args.server_command
+    if args.launch_server:
+        record.update(server_device())
     print_record(record)
     stamp = int(time.time())
     path = os.path.join(args.result_dir, f"serving_{args.label.replace('/', '_')}_{record['date']}_{stamp}.json")
