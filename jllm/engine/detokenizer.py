@@ -237,6 +237,8 @@ class IncrementalDetokenizer:
     def get_next_output_text(self, finished: bool, delta: bool) -> str:
         """The text to report now: all of it, or with `delta` only what is new since
         the last call; while unfinished, the last stop_buffer_length chars are held."""
+        if not self.output_text:
+            return ""  # No text yet, or never any (detokenize=False): nothing to hold back.
         buffer_length = 0 if finished else self.stop_buffer_length
         length = max(len(self.output_text) - buffer_length, 0)
         if not delta:

@@ -23,8 +23,9 @@ def check_stop(request: Request, max_model_len: int) -> bool:
     token reports "stop" (the reason the model gave), not "length".
     """
     params = request.sampling_params
-    last = request.output_token_ids[-1]
-    if request.num_output_tokens >= params.min_tokens:
+    output_ids = request.output_token_ids
+    last, num_output = output_ids[-1], len(output_ids)
+    if num_output >= params.min_tokens:
         if not params.ignore_eos and last == request.eos_token_id:
             request.status = RequestStatus.FINISHED_STOPPED
             return True
@@ -32,7 +33,7 @@ def check_stop(request: Request, max_model_len: int) -> bool:
             request.status = RequestStatus.FINISHED_STOPPED
             request.stop_reason = last
             return True
-    if request.num_tokens >= max_model_len or request.num_output_tokens >= request.max_tokens:
+    if num_output >= request.max_tokens or len(request.prompt_token_ids) + num_output >= max_model_len:
         request.status = RequestStatus.FINISHED_LENGTH_CAPPED
         return True
     return False
@@ -58,6 +59,13 @@ class RequestState:
     tokenizer: object | None
     prompt_logprobs: list[dict[int, Logprob] | None] | None = None
     arrival_time: float = field(default_factory=time.time)
+    # params.output_kind, resolved once: make_output runs every step.
+    final_only: bool = field(init=False)
+    delta: bool = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.final_only = self.params.output_kind == RequestOutputKind.FINAL_ONLY
+        self.delta = self.params.output_kind == RequestOutputKind.DELTA
 
     @property
     def finished(self) -> bool:
@@ -103,12 +111,10 @@ class RequestState:
     # records below are built with positional arguments, in their fields' order.
 
     def make_output(self) -> RequestOutput | None:
-        kind = self.params.output_kind
         finished = self.finished
-        if kind == RequestOutputKind.FINAL_ONLY and not finished:
+        if self.final_only and not finished:
             return None
-        delta = kind == RequestOutputKind.DELTA
-        outputs = [self._completion(sample, delta) for sample in self.samples]
+        outputs = [self._completion(sample, self.delta) for sample in self.samples]
         num_cached_tokens = max(self.samples[0].request.num_cached_tokens, 0)
         return RequestOutput(self.request_id, self.prompt, self.prompt_token_ids, self.prompt_logprobs,
                              outputs, finished, self._metrics(finished), num_cached_tokens)
@@ -135,14 +141,14 @@ class RequestState:
         return CompletionOutput(req.index, text, token_ids, sample.cumulative_logprob, logprobs)
 
     def _metrics(self, finished: bool) -> RequestMetrics:
+        first = self.samples[0].request
+        if len(self.samples) == 1:
+            return RequestMetrics(self.arrival_time, first.first_scheduled_time, first.first_token_time or None,
+                                  first.last_token_time or None, (first.finished_time or 0.0) if finished else None)
         requests = [s.request for s in self.samples]
-        first = requests[0]
-        if len(requests) == 1:
-            first_token_time, last_token_time = first.first_token_time or None, first.last_token_time or None
-            finished_time = first.finished_time or 0.0
-        else:
-            first_token_time = min((r.first_token_time for r in requests if r.first_token_time), default=None)
-            last_token_time = max((r.last_token_time for r in requests if r.last_token_time), default=None)
-            finished_time = max(r.finished_time or 0.0 for r in requests)
-        return RequestMetrics(self.arrival_time, first.first_scheduled_time, first_token_time, last_token_time,
-                              finished_time if finished else None)
+        return RequestMetrics(
+            self.arrival_time, first.first_scheduled_time,
+            min((r.first_token_time for r in requests if r.first_token_time), default=None),
+            max((r.last_token_time for r in requests if r.last_token_time), default=None),
+            max(r.finished_time or 0.0 for r in requests) if finished else None,
+        )

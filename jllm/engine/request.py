@@ -88,7 +88,8 @@ class Request:
 
     @property
     def is_finished(self) -> bool:
-        return self.status.is_finished
+        # RequestStatus.is_finished, one property call fewer: asked of every request every step.
+        return self.status >= RequestStatus.FINISHED_STOPPED
 
     def append_output_token_id(self, token_id: int) -> None:
         self.output_token_ids.append(token_id)

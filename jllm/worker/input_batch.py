@@ -1,8 +1,8 @@
 """Host-side assembly of one step's device inputs from the scheduled requests.
 
 Everything here is plain numpy on the host. Each running request keeps a row of
-persistent state (its page table and its fixed sampling settings, vLLM's InputBatch and
-BlockTable), so a step gathers rows with numpy instead of rebuilding them request by
+persistent state (its tokens, page table and fixed sampling settings: vLLM's InputBatch
+and BlockTable), so a step gathers rows with numpy instead of rebuilding them request by
 request. Positions, slot mapping and query offsets are derived for all rows at once,
 padded to the step's buckets, and packed into one int32 buffer: one host-to-device
 transfer per step, unpacked by static slices inside the jitted step.
@@ -113,6 +113,9 @@ class RequestRows:
         self.vocab_size = vocab_size
         self.row_of: dict[str, int] = {}
         self._free: list[int] = []
+        # Requests with host logits processors (the runner's slow path), so that a step
+        # without any need not look.
+        self.with_processors: set[str] = set()
         # Row-indexed arrays: (name, shape of one row, dtype, value of an empty row).
         self._columns = (
             ("block_table", (max_pages,), np.int32, 0),
@@ -155,6 +158,7 @@ class RequestRows:
             row = self.row_of.pop(request_id, None)
             if row is not None:
                 self._free.append(row)
+                self.with_processors.discard(request_id)
 
     def _fill(self, scheduled: ScheduledRequest, row: int | None) -> int:
         req = scheduled.request
@@ -164,6 +168,10 @@ class RequestRows:
             row = self._free.pop()
             self.row_of[req.request_id] = row
         p = req.sampling_params
+        if p.logits_processors:
+            self.with_processors.add(req.request_id)
+        else:
+            self.with_processors.discard(req.request_id)
         self.floats[row] = [getattr(p, name) for name in _FLOAT_FIELDS]
         self.top_k[row] = p.top_k
         self.seeds[row] = [(req.seed >> 32) & _UINT32, req.seed & _UINT32]

@@ -114,7 +114,7 @@ class ModelRunner:
         if shape not in self.seen_shapes:
             logger.debug("Compiling step for %s", shape)
             self.seen_shapes.add(shape)
-        if any(r.request.sampling_params.logits_processors for r in rows):
+        if self.builder.rows.with_processors and any(r.request.sampling_params.logits_processors for r in rows):
             result = self._execute_with_processors(rows, shape, inputs, sampling_md)
         else:
             result = self.run_step(shape, inputs, sampling_md, len(rows))

@@ -1,0 +1,103 @@
+"""The step's host inputs: the vectorized builder with its persistent per-request rows
+against a per-row reference (each row's arrays derived from its request alone), over a
+randomized scheduler run with chunked prefills, prefix-cache hits, preemption and
+finishes; and the one-buffer packing against the arrays it carries.
+"""
+import random
+
+import jax
+import numpy as np
+
+from jllm.config import CacheConfig, SchedulerConfig
+from jllm.core.scheduler import Scheduler
+from jllm.engine.request import Request, RequestStatus
+from jllm.sampling_params import SamplingParams
+from jllm.worker.buckets import pow2_buckets
+from jllm.worker.input_batch import InputBatchBuilder, pack, unpack
+
+BLOCK_SIZE = 4
+MAX_MODEL_LEN = 64
+VOCAB_SIZE = 1000
+
+
+def reference_inputs(rows, T, S, P):
+    """Each row's tokens, positions, pages and sampling settings from its request alone."""
+    input_ids, positions, slots = np.zeros(T, np.int32), np.zeros(T, np.int32), np.full(T, -1, np.int32)
+    block_tables, seq_lens = np.zeros((S, P), np.int32), np.zeros(S, np.int32)
+    temperature, top_k = np.zeros(S, np.float32), np.zeros(S, np.int32)
+    seed_lo, step, samples = np.zeros(S, np.uint32), np.zeros(S, np.int32), np.zeros(S, bool)
+    start = 0
+    for i, row in enumerate(rows):
+        req, n, done = row.request, row.num_scheduled_tokens, row.num_computed_tokens
+        pos = np.arange(done, done + n)
+        blocks = np.asarray(row.block_ids)
+        input_ids[start:start + n] = req.all_token_ids[done:done + n]
+        positions[start:start + n] = pos
+        slots[start:start + n] = blocks[pos // BLOCK_SIZE] * BLOCK_SIZE + pos % BLOCK_SIZE
+        block_tables[i, :len(blocks)] = blocks
+        seq_lens[i] = done + n
+        temperature[i], top_k[i] = req.sampling_params.temperature, req.sampling_params.top_k
+        seed_lo[i] = req.seed & 0xFFFFFFFF
+        samples[i] = row.sample
+        step[i] = req.num_output_tokens
+        start += n
+    return dict(input_ids=input_ids, positions=positions, slot_mapping=slots, block_tables=block_tables,
+                seq_lens=seq_lens, temperature=temperature, top_k=top_k, seed_lo=seed_lo), (step, samples)
+
+
+def test_builder_matches_the_per_row_reference_through_chunks_hits_preemption_and_finishes():
+    rng = random.Random(0)
+    # Few pages, so that requests get preempted and come back.
+    scheduler = Scheduler(SchedulerConfig(32, 6, MAX_MODEL_LEN), CacheConfig(BLOCK_SIZE, 20, True))
+    builder = InputBatchBuilder(block_size=BLOCK_SIZE, token_buckets=pow2_buckets(8, 32), max_num_seqs=6,
+                                page_buckets=pow2_buckets(4, MAX_MODEL_LEN // BLOCK_SIZE), max_logprobs=5,
+                                vocab_size=VOCAB_SIZE)
+    shared_prefix = [rng.randrange(VOCAB_SIZE) for _ in range(12)]
+    num_added = num_checked_rows = 0
+    for step_index in range(120):
+        if num_added < 24 and rng.random() < 0.4:
+            prompt = (shared_prefix if rng.random() < 0.5 else []) + [
+                rng.randrange(VOCAB_SIZE) for _ in range(rng.randint(1, 20))]
+            params = SamplingParams(temperature=rng.choice([0.0, 0.7]), top_k=rng.choice([0, 5]),
+                                    max_tokens=rng.randint(1, 30))
+            scheduler.add_request(Request(f"r{num_added}", prompt, params, seed=rng.getrandbits(64),
+                                          max_tokens=params.max_tokens))
+            num_added += 1
+        sched = scheduler.schedule()
+        builder.remove_requests(sched.finished_req_ids | sched.preempted_req_ids)
+        rows = sched.scheduled_requests
+        if not rows:
+            continue
+        shape, inputs, md = builder.build(rows, [[]] * len(rows))
+        expected, (step, samples) = reference_inputs(rows, shape.num_tokens, shape.num_seqs, shape.num_pages)
+        got = dict(input_ids=inputs.input_ids, positions=inputs.attn.positions,
+                   slot_mapping=inputs.attn.slot_mapping, block_tables=inputs.attn.block_tables,
+                   seq_lens=inputs.attn.seq_lens, temperature=md.temperature, top_k=md.top_k,
+                   seed_lo=md.seed_lo)
+        for name, want in expected.items():
+            np.testing.assert_array_equal(got[name], want, err_msg=f"{name} at step {step_index}")
+        # The output position matters only where the row samples.
+        np.testing.assert_array_equal(md.step[samples], step[samples])
+        num_checked_rows += len(rows)
+
+        sampled = np.asarray([rng.randrange(VOCAB_SIZE) for _ in range(shape.num_seqs)], np.int32)
+        builder.record_sampled(sampled)
+        tokens = {row.request.request_id: int(t) for row, t in zip(rows, sampled) if row.sample}
+        for req in scheduler.update_from_output(sched, tokens):
+            if req.num_output_tokens >= req.max_tokens:
+                scheduler.finish_requests(req.request_id, RequestStatus.FINISHED_LENGTH_CAPPED)
+    assert scheduler.num_preemptions > 0 and scheduler.block_manager.prefix_cache_stats.hits > 0
+    assert num_checked_rows > 200
+
+
+def test_pack_carries_every_array_bit_for_bit_through_jit():
+    rng = np.random.default_rng(0)
+    tree = {"ids": rng.integers(-5, 5, (3, 4)).astype(np.int32), "x": rng.normal(size=7).astype(np.float32),
+            "seed": np.asarray([0, 2**32 - 1], np.uint32), "mask": np.asarray([True, False, True]),
+            "empty": np.zeros((3, 0), np.int32)}
+    buffer, layout = pack(tree)
+    assert buffer.dtype == np.int32 and buffer.ndim == 1
+    out = jax.jit(unpack, static_argnums=1)(buffer, layout)
+    for name, want in tree.items():
+        assert out[name].dtype == want.dtype and out[name].shape == want.shape
+        np.testing.assert_array_equal(np.asarray(out[name]), want)
