@@ -94,30 +94,29 @@ def detokenize_incrementally(
             [new_token_id], skip_special_tokens=skip_special_tokens)
     else:
         new_tokens = [""]
-    output_tokens = prev_tokens + new_tokens
-    if is_first_iter:
-        new_tokens = output_tokens
-
+    num_tokens = len(prev_tokens) + len(new_tokens)
     # Decoding from prefix_offset rather than from the new token alone lets the
-    # tokenizer's decoder see the neighbours that decide spacing.
+    # tokenizer's decoder see the neighbours that decide spacing. Only that window is
+    # built: the whole token list is not copied for every token.
+    window = prev_tokens[prefix_offset:] + new_tokens
+    if is_first_iter:
+        new_tokens = prev_tokens + new_tokens
     if tokenizer.is_fast or not tokenizer.get_added_vocab():
-        prefix_text = tokenizer.convert_tokens_to_string(
-            output_tokens[prefix_offset:read_offset])
-        new_text = tokenizer.convert_tokens_to_string(output_tokens[prefix_offset:])
+        prefix_text = tokenizer.convert_tokens_to_string(window[:read_offset - prefix_offset])
+        new_text = tokenizer.convert_tokens_to_string(window)
     else:
         prefix_text = _convert_tokens_to_string_with_added_encoders(
-            tokenizer, output_tokens[prefix_offset:read_offset],
+            tokenizer, window[:read_offset - prefix_offset],
             skip_special_tokens, spaces_between_special_tokens)
         new_text = _convert_tokens_to_string_with_added_encoders(
-            tokenizer, output_tokens[prefix_offset:],
-            skip_special_tokens, spaces_between_special_tokens)
+            tokenizer, window, skip_special_tokens, spaces_between_special_tokens)
 
     # A trailing "\ufffd" is probably a character whose remaining bytes come with the
     # next tokens: emit nothing and keep the offsets until it is complete. (One in the
     # middle is a genuinely invalid sequence and is emitted as is.)
     if len(new_text) <= len(prefix_text) or new_text.endswith("\ufffd"):
         return new_tokens, "", prefix_offset, read_offset
-    return new_tokens, new_text[len(prefix_text):], read_offset, len(output_tokens)
+    return new_tokens, new_text[len(prefix_text):], read_offset, num_tokens
 
 
 def check_stop_strings(
@@ -156,6 +155,32 @@ def convert_ids_list_to_tokens(tokenizer: PreTrainedTokenizerBase,
     return [tokenizer.decode([token_id]) or "" for token_id in token_ids]
 
 
+class _FastTokenizerCalls:
+    """The calls incremental detokenization makes of an HF fast tokenizer, per token,
+    with what stays fixed looked up once: the vocabulary size, the special ids and the
+    Rust decoder. Through the tokenizer itself, `len()` and the special-id set are
+    recomputed on every call and cost more than the decoding (transformers'
+    PreTrainedTokenizerFast does exactly these steps otherwise)."""
+
+    is_fast = True
+
+    def __init__(self, tokenizer: PreTrainedTokenizerBase) -> None:
+        self._backend = tokenizer.backend_tokenizer
+        self._decoder = self._backend.decoder
+        self._vocab_size = len(tokenizer)
+        self._special_ids = frozenset(tokenizer.all_special_ids)
+
+    def __len__(self) -> int:
+        return self._vocab_size
+
+    def convert_ids_to_tokens(self, ids: list[int], skip_special_tokens: bool = False) -> list[str]:
+        skipped = self._special_ids if skip_special_tokens else ()
+        return [self._backend.id_to_token(i) for i in map(int, ids) if i not in skipped]
+
+    def convert_tokens_to_string(self, tokens: list[str]) -> str:
+        return self._decoder.decode(tokens) if self._decoder is not None else " ".join(tokens)
+
+
 class IncrementalDetokenizer:
     """Text of one output sequence, grown token by token, with stop-string checking.
 
@@ -167,7 +192,12 @@ class IncrementalDetokenizer:
     def __init__(self, tokenizer: PreTrainedTokenizerBase | None,
                  prompt_token_ids: list[int], sampling_params: SamplingParams) -> None:
         params = sampling_params
-        self.tokenizer = tokenizer if params.detokenize else None
+        if not params.detokenize or tokenizer is None:
+            self.tokenizer = None
+        elif getattr(tokenizer, "is_fast", False) and hasattr(tokenizer, "backend_tokenizer"):
+            self.tokenizer = _FastTokenizerCalls(tokenizer)
+        else:
+            self.tokenizer = tokenizer
         self.token_ids: list[int] = list(prompt_token_ids)
         self.prompt_len = len(prompt_token_ids)
         self.output_text = ""
