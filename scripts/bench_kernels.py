@@ -68,6 +68,7 @@ from pallas_kernels.paged_decode_attention import (  # noqa: E402
     _SPLIT_TABLE,
     gather_pages,
 )
+from jllm.layers.attention import fresh_prefill_attention  # noqa: E402
 from scripts.bench_utils import (  # noqa: E402
     Job,
     Results,
@@ -510,7 +511,8 @@ def bench_prefill_shape(bench: Bench, heads: Heads, tokens: int) -> None:
         picks.insert(1, ("jllm_prefill_best", best, flops, tokens))
     for kernel, v, work, query_len in picks:
         bench.results.add_row(**prefill_row(kernel, v, heads, tokens, query_len, work,
-                                            page_size if kernel.startswith("jllm") else None))
+                                            page_size if kernel.startswith("jllm") and "fresh" not in kernel
+                                            else None))
 
 
 def ragged_args(q, k_cache, v_cache, block_tables, context):
@@ -532,8 +534,8 @@ def jllm_prefill_variants(bench, heads, q, k_cache, v_cache, block_tables, scale
 
 
 def dense_variants(bench, heads, q, k_cache, v_cache, block_tables, scale) -> list[Variant]:
-    """JAX's Pallas flash attention and cuDNN on the same K/V, laid out densely
-    [1, T, heads, D]; outputs come back as [T, heads, D]."""
+    """jllm's fresh-prefill path, JAX's Pallas flash attention and cuDNN on the same K/V,
+    laid out densely [1, T, heads, D]; outputs come back as [T, heads, D]."""
     def dense(cache):
         return gather_pages(cache, block_tables).swapaxes(1, 2)  # [1, T, kv heads, D]
 
@@ -550,7 +552,12 @@ def dense_variants(bench, heads, q, k_cache, v_cache, block_tables, scale) -> li
         return jax.nn.dot_product_attention(q[None], k, v, scale=scale, is_causal=True,
                                             implementation="cudnn")[0]
 
-    return [Variant("jax_flash_attention", {}, mha, (q, k_rep, v_rep), PREFILL_VARYING),
+    def fresh(q, k, v):
+        # The engine's path for a prefill without a cached prefix (this step's own K/V).
+        return fresh_prefill_attention(q, k[0], v[0], jnp.int32(q.shape[0]), scale=scale)
+
+    return [Variant("jllm_prefill_fresh", {}, fresh, (q, k, v), PREFILL_VARYING),
+            Variant("jax_flash_attention", {}, mha, (q, k_rep, v_rep), PREFILL_VARYING),
             Variant("cudnn", {}, cudnn, (q, k, v), PREFILL_VARYING)]
 
 

@@ -26,11 +26,14 @@ def prompts() -> list[list[int]]:
     return [[rng.randrange(100, 40000) for _ in range(n)] for n in (1, 15, 16, 17, 40)]
 
 
-def run(path: str, backend: str, prompts):
+def run(path: str, backend: str, prompts, fresh_prefill_min_tokens=None):
     llm = LLM(model=path, attention_backend=backend, **ENGINE_ARGS)
     assert llm.llm_engine.model_config.attention_backend == backend
     shapes = []
     runner = llm.llm_engine.runner
+    # Off on the CPU by default (cuDNN is the GPU's); here the XLA implementation runs it.
+    assert runner.builder.fresh_prefill_min_tokens is None
+    runner.builder.fresh_prefill_min_tokens = fresh_prefill_min_tokens
     build = runner.builder.build
 
     def recording_build(rows, banned):
@@ -51,3 +54,17 @@ def test_pallas_backend_matches_the_reference_with_decode_and_mixed_steps(tiny_l
     # The reference never marks steps; the kernels ran both a decode-only and a mixed step.
     assert not any(s.decode_only for s in ref_shapes)
     assert any(s.decode_only for s in shapes) and not all(s.decode_only for s in shapes)
+
+
+def test_a_lone_first_prompt_chunk_runs_fresh_prefill_attention(tiny_llama_path, prompts):
+    """One request at a time: each first chunk (no cached prefix) takes the fresh-prefill
+    path; the second chunk of a 100-token prompt (64-token budget), on top of its first,
+    does not."""
+    long_prompt = [(7 * i) % 30000 + 100 for i in range(100)]
+    for prompt in prompts[1:] + [long_prompt]:
+        expected, _ = run(tiny_llama_path, "reference", [prompt])
+        got, shapes = run(tiny_llama_path, "pallas", [prompt], fresh_prefill_min_tokens=16)
+        assert got == expected
+        assert shapes[0].fresh_prefill
+        assert all(not s.fresh_prefill for s in shapes[1:])
+    assert shapes[1].num_tokens == 64 and not shapes[1].decode_only  # the second chunk

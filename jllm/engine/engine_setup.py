@@ -166,19 +166,30 @@ def build_engine_parts(args: EngineArgs) -> EngineParts:
         max_model_len=max_model_len, max_logprobs=max(args.max_logprobs, 0), hf_config=hf_config,
         token_buckets=compilation_config.token_buckets, page_buckets=page_buckets,
         max_num_seqs=scheduler_config.max_num_seqs, decode_kernel=backend == AttentionBackend.PALLAS,
+        fresh_prefill_min_tokens=_fresh_prefill_min_tokens(backend, jdtype),
     )
     if not compilation_config.enforce_eager:
         capture_pages = pick_bucket(page_buckets, -(-min(compilation_config.max_seq_len_to_capture,
                                                           max_model_len) // block_size))
         shapes = [(t, p) for t in compilation_config.token_buckets for p in page_buckets if p <= capture_pages]
         seconds = runner.warmup(shapes)
-        logger.info("Compiled %d step programs (token buckets %s, decode-only %s, page buckets %s) in %.1f s.",
+        logger.info("Compiled %d step programs (token buckets %s, decode-only %s, fresh-prefill %s, "
+                    "page buckets %s) in %.1f s.",
                     runner.num_compiled_steps, list(compilation_config.token_buckets),
-                    list(runner.builder.decode_token_buckets()),
+                    list(runner.builder.decode_token_buckets()), list(runner.builder.fresh_prefill_token_buckets()),
                     [p for p in page_buckets if p <= capture_pages], seconds)
     eos = _eos_token_id(hf_config, tokenizer, generation_config)
     return EngineParts(model_config, scheduler_config, cache_config, compilation_config, hf_config, spec,
                        tokenizer, generation_config, eos, runner)
+
+
+def _fresh_prefill_min_tokens(backend: AttentionBackend, dtype) -> int | None:
+    """From which token bucket a lone first prompt chunk runs cuDNN's flash attention:
+    on the GPU with the kernels in 16-bit (cuDNN's dtypes). 512 tokens: below it the
+    paged kernel is within a few microseconds (scripts/results/kernels_*.json)."""
+    if backend != AttentionBackend.PALLAS or jax.default_backend() != "gpu":
+        return None
+    return 512 if dtype in (jnp.bfloat16, jnp.float16) else None
 
 
 def _scheduler_config(args: EngineArgs, max_model_len: int) -> SchedulerConfig:

@@ -52,7 +52,9 @@ def paged_attention(
     # H200 (scripts/results/kernels_*.json).
     k_cache, v_cache = write_kv(k_cache, v_cache, k, v, md.slot_mapping, interpret=interpret)
     kwargs["interpret"] = interpret
-    if md.decode_only:
+    if md.fresh_prefill and soft_cap is None:
+        out = fresh_prefill_attention(q, k, v, md.query_start_loc[1], scale=scale, sliding_window=sliding_window)
+    elif md.decode_only:
         # Token i is sequence i's query (S <= T); the tokens past S are padding.
         num_seqs = md.seq_lens.shape[0]
         out = paged_decode_attention(q[:num_seqs], k_cache, v_cache, md.seq_lens, md.block_tables, **kwargs)
@@ -61,3 +63,19 @@ def paged_attention(
         out = ragged_paged_attention(
             q, k_cache, v_cache, md.query_start_loc, md.seq_lens, md.block_tables, **kwargs)
     return out, k_cache, v_cache
+
+
+def fresh_prefill_attention(q, k, v, num_tokens, *, scale: float, sliding_window: int | None = None):
+    """Causal self-attention of one sequence's first `num_tokens` tokens (q/k/v [T, heads,
+    H], the rest padding) through `jax.nn.dot_product_attention`: cuDNN's flash attention
+    on the GPU for 16-bit inputs, XLA's otherwise. Padding rows come back as zeros."""
+    use_cudnn = jax.default_backend() == "gpu" and q.dtype in (jnp.bfloat16, jnp.float16)
+    lengths = jnp.reshape(num_tokens, (1,)).astype(jnp.int32)
+    # The kernels' window (keys > position - W) is cuDNN's left window of W - 1.
+    window = None if sliding_window is None else (sliding_window - 1, 0)
+    out = jax.nn.dot_product_attention(
+        q[None], k[None], v[None], scale=scale, is_causal=True, query_seq_lengths=lengths,
+        key_value_seq_lengths=lengths, local_window_size=window,
+        implementation="cudnn" if use_cudnn else "xla")[0]
+    real = jnp.arange(q.shape[0]) < num_tokens
+    return jnp.where(real[:, None, None], out, jnp.zeros((), out.dtype))

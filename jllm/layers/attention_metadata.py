@@ -33,3 +33,7 @@ class AttentionMetadata:
     # sequence i and the split-K decode kernel serves the step. A separate program
     # (the flag is part of the jit key), as vLLM captures decode-only CUDA graphs.
     decode_only: bool = dataclasses.field(default=False, metadata=dict(static=True))
+    # Static: the step is one sequence's first prompt tokens (no cached prefix, nothing
+    # else scheduled), so its attention is plain causal self-attention over this step's
+    # own K/V, which cuDNN's flash attention runs faster than the paged kernel.
+    fresh_prefill: bool = dataclasses.field(default=False, metadata=dict(static=True))

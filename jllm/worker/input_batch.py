@@ -47,6 +47,7 @@ class StepShape:
     num_logprobs: int
     num_prompt_logprobs: int
     decode_only: bool = False
+    fresh_prefill: bool = False
 
 
 # ----- one transfer per step ----------------------------------------------------------
@@ -258,11 +259,16 @@ _sample = operator.attrgetter("sample")
 
 class InputBatchBuilder:
     def __init__(self, *, block_size: int, token_buckets, max_num_seqs: int, page_buckets, max_logprobs: int,
-                 vocab_size: int, decode_kernel: bool = False):
+                 vocab_size: int, decode_kernel: bool = False, fresh_prefill_min_tokens: int | None = None):
         self.block_size = block_size
         # Whether steps whose every row has one query token are marked decode-only,
         # for the attention backend's split-K decode kernel.
         self.decode_kernel = decode_kernel
+        # Token buckets from which a step that is one sequence's first prompt chunk is
+        # marked fresh-prefill (cuDNN flash attention); None: never. Small buckets keep
+        # the paged kernel: the gain is in long prompts, and each marked bucket is one
+        # more program to compile.
+        self.fresh_prefill_min_tokens = fresh_prefill_min_tokens
         self.token_buckets = token_buckets
         self.max_num_seqs = max_num_seqs
         self.page_buckets = page_buckets
@@ -282,6 +288,12 @@ class InputBatchBuilder:
             return ()
         largest = pick_bucket(self.token_buckets, min(self.max_num_seqs, self.token_buckets[-1]))
         return tuple(t for t in self.token_buckets if t <= largest)
+
+    def fresh_prefill_token_buckets(self) -> tuple[int, ...]:
+        """The token buckets a fresh-prefill step can land in."""
+        if self.fresh_prefill_min_tokens is None:
+            return ()
+        return tuple(t for t in self.token_buckets if t >= self.fresh_prefill_min_tokens)
 
     def remove_requests(self, request_ids) -> None:
         """Frees the rows of requests that finished or were preempted."""
@@ -316,6 +328,8 @@ class InputBatchBuilder:
         samples = np.fromiter(map(_sample, rows), bool, n)
         self._sampled_at = (row_idx[samples], seq_lens[samples], samples)
         decode_only = self.decode_kernel and num_tokens == n
+        fresh_prefill = (self.fresh_prefill_min_tokens is not None and n == 1 and not decode_only
+                         and int(computed[0]) == 0 and T >= self.fresh_prefill_min_tokens)
         attn = AttentionMetadata(
             positions=_rows_then_pad(positions, T, 0),
             slot_mapping=_rows_then_pad(pages * self.block_size + positions % self.block_size, T, -1),
@@ -323,6 +337,7 @@ class InputBatchBuilder:
             seq_lens=_rows_then_pad(seq_lens, S, 0),
             query_start_loc=_rows_then_pad(starts, S + 1, num_tokens),
             decode_only=decode_only,
+            fresh_prefill=fresh_prefill,
         )
         prompt_len = self.rows.prompt_len[row_idx]
         # Prompt logprobs are asked of rows still in their prompt.
@@ -337,7 +352,8 @@ class InputBatchBuilder:
         step = np.maximum(seq_lens - prompt_len, 0)
         sampling = self._sampling_metadata(rows, row_idx, step, banned, S)
         shape = StepShape(T, S, P, self._logprobs_width(self.rows.logprobs[row_idx]),
-                          self._logprobs_width(prompt_lp), decode_only=decode_only)
+                          self._logprobs_width(prompt_lp), decode_only=decode_only,
+                          fresh_prefill=fresh_prefill)
         return shape, inputs, sampling
 
     def _prompt_targets(self, rows: list[ScheduledRequest], wanted: np.ndarray, starts: np.ndarray,

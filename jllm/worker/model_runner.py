@@ -77,7 +77,8 @@ def _forward_logits(model, params, kv_caches, cos_sin_table, inputs: ModelInputs
 class ModelRunner:
     def __init__(self, *, model, params, spec, kv_caches, block_size: int, max_model_len: int,
                  max_num_seqs: int, max_logprobs: int, hf_config, token_buckets: tuple[int, ...],
-                 page_buckets: tuple[int, ...], decode_kernel: bool = False):
+                 page_buckets: tuple[int, ...], decode_kernel: bool = False,
+                 fresh_prefill_min_tokens: int | None = None):
         self.model = model
         self.params = params
         self.spec = spec
@@ -86,7 +87,7 @@ class ModelRunner:
         self.builder = InputBatchBuilder(
             block_size=block_size, token_buckets=token_buckets, max_num_seqs=max_num_seqs,
             page_buckets=page_buckets, max_logprobs=max_logprobs, vocab_size=spec.vocab_size,
-            decode_kernel=decode_kernel,
+            decode_kernel=decode_kernel, fresh_prefill_min_tokens=fresh_prefill_min_tokens,
         )
         table = cos_sin_cache(spec.head_dim, rope_parameters(hf_config),
                               getattr(hf_config, "max_position_embeddings", max_model_len), max_model_len)
@@ -162,23 +163,27 @@ class ModelRunner:
         return result
 
     def warmup(self, shapes: list[tuple[int, int]]) -> float:
-        """Compiles the step for each (tokens, pages) shape, and its decode-only
-        variant where a decode step can land; returns seconds."""
+        """Compiles the step for each (tokens, pages) shape, and its decode-only and
+        fresh-prefill variants where such steps can land; returns seconds."""
         start = time.perf_counter()
         decode_buckets = self.builder.decode_token_buckets()
+        fresh_buckets = self.builder.fresh_prefill_token_buckets()
         for num_tokens, num_pages in shapes:
             S = self.builder.num_seqs_for(num_tokens)
-            self._compile(num_tokens, S, num_pages, decode_only=False)
+            self._compile(num_tokens, S, num_pages)
             if num_tokens in decode_buckets:
                 self._compile(num_tokens, S, num_pages, decode_only=True)
+            if num_tokens in fresh_buckets:
+                self._compile(num_tokens, S, num_pages, fresh_prefill=True)
         return time.perf_counter() - start
 
-    def _compile(self, T: int, S: int, P: int, *, decode_only: bool) -> None:
+    def _compile(self, T: int, S: int, P: int, *, decode_only: bool = False, fresh_prefill: bool = False) -> None:
         i32 = lambda *s: np.zeros(s, np.int32)  # noqa: E731
         f32 = lambda *s: np.zeros(s, np.float32)  # noqa: E731
         u32 = lambda *s: np.zeros(s, np.uint32)  # noqa: E731
         # Slot -1 drops the writes: warm-up must not touch pages a request may own.
-        attn = AttentionMetadata(i32(T), np.full((T,), -1, np.int32), i32(S, P), i32(S), i32(S + 1), decode_only)
+        attn = AttentionMetadata(i32(T), np.full((T,), -1, np.int32), i32(S, P), i32(S), i32(S + 1), decode_only,
+                                 fresh_prefill)
         inputs = ModelInputs(i32(T), attn, i32(S), i32(0))
         md = SamplingMetadata(f32(S), i32(S), f32(S), f32(S), u32(S), u32(S), i32(S), f32(S), f32(S), f32(S),
                               i32(S, 0), i32(S, 0), i32(S, 0), f32(S, 0), i32(S, 0), i32(S, 0),
