@@ -164,3 +164,23 @@ def test_truncate_prompt_tokens_keeps_the_last_tokens(llm):
     assert out.prompt_token_ids == ids[-10:]
     [direct] = llm.generate(ids[-10:], SamplingParams(temperature=0, max_tokens=3), use_tqdm=False)
     assert out.outputs[0].token_ids == direct.outputs[0].token_ids
+
+
+def test_extreme_but_valid_sampling_lists_cannot_stop_the_engine(llm):
+    """Values the validators accept but the step's arrays must survive: a top_k beyond
+    the vocabulary (keeps every token, as 0 does), two million repeats of one allowed
+    id, and the same stop token listed many times with min_tokens."""
+    prompt = "The capital of France is"
+    seeded = dict(temperature=1.0, seed=11, max_tokens=5)
+    [no_top_k] = llm.generate(prompt, SamplingParams(top_k=0, **seeded), use_tqdm=False)
+    [huge_top_k] = llm.generate(prompt, SamplingParams(top_k=2**40, **seeded), use_tqdm=False)
+    assert huge_top_k.outputs[0].token_ids == no_top_k.outputs[0].token_ids
+
+    [allowed] = llm.generate(prompt, SamplingParams(allowed_token_ids=[321] * 2_000_000, **seeded),
+                             use_tqdm=False)
+    assert list(allowed.outputs[0].token_ids) == [321] * 5
+
+    [stops] = llm.generate(prompt, SamplingParams(stop_token_ids=[321] * 100_000, min_tokens=5, **seeded),
+                           use_tqdm=False)
+    assert len(stops.outputs[0].token_ids) == 5
+    llm.llm_engine.scheduler.block_manager.check_no_leaks()

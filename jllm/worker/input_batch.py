@@ -174,7 +174,9 @@ class RequestRows:
         else:
             self.with_processors.discard(req.request_id)
         self.floats[row] = [getattr(p, name) for name in _FLOAT_FIELDS]
-        self.top_k[row] = p.top_k
+        # A top_k of the vocabulary or more keeps every token, as 0 does, and would
+        # overflow the step's int32 row.
+        self.top_k[row] = p.top_k if p.top_k < self.vocab_size else 0
         self.seeds[row] = [(req.seed >> 32) & _UINT32, req.seed & _UINT32]
         self.prompt_len[row] = req.num_prompt_tokens
         self.logprobs[row] = self._width(p.logprobs)
@@ -184,7 +186,8 @@ class RequestRows:
         bias = sorted((p.logit_bias or {}).items())
         self.bias[row] = ([t for t, _ in bias], [v for _, v in bias])
         self.has_bias[row] = bool(bias)
-        self.allowed[row] = list(p.allowed_token_ids or [])
+        # Unique ids: a list of repeats must not outgrow the largest list bucket.
+        self.allowed[row] = sorted(set(p.allowed_token_ids or ()))
         self.has_allowed[row] = bool(self.allowed[row])
         self._widen_tokens(req.num_tokens)
         self.token_ids[row, :req.num_tokens] = req.all_token_ids
@@ -399,7 +402,8 @@ class InputBatchBuilder:
             output_token_ids=output_ids,
             bias_token_ids=bias_ids,
             bias_values=bias_values,
-            banned_token_ids=_padded(banned, _LIST_BUCKETS, -1, S),
+            # Unique ids (stop tokens and bad words may repeat), so the width stays bounded.
+            banned_token_ids=_padded([b if len(b) < 2 else sorted(set(b)) for b in banned], _LIST_BUCKETS, -1, S),
             allowed_token_ids=allowed,
             has_allowed=_rows_then_pad(table.has_allowed[row_idx], S, False),
         )
