@@ -51,13 +51,15 @@ def main() -> None:
     for head_dim in (64, 128):
         folder = make_model(tempfile.mkdtemp(), head_dim, seed=head_dim)
         for dtype in ("float32", "bfloat16"):
-            ref = run(folder, "reference", dtype, prompts)
-            ker = run(folder, "pallas", dtype, prompts)
+            # The batch, then the longest prompt alone: its first 512-token chunk is a
+            # fresh prefill (cuDNN in bfloat16), the rest ragged and decode steps.
+            ref = run(folder, "reference", dtype, prompts) + run(folder, "reference", dtype, [prompts[6]])
+            ker = run(folder, "pallas", dtype, prompts) + run(folder, "pallas", dtype, [prompts[6]])
             same = sum(a[0] == b[0] for a, b in zip(ref, ker))
             # Logprob of the first generated token (same context on both sides).
             diffs = [abs(a[1][0][a[0][0]].logprob - b[1][0][a[0][0]].logprob) for a, b in zip(ref, ker)
                      if a[0][0] in b[1][0]]
-            rows.append((head_dim, dtype, f"{same}/{len(prompts)}", f"{max(diffs):.2e}"))
+            rows.append((head_dim, dtype, f"{same}/{len(ref)}", f"{max(diffs):.2e}"))
     print("\nhead_dim  dtype     greedy_equal  max|dlogprob| first token")
     for r in rows:
         print(f"{r[0]:<9} {r[1]:<9} {r[2]:<13} {r[3]}")
