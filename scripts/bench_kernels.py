@@ -101,7 +101,13 @@ SPLIT_CANDIDATES = (1, 2, 4, 8, 16, 32)
 # splits) than this many per SM: past that, more splits only add combine work.
 PROGRAMS_PER_SM_ENOUGH = 16
 JLLM_DECODE_BLOCK_KV = 64  # paged_decode_attention's default keys per inner step.
-JAX_PAGES_PER_COMPUTE_BLOCK = (8, 4, 16)  # Its default first, then tried at the best k_splits.
+JAX_PAGES_PER_COMPUTE_BLOCK = (8, 4, 16)
+# Launch settings of the decode kernel tried against its defaults (block_kv 64, 4 warps,
+# 2 stages) with --decode-param-sweep.
+DECODE_PARAM_SETTINGS = (
+    {"block_kv": 128}, {"block_kv": 32}, {"num_stages": 3}, {"num_stages": 4},
+    {"num_warps": 8}, {"block_kv": 128, "num_warps": 8}, {"block_kv": 128, "num_stages": 3},
+)  # Its default first, then tried at the best k_splits.
 # Settings of the ragged kernel timed at each prefill length; the first ({}) is its
 # default.
 PREFILL_SETTINGS = (
@@ -167,6 +173,8 @@ class Bench:
     num_sms: int
     results: Results
     copy_tbps: float | None = None
+    # Also time DECODE_PARAM_SETTINGS at the table's split count (--decode-param-sweep).
+    decode_params: bool = False
 
     def out_of_time(self) -> bool:
         return time.time() > self.deadline
@@ -308,6 +316,11 @@ def bench_decode_shape(bench, rng, heads, batch, context, k_cache, v_cache, cach
                     functools.partial(paged_decode_attention, scale=scale, num_splits=s,
                                       interpret=bench.interpret), args, DECODE_VARYING)
             for s in splits]
+    if bench.decode_params:
+        jllm += [Variant("jllm_decode", {"num_splits": table_splits, **p},
+                         functools.partial(paged_decode_attention, scale=scale, num_splits=table_splits,
+                                           interpret=bench.interpret, **p), args, DECODE_VARYING)
+                 for p in DECODE_PARAM_SETTINGS]
     # JAX's kernel takes no softmax scale: q is scaled beforehand, outside the timing.
     jax_args = (q * jnp.asarray(scale, q.dtype), k_cache, v_cache, block_tables, seq_lens)
     pages = context // page_size
@@ -754,6 +767,8 @@ def parse_args(argv=None):
                         help="JSON path (default scripts/results/kernels_<device>_<date>_<time>.json)")
     parser.add_argument("--budget-s", type=float, default=None,
                         help="start no shape after this many seconds (default 450; quick 100)")
+    parser.add_argument("--decode-param-sweep", action="store_true",
+                        help="also time the decode kernel's block_kv / warps / stages at the table's splits")
     parser.add_argument("--compile-threads", type=int, default=8,
                         help="threads compiling a shape's variants; 1 compiles one at a time")
     return parser.parse_args(argv)
@@ -785,7 +800,8 @@ def main(argv=None) -> None:
                   threads=args.compile_threads,
                   deadline=start + (args.budget_s if args.budget_s is not None else plan.budget_s),
                   memory_bytes=device_memory_bytes(device),
-                  num_sms=getattr(device, "core_count", None) or 132, results=results)
+                  num_sms=getattr(device, "core_count", None) or 132, results=results,
+                  decode_params=args.decode_param_sweep)
     log(f"{device.device_kind}, jax {jax.__version__}, {bench.memory_bytes / 2**30:.1f} GiB, "
         f"{bench.num_sms} SMs; writing {out}")
 
