@@ -89,9 +89,10 @@ def apply_logits_processors(logits: jax.Array, md: SamplingMetadata) -> jax.Arra
 
 
 def apply_min_p(logits: jax.Array, min_p: jax.Array) -> jax.Array:
-    probs = jax.nn.softmax(logits, axis=-1)
-    threshold = min_p[:, None] * jnp.max(probs, axis=-1, keepdims=True)
-    return jnp.where(probs < threshold, _NEG_INF, logits)
+    # p < min_p * max(p) is logit < max(logit) + log(min_p): one max instead of a softmax
+    # over the vocabulary; min_p 0 gives a threshold of -inf, which drops nothing.
+    threshold = jnp.max(logits, axis=-1, keepdims=True) + jnp.log(min_p)[:, None]
+    return jnp.where(logits < threshold, _NEG_INF, logits)
 
 
 def apply_top_k_top_p(logits: jax.Array, top_k: jax.Array, top_p: jax.Array) -> jax.Array:
@@ -153,6 +154,8 @@ def sample(logits: jax.Array, md: SamplingMetadata, *, num_logprobs: int) -> Sam
         random = jnp.argmax(scaled + gumbel, axis=-1).astype(jnp.int32)
         return jnp.where(is_greedy, greedy, random)
 
+    # Measured on the H100 (BUILD_NOTES): dropping this cond on the GPU, where XLA reads
+    # its predicate on the host, saved nothing measurable per step.
     sampled = jax.lax.cond(jnp.all(is_greedy), lambda _: greedy, sample_random, logits)
     num_rows = logits.shape[0]
     if num_logprobs:
