@@ -54,6 +54,58 @@ def copy_tbps() -> float:
     return 2 * x.nbytes / (ms * 1e-3) / 1e12
 
 
+def profile_batch(args, folder: str, vocab: int, tbps: float, batch: int) -> tuple:
+    """One table row: an engine of `batch` decoding requests, timed whole and in parts."""
+    llm = LLM(model=folder, load_format="dummy", skip_tokenizer_init=True, dtype="bfloat16",
+              max_model_len=args.context + 256, max_num_seqs=max(batch, 16), enforce_eager=True,
+              attention_backend=args.attention_backend)
+    engine, runner = llm.llm_engine, llm.llm_engine.runner
+    rng = np.random.default_rng(0)
+    params = SamplingParams(temperature=1.0, ignore_eos=True, max_tokens=200, detokenize=False)
+    for i in range(batch):
+        engine.add_request(str(i), {"prompt_token_ids": rng.integers(0, vocab, args.context).tolist()}, params)
+    while any(r.num_computed_tokens < r.num_prompt_tokens for r in engine.scheduler.requests.values()):
+        engine.step()
+    engine.step()
+    step_ms = median_ms(engine.step, args.iters)
+
+    # One decode step's inputs, built as execute_model builds them.
+    sched = engine.scheduler.schedule()
+    rows = sched.scheduled_requests
+    banned = [[] for _ in rows]
+    build_ms = median_ms(lambda: runner.builder.build(rows, banned), args.iters)
+    shape, inputs, md = runner.builder.build(rows, banned)
+    assert len(rows) == batch and shape.decode_only == (engine.model_config.attention_backend == "pallas")
+
+    # Packing, the transfer, the fused program and the fetch of the sampled tokens.
+    step_only_ms = median_ms(lambda: runner.run_step(shape, inputs, md, batch), args.iters)
+
+    # The pool donated, as in the engine's step: otherwise the K/V write copies it.
+    forward = jax.jit(functools.partial(_forward, runner.model), donate_argnums=(1,))
+    dev_inputs = jax.device_put(inputs)
+    fwd = {}
+    for decode_only in (True, False):
+        x = dataclasses.replace(dev_inputs, attn=dataclasses.replace(dev_inputs.attn, decode_only=decode_only))
+
+        def run_forward():
+            runner.kv_caches, hidden = forward(runner.params, runner.kv_caches, runner.cos_sin_table, x)
+            return hidden
+        fwd[decode_only] = median_ms(run_forward, args.iters)
+    logits = jax.random.normal(jax.random.key(0), (shape.num_seqs, vocab), jnp.float32)
+    sampler = jax.jit(sample, static_argnames=("num_logprobs",))
+    dev_md = jax.device_put(md)
+    greedy_md = dataclasses.replace(dev_md, temperature=jnp.zeros_like(dev_md.temperature))
+    sample_t1 = median_ms(lambda: sampler(logits, dev_md, num_logprobs=0), args.iters)
+    sample_greedy = median_ms(lambda: sampler(logits, greedy_md, num_logprobs=0), args.iters)
+
+    weight_bytes = sum(x.nbytes for x in jax.tree.leaves(runner.params))
+    spec = runner.spec
+    kv_bytes = 2 * spec.num_hidden_layers * spec.num_key_value_heads * spec.head_dim * 2 * batch * args.context
+    floor_ms = (weight_bytes + kv_bytes) / (tbps * 1e12) * 1e3
+    engine.abort_request([str(i) for i in range(batch)])
+    return (batch, step_ms, build_ms, step_only_ms, fwd[True], fwd[False], sample_greedy, sample_t1, floor_ms)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--shape", choices=sorted(SHAPES), default="llama-3.2-1b")
@@ -66,58 +118,8 @@ def main() -> None:
     folder = write_shape(args.shape, tempfile.mkdtemp(prefix="jllm_shape_"))
     vocab = SHAPES[args.shape]["vocab_size"]
     tbps = copy_tbps()
-    rows_out = []
-    for batch in args.batch:
-        llm = LLM(model=folder, load_format="dummy", skip_tokenizer_init=True, dtype="bfloat16",
-                  max_model_len=args.context + 256, max_num_seqs=max(batch, 16), enforce_eager=True,
-                  attention_backend=args.attention_backend)
-        engine, runner = llm.llm_engine, llm.llm_engine.runner
-        rng = np.random.default_rng(0)
-        params = SamplingParams(temperature=1.0, ignore_eos=True, max_tokens=200, detokenize=False)
-        for i in range(batch):
-            engine.add_request(str(i), {"prompt_token_ids": rng.integers(0, vocab, args.context).tolist()}, params)
-        while any(r.num_computed_tokens < r.num_prompt_tokens for r in engine.scheduler.requests.values()):
-            engine.step()
-        engine.step()
-        step_ms = median_ms(engine.step, args.iters)
-
-        # One decode step's inputs, built as execute_model builds them.
-        sched = engine.scheduler.schedule()
-        rows = sched.scheduled_requests
-        banned = [[] for _ in rows]
-        build_ms = median_ms(lambda: runner.builder.build(rows, banned), args.iters)
-        shape, inputs, md = runner.builder.build(rows, banned)
-        assert len(rows) == batch and shape.decode_only == (engine.model_config.attention_backend == "pallas")
-
-        # Packing, the transfer, the fused program and the fetch of the sampled tokens.
-        step_only_ms = median_ms(lambda: runner.run_step(shape, inputs, md, batch), args.iters)
-
-        # The pool donated, as in the engine's step: otherwise the K/V write copies it.
-        forward = jax.jit(functools.partial(_forward, runner.model), donate_argnums=(1,))
-        dev_inputs = jax.device_put(inputs)
-        fwd = {}
-        for decode_only in (True, False):
-            x = dataclasses.replace(dev_inputs, attn=dataclasses.replace(dev_inputs.attn, decode_only=decode_only))
-
-            def run_forward():
-                runner.kv_caches, hidden = forward(runner.params, runner.kv_caches, runner.cos_sin_table, x)
-                return hidden
-            fwd[decode_only] = median_ms(run_forward, args.iters)
-        logits = jax.random.normal(jax.random.key(0), (shape.num_seqs, vocab), jnp.float32)
-        sampler = jax.jit(sample, static_argnames=("num_logprobs",))
-        dev_md = jax.device_put(md)
-        greedy_md = dataclasses.replace(dev_md, temperature=jnp.zeros_like(dev_md.temperature))
-        sample_t1 = median_ms(lambda: sampler(logits, dev_md, num_logprobs=0), args.iters)
-        sample_greedy = median_ms(lambda: sampler(logits, greedy_md, num_logprobs=0), args.iters)
-
-        weight_bytes = sum(x.nbytes for x in jax.tree.leaves(runner.params))
-        spec = runner.spec
-        kv_bytes = 2 * spec.num_hidden_layers * spec.num_key_value_heads * spec.head_dim * 2 * batch * args.context
-        floor_ms = (weight_bytes + kv_bytes) / (tbps * 1e12) * 1e3
-        rows_out.append((batch, step_ms, build_ms, step_only_ms, fwd[True], fwd[False], sample_greedy, sample_t1,
-                         floor_ms))
-        engine.abort_request([str(i) for i in range(batch)])
-        del llm, engine, runner
+    # One engine per batch, dropped before the next: each takes most of the device's memory.
+    rows_out = [profile_batch(args, folder, vocab, tbps, batch) for batch in args.batch]
 
     print(f"\n{jax.devices()[0].device_kind}, jax {jax.__version__}, {args.shape}, context {args.context}, "
           f"copy {tbps:.2f} TB/s; ms, median of {args.iters}")

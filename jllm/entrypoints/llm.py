@@ -11,19 +11,9 @@ from jllm.engine.arg_utils import EngineArgs
 from jllm.engine.llm_engine import LLMEngine
 from jllm.outputs import RequestOutput
 from jllm.sampling_params import RequestOutputKind, SamplingParams
+from jllm.transformers_utils.config import get_diff_sampling_param
 
 logger = logging.getLogger(__name__)
-
-# generation_config.json keys that become SamplingParams defaults (vLLM's list).
-_GENERATION_CONFIG_FIELDS = {
-    "repetition_penalty": "repetition_penalty",
-    "temperature": "temperature",
-    "top_k": "top_k",
-    "top_p": "top_p",
-    "min_p": "min_p",
-    "max_new_tokens": "max_tokens",
-}
-
 
 class LLM:
     """An offline engine: `LLM(model, **engine_args).generate(prompts, sampling_params)`.
@@ -43,10 +33,7 @@ class LLM:
     def get_default_sampling_params(self) -> SamplingParams:
         """SamplingParams() with the model's generation_config.json values, unless
         generation_config="vllm" (vLLM's rule)."""
-        gen = self.llm_engine.generation_config or {}
-        overrides = {ours: gen[theirs] for theirs, ours in _GENERATION_CONFIG_FIELDS.items()
-                     if gen.get(theirs) is not None}
-        return SamplingParams(**overrides) if overrides else SamplingParams()
+        return SamplingParams(**get_diff_sampling_param(self.llm_engine.generation_config))
 
     # ----- generate ---------------------------------------------------------------
 

@@ -46,6 +46,25 @@ def get_generation_config(model: str, revision: str | None = None) -> dict[str, 
     return read_json(os.path.join(path, "generation_config.json"))
 
 
+# generation_config.json keys that become SamplingParams defaults, as SamplingParams
+# names (vLLM's list).
+_GENERATION_CONFIG_FIELDS = {
+    "repetition_penalty": "repetition_penalty",
+    "temperature": "temperature",
+    "top_k": "top_k",
+    "top_p": "top_p",
+    "min_p": "min_p",
+    "max_new_tokens": "max_tokens",
+}
+
+
+def get_diff_sampling_param(generation_config: dict[str, Any] | None) -> dict[str, Any]:
+    """The SamplingParams defaults a model's generation config sets (vLLM's
+    ModelConfig.get_diff_sampling_param); empty when there is none (generation_config="vllm")."""
+    gen = generation_config or {}
+    return {ours: gen[theirs] for theirs, ours in _GENERATION_CONFIG_FIELDS.items() if gen.get(theirs) is not None}
+
+
 def read_json(path: str) -> dict[str, Any] | None:
     if not os.path.isfile(path):
         return None

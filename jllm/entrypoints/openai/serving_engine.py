@@ -14,7 +14,7 @@ from pydantic import BaseModel
 
 from jllm.engine.async_llm_engine import AsyncLLMEngine, RequestStream
 from jllm.engine.prompts import bad_words_token_ids
-from jllm.entrypoints.llm import _GENERATION_CONFIG_FIELDS
+from jllm.transformers_utils.config import get_diff_sampling_param
 from jllm.entrypoints.openai.errors import OpenAIServingError, create_error_response
 from jllm.entrypoints.openai.protocol import SamplingRequest
 from jllm.entrypoints.openai.request_logger import RequestLogger
@@ -28,13 +28,6 @@ MAX_NUM_BAD_WORDS = 128
 
 def random_uuid() -> str:
     return uuid.uuid4().hex
-
-
-def default_sampling_params(generation_config: dict | None) -> dict:
-    """The model's generation_config.json values that become request defaults
-    (vLLM's get_diff_sampling_param); empty with --generation-config vllm."""
-    gen = generation_config or {}
-    return {ours: gen[theirs] for theirs, ours in _GENERATION_CONFIG_FIELDS.items() if gen.get(theirs) is not None}
 
 
 def sse_event(chunk: BaseModel | str, exclude_unset: bool = False) -> str:
@@ -83,7 +76,7 @@ class OpenAIServing:
         self.tokenizer = engine.tokenizer
         self.max_model_len = engine.model_config.max_model_len
         self.vocab_size = engine.vocab_size
-        self.default_sampling_params = default_sampling_params(engine.generation_config)
+        self.default_sampling_params = get_diff_sampling_param(engine.generation_config)
         # One thread: tokenizing a long prompt must not stall the event loop, and the
         # tokenizer is not shared between several frontend threads.
         self.tokenizer_executor = tokenizer_executor
