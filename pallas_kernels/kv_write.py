@@ -14,6 +14,8 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
+from pallas_kernels.paged_decode_attention import flatten_pages
+
 
 def _kv_write_kernel(slot_mapping_ref, k_ref, v_ref, k_cache_in_ref,
                      v_cache_in_ref, k_cache_ref, v_cache_ref, *,
@@ -58,9 +60,7 @@ def write_kv(
   num_tokens, num_kv_heads, head_dim = k.shape
   cache_shape = k_cache.shape
   num_slots = cache_shape[1] * cache_shape[2]
-  # Merging (num_blocks, block_size) is a bitcast: the alias still holds.
-  k_flat = k_cache.reshape(num_kv_heads, num_slots, head_dim)
-  v_flat = v_cache.reshape(num_kv_heads, num_slots, head_dim)
+  k_flat, v_flat = flatten_pages(k_cache), flatten_pages(v_cache)
   block_tokens = min(block_tokens, pl.next_power_of_2(num_tokens))
   new_spec = pl.BlockSpec((num_tokens, None, head_dim), lambda i, h: (0, h, 0))
   cache_spec = pl.BlockSpec((None, num_slots, head_dim), lambda i, h: (h, 0, 0))
@@ -90,14 +90,13 @@ def write_kv_reference(
     slot_mapping: jax.Array,
 ) -> tuple[jax.Array, jax.Array]:
   """Plain-jnp `write_kv`: a scatter that drops the -1 slots."""
-  num_kv_heads, num_blocks, block_size, head_dim = k_cache.shape
+  _, num_blocks, block_size, _ = k_cache.shape
   num_slots = num_blocks * block_size
   # Negative indices would wrap around; send them past the end to be dropped.
   slots = jnp.where(slot_mapping < 0, num_slots, slot_mapping)
 
   def scatter(cache, new):
-    flat = cache.reshape(num_kv_heads, num_slots, head_dim)
-    flat = flat.at[:, slots].set(
+    flat = flatten_pages(cache).at[:, slots].set(
         jnp.swapaxes(new, 0, 1).astype(cache.dtype), mode="drop")
     return flat.reshape(cache.shape)
 

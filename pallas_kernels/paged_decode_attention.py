@@ -45,6 +45,14 @@ def decode_num_splits(batch: int, context: int) -> int:
   return _SPLIT_TABLE[row][col]
 
 
+def flatten_pages(cache: jax.Array) -> jax.Array:
+  """[kv_heads, num_blocks, block_size, D] -> [kv_heads, num_slots, D], slot = block *
+  block_size + offset: how the kernels address the pool. A bitcast, so an alias of the
+  pages still holds."""
+  num_kv_heads, num_blocks, block_size, head_dim = cache.shape
+  return cache.reshape(num_kv_heads, num_blocks * block_size, head_dim)
+
+
 def log2_logits(qk, scale: float, soft_cap: float | None):
   """scale * q.k, soft-capped, times log2(e): the kernels' softmax runs on exp2."""
   if soft_cap is None:
@@ -160,8 +168,7 @@ def paged_decode_attention(
     num_splits = decode_num_splits(num_seqs, max_blocks * block_size)
 
   num_slots = num_blocks * block_size
-  k_flat = k_cache.reshape(num_kv_heads, num_slots, head_dim)
-  v_flat = v_cache.reshape(num_kv_heads, num_slots, head_dim)
+  k_flat, v_flat = flatten_pages(k_cache), flatten_pages(v_cache)
   q4 = q.reshape(num_seqs, num_kv_heads, group, head_dim)
 
   kernel = functools.partial(

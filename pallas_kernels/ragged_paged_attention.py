@@ -24,6 +24,7 @@ from jax.experimental.pallas import triton as plgpu
 
 from pallas_kernels.paged_decode_attention import (
     MASK_VALUE,
+    flatten_pages,
     gather_pages,
     log2_logits,
     masked_attention,
@@ -166,8 +167,7 @@ def ragged_paged_attention(
     num_warps = 8 if block_q * group_padded * head_dim >= 128 * 64 else 4
 
   num_slots = num_blocks * block_size
-  k_flat = k_cache.reshape(num_kv_heads, num_slots, head_dim)
-  v_flat = v_cache.reshape(num_kv_heads, num_slots, head_dim)
+  k_flat, v_flat = flatten_pages(k_cache), flatten_pages(v_cache)
   q4 = q.reshape(num_tokens, num_kv_heads, group, head_dim)
 
   kernel = functools.partial(
