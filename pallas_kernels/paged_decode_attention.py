@@ -2,8 +2,10 @@
 
 One program per (sequence, kv head, kv split) handles all the query heads of its kv
 head at once (GQA), so each K/V page is read once per step. A sequence's pages are
-cut into `num_splits` ranges of whole kv blocks; the partial softmax states are then
-combined in plain jnp. The query of sequence s sits at position seq_lens[s] - 1, after
+cut into `num_splits` ranges of whole kv blocks; the last split of a (sequence, kv
+head) to finish merges the partial softmax states, in the same kernel: one launch
+(plus a tiny memset), where an XLA merge after the kernel cost 2-3 µs more per call
+at batch 1-8 on the H100 (scratch runs, 2026-11-26; BUILD_NOTES.md). The query of sequence s sits at position seq_lens[s] - 1, after
 its own K/V has been written to the cache.
 """
 from __future__ import annotations
@@ -63,7 +65,7 @@ def log2_logits(qk, scale: float, soft_cap: float | None):
 def _decode_kernel(seq_lens_ref, block_tables_ref, q_ref, k_cache_ref,
                    v_cache_ref, *out_refs, scale: float, soft_cap: float | None,
                    sliding_window: int | None, block_size: int, block_kv: int,
-                   group_padded: int, num_splits: int):
+                   group_padded: int, num_splits: int, interpret: bool):
   # q_ref: [group, head_dim] of one (sequence, kv head); *_cache_ref: [num_slots,
   # head_dim] of that kv head; block_tables_ref: [S, max_blocks_per_seq].
   seq, split = pl.program_id(0), pl.program_id(2)
@@ -113,21 +115,39 @@ def _decode_kernel(seq_lens_ref, block_tables_ref, q_ref, k_cache_ref,
     o = o / jnp.where(l == 0, 1.0, l)[:, None]  # Rows of length 0 give zeros.
     plgpu.store(o_ref.at[heads[:, None], cols], o.astype(o_ref.dtype),
                 mask=real_heads[:, None])
-  else:
-    o_ref, m_ref, l_ref = out_refs
-    plgpu.store(o_ref.at[heads[:, None], cols], o, mask=real_heads[:, None])
-    plgpu.store(m_ref.at[heads], m, mask=real_heads)
-    plgpu.store(l_ref.at[heads], l, mask=real_heads)
+    return
+  # The zeroed tickets come in aliased to the first output: the same buffer.
+  _, ticket_ref, o_part_ref, m_part_ref, l_part_ref, out_ref = out_refs
+  plgpu.store(o_part_ref.at[split, heads[:, None], cols], o, mask=real_heads[:, None])
+  plgpu.store(m_part_ref.at[split, heads], m, mask=real_heads)
+  plgpu.store(l_part_ref.at[split, heads], l, mask=real_heads)
+  # The last split of this (sequence, kv head) to finish merges all of them, as
+  # CUTLASS's split-K semaphore does: every thread's stores, a CTA barrier, then one
+  # release/acquire ticket at GPU scope. The merge's reads are volatile, so they come
+  # from L2, past this SM's L1 (JAX 0.11.2's Triton lowering rejects ".cg").
+  if not interpret:  # Interpret mode runs the programs one after another.
+    plgpu.debug_barrier()
+  ticket = plgpu.atomic_add(ticket_ref, jnp.int32(0), jnp.int32(1))
 
-
-def _combine_splits(o, m, l):
-  """Merges per-split softmax states: o [K, ..., D] unnormalised, m/l [K, ...]."""
-  m_max = m.max(axis=0)
-  # A row no split touched keeps m = -inf everywhere; its weights must be 0, not NaN.
-  weight = jnp.exp2(m - jnp.where(jnp.isfinite(m_max), m_max, 0.0))
-  l_sum = (weight * l).sum(axis=0)
-  o_sum = (weight[..., None] * o).sum(axis=0)
-  return o_sum / jnp.where(l_sum == 0, 1.0, l_sum)[..., None]
+  @pl.when(ticket == num_splits - 1)
+  def _merge():
+    splits = jnp.arange(pl.next_power_of_2(num_splits))
+    state_mask = (splits < num_splits)[:, None] & real_heads[None, :]
+    m_all = plgpu.load(m_part_ref.at[splits[:, None], heads[None, :]],
+                       mask=state_mask, other=-jnp.inf, volatile=True)
+    l_all = plgpu.load(l_part_ref.at[splits[:, None], heads[None, :]],
+                       mask=state_mask, other=0.0, volatile=True)
+    o_all = plgpu.load(
+        o_part_ref.at[splits[:, None, None], heads[None, :, None], cols[None]],
+        mask=state_mask[:, :, None], other=0.0, volatile=True)
+    m_max = m_all.max(axis=0)
+    # A row no split touched keeps m = -inf everywhere: weights 0, not NaN.
+    weight = jnp.exp2(m_all - jnp.where(m_max == -jnp.inf, 0.0, m_max)[None, :])
+    l_sum = (weight * l_all).sum(axis=0)
+    o_sum = (weight[:, :, None] * o_all).sum(axis=0)
+    o_sum = o_sum / jnp.where(l_sum == 0, 1.0, l_sum)[:, None]
+    plgpu.store(out_ref.at[heads[:, None], cols], o_sum.astype(out_ref.dtype),
+                mask=real_heads[:, None])
 
 
 @functools.partial(
@@ -174,7 +194,7 @@ def paged_decode_attention(
   kernel = functools.partial(
       _decode_kernel, scale=scale, soft_cap=soft_cap,
       sliding_window=sliding_window, block_size=block_size, block_kv=block_kv,
-      group_padded=group_padded, num_splits=num_splits)
+      group_padded=group_padded, num_splits=num_splits, interpret=interpret)
   cache_spec = pl.BlockSpec((None, num_slots, head_dim), lambda s, h, k: (h, 0, 0))
   in_specs = [
       pl.BlockSpec((num_seqs,), lambda s, h, k: (0,)),
@@ -183,21 +203,33 @@ def paged_decode_attention(
       cache_spec,
       cache_spec,
   ]
-  if num_splits == 1:
-    out_shape = [jax.ShapeDtypeStruct(q4.shape, q.dtype)]
-    out_specs = [pl.BlockSpec((None, None, group, head_dim),
-                              lambda s, h, k: (s, h, 0, 0))]
-  else:
-    # Per-split softmax states (unnormalised o, running max m, sum l), f32.
+  operands = [seq_lens, block_tables, q4, k_flat, v_flat]
+  aliases = {}
+  out_spec = pl.BlockSpec((None, None, group, head_dim), lambda s, h, k: (s, h, 0, 0))
+  out_shape = [jax.ShapeDtypeStruct(q4.shape, q.dtype)]
+  out_specs = [out_spec]
+  if num_splits > 1:
+    # Each (sequence, kv head) takes tickets from 0 (a memset; it aliases the first
+    # output), and its splits' softmax states (unnormalised o, running max m, sum l,
+    # f32) sit side by side for the last split to merge.
+    operands.append(jnp.zeros((num_seqs, num_kv_heads), jnp.int32))
+    ticket_spec = pl.BlockSpec((None, 1), lambda s, h, k: (s, h))
+    in_specs.append(ticket_spec)
+    aliases = {len(operands) - 1: 0}
     part = (num_splits, num_seqs, num_kv_heads, group)
-    out_shape = [jax.ShapeDtypeStruct((*part, head_dim), jnp.float32),
+    out_shape = [jax.ShapeDtypeStruct((num_seqs, num_kv_heads), jnp.int32),
+                 jax.ShapeDtypeStruct((*part, head_dim), jnp.float32),
                  jax.ShapeDtypeStruct(part, jnp.float32),
-                 jax.ShapeDtypeStruct(part, jnp.float32)]
+                 jax.ShapeDtypeStruct(part, jnp.float32),
+                 *out_shape]
+    state_spec = pl.BlockSpec((num_splits, None, None, group), lambda s, h, k: (0, s, h, 0))
     out_specs = [
-        pl.BlockSpec((None, None, None, group, head_dim),
-                     lambda s, h, k: (k, s, h, 0, 0)),
-        pl.BlockSpec((None, None, None, group), lambda s, h, k: (k, s, h, 0)),
-        pl.BlockSpec((None, None, None, group), lambda s, h, k: (k, s, h, 0)),
+        ticket_spec,
+        pl.BlockSpec((num_splits, None, None, group, head_dim),
+                     lambda s, h, k: (0, s, h, 0, 0)),
+        state_spec,
+        state_spec,
+        out_spec,
     ]
   outs = pl.pallas_call(
       kernel,
@@ -205,16 +237,13 @@ def paged_decode_attention(
       in_specs=in_specs,
       out_specs=out_specs,
       out_shape=out_shape,
+      input_output_aliases=aliases,
       compiler_params=plgpu.CompilerParams(
           num_warps=num_warps, num_stages=num_stages),
       interpret=interpret,
       name="jllm_paged_decode_attention",
-  )(seq_lens, block_tables, q4, k_flat, v_flat)
-  if num_splits == 1:
-    out = outs[0]
-  else:
-    out = _combine_splits(*outs).astype(q.dtype)
-  return out.reshape(q.shape)
+  )(*operands)
+  return outs[-1].reshape(q.shape)
 
 
 def gather_pages(cache: jax.Array, block_tables: jax.Array) -> jax.Array:

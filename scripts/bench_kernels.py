@@ -16,12 +16,15 @@ sweep settings and the jitted XLA gather reference), ending with a suggested `_S
 Every kernel's output is compared with the reference on the device (max |out - ref| /
 max |ref|, on a few rows: the references gather every key of every row).
 
-Timing: each compiled program runs `reps` calls in a loop (bench_utils.looped); reps grows
-as the call shrinks, to about 1 ms a program, so host dispatch and sync drop out, and each
-call slices its own copy of the small per-step inputs, so XLA cannot hoist it out of the
-loop. The figure is the median over `--iters` programs (at least 3, fewer once a kernel's
-programs have taken 3 s), each waited on with block_until_ready, divided by reps.
-`--reps 1` times single jitted calls instead.
+Timing: each compiled program chains `reps` calls (bench_utils.chained): each call's
+output is the next call's query, as one layer's output feeds the next in a model step, so
+the program holds the calls and nothing else and XLA can neither hoist nor drop one. reps
+grows as the call shrinks (3 to 256, about 10 ms a program), so host dispatch and sync
+drop out. Decode calls rotate over block tables of disjoint pages, at least twice the
+L2's size in all, so a small shape reads its K/V from HBM as it would in a model step,
+not from L2. The figure is the median over `--iters` programs (at least 3, fewer once a
+kernel's programs have taken 3 s), each waited on with block_until_ready, divided by
+reps. `--reps 1` times single jitted calls instead.
 
 Shapes whose data would not fit print "skipped (memory)"; shapes past `--budget-s` print
 "skipped (time budget)", so the run ends before the 10-minute cap. The JSON record under
@@ -78,11 +81,11 @@ from scripts.bench_utils import (  # noqa: E402
     first_line,
     full_copies_in_hlo,
     log,
-    looped,
+    chained,
+    first_alternative,
     median_seconds,
     rel_err,
     reps_for,
-    stack_varying,
 )
 
 # The decode KV cache may take this share of device memory; the rest is for the XLA
@@ -93,15 +96,18 @@ REFERENCE_BYTES_PER_KV_BYTE = 3
 # Rows compared with the reference per kernel call: the reference gathers every key for
 # every row, which at 32k tokens costs ~270 MB a row.
 CHECK_ROWS = 8
-# The per-call inputs each timed call takes fresh (bench_utils.looped): q, seq_lens and
-# block_tables of the decode launchers, q of the prefill ones.
-DECODE_VARYING, PREFILL_VARYING = (0, 3, 4), (0,)
+# H100 and H200 L2 sizes are 50 and 60 MB: decode calls rotate over enough page sets
+# that the K/V of consecutive calls spans at least twice this (bench_utils.chained).
+L2_BYTES = 60 << 20
 SPLIT_CANDIDATES = (1, 2, 4, 8, 16, 32)
 # A split count is timed only while half of it gives fewer programs (batch x kv heads x
 # splits) than this many per SM: past that, more splits only add combine work.
 PROGRAMS_PER_SM_ENOUGH = 16
 JLLM_DECODE_BLOCK_KV = 64  # paged_decode_attention's default keys per inner step.
 JAX_PAGES_PER_COMPUTE_BLOCK = (8, 4, 16)
+# Launch settings of JAX's kernel tried against its defaults (8 warps, 2 stages) at its
+# best split count and block: jllm's decode defaults, and each change alone.
+JAX_LAUNCH_SETTINGS = ({"num_warps": 4}, {"num_stages": 3}, {"num_warps": 4, "num_stages": 3})
 # Launch settings of the decode kernel tried against its defaults (block_kv 64, 4 warps,
 # 2 stages) with --decode-param-sweep.
 DECODE_PARAM_SETTINGS = (
@@ -192,7 +198,7 @@ class Variant:
     params: dict
     fn: Callable  # (*args) -> output
     args: tuple
-    varying: tuple[int, ...]  # Positions of the per-call inputs (bench_utils.looped).
+    rotating: tuple[int, ...] = ()  # Positions of per-call alternatives (bench_utils.chained).
     ms: float | None = None
     max_rel_err: float | None = None
     error: str | None = None
@@ -209,22 +215,17 @@ def random_normal(seed: int, shape, dtype=jnp.bfloat16) -> jax.Array:
 def run_variants(bench: Bench, variants: list[Variant], reps: int, check, figure) -> None:
     """Compiles every variant (in parallel), then checks and times them one at a time.
 
-    check(output) -> max relative error; figure(ms) -> text for the progress line.
+    check(output of one call) -> max relative error; figure(ms) -> text for the progress
+    line.
     """
-    stacked = {}  # Variants that share arguments share their stacked copies.
-    for v in variants:
-        key = (id(v.args), v.varying)
-        if key not in stacked:
-            stacked[key] = stack_varying(v.args, reps, v.varying)
-    jobs = {v.label: Job(looped(v.fn, reps, v.varying), stacked[id(v.args), v.varying])
-            for v in variants}
+    jobs = {v.label: Job(chained(v.fn, reps, v.rotating), v.args) for v in variants}
     compiled = compile_all(jobs, bench.threads)
     for v in variants:
         exe, args = compiled[v.label], jobs[v.label].args
         try:
             if isinstance(exe, Exception):
                 raise exe
-            v.max_rel_err = check(exe(*args))
+            v.max_rel_err = check(jax.jit(v.fn)(*first_alternative(v.args, v.rotating)))
             v.ms = 1e3 * median_seconds(lambda: exe(*args), bench.iters) / reps
             log(f"  {v.label:<60} {v.ms:9.4f} ms  {figure(v.ms)}  err {v.max_rel_err:.1e}")
         except Exception as error:  # noqa: BLE001 - one kernel's failure must not end the run.
@@ -254,12 +255,16 @@ def useful_splits(batch: int, heads: Heads, num_sms: int, most: int) -> list[int
 
 
 def decode_batch(rng, heads: Heads, batch: int, context: int, cache_pages: int, page_size: int):
-    """q, seq_lens, block_tables of `batch` sequences of `context` tokens each, their pages
-    drawn at random from the whole cache."""
-    pages = context // page_size
-    block_tables = rng.permutation(cache_pages)[: batch * pages].reshape(batch, pages)
+    """q, seq_lens and block tables of `batch` sequences of `context` tokens each: as many
+    tables as it takes for their K/V to span twice the L2 (within the cache's pages), on
+    disjoint pages drawn at random from the whole cache."""
+    pages = batch * (context // page_size)
+    per_call = kv_bytes(heads, batch, context)
+    count = max(1, min(-(-2 * L2_BYTES // per_call), cache_pages // pages))
+    drawn = rng.permutation(cache_pages)[: count * pages].reshape(count, batch, -1)
     q = random_normal(batch * 7 + context, (batch, heads.num_q_heads, heads.head_dim))
-    return q, jnp.full((batch,), context, jnp.int32), jnp.asarray(block_tables, jnp.int32)
+    tables = tuple(jnp.asarray(t, jnp.int32) for t in drawn)
+    return q, jnp.full((batch,), context, jnp.int32), tables
 
 
 def bench_decode(bench: Bench, rng) -> None:
@@ -296,11 +301,11 @@ def bench_decode_shape(bench, rng, heads, batch, context, k_cache, v_cache, cach
     nbytes = kv_bytes(heads, batch, context)
     reps = bench.reps_for(nbytes / (GUESS_TBPS * 1e12) + 5e-6)
     log(f"decode {heads.model} B={batch} ctx={context}: K+V {nbytes / 1e9:.3f} GB, {reps} calls/program")
-    q, seq_lens, block_tables = decode_batch(rng, heads, batch, context, k_cache.shape[1], page_size)
+    q, seq_lens, tables = decode_batch(rng, heads, batch, context, k_cache.shape[1], page_size)
     scale = heads.head_dim ** -0.5
     rows = min(batch, CHECK_ROWS)
     reference = functools.partial(paged_decode_attention_reference, scale=scale)
-    expected = jax.jit(reference)(q[:rows], k_cache, v_cache, seq_lens[:rows], block_tables[:rows])
+    expected = jax.jit(reference)(q[:rows], k_cache, v_cache, seq_lens[:rows], tables[0][:rows])
 
     def check(out):
         return rel_err([(out[:rows], expected)])
@@ -308,21 +313,22 @@ def bench_decode_shape(bench, rng, heads, batch, context, k_cache, v_cache, cach
     def figure(ms):
         return f"{nbytes / ms / 1e9:6.3f} TB/s"
 
-    args = (q, k_cache, v_cache, seq_lens, block_tables)
+    args = (q, k_cache, v_cache, seq_lens, tables)
+    rotating = (4,)  # The tables.
     table_splits = decode_num_splits(batch, context)
     most_splits = -(-context // JLLM_DECODE_BLOCK_KV)
     splits = sorted({*useful_splits(batch, heads, bench.num_sms, most_splits), table_splits})
     jllm = [Variant("jllm_decode", {"num_splits": s},
                     functools.partial(paged_decode_attention, scale=scale, num_splits=s,
-                                      interpret=bench.interpret), args, DECODE_VARYING)
+                                      interpret=bench.interpret), args, rotating)
             for s in splits]
     if bench.decode_params:
         jllm += [Variant("jllm_decode", {"num_splits": table_splits, **p},
                          functools.partial(paged_decode_attention, scale=scale, num_splits=table_splits,
-                                           interpret=bench.interpret, **p), args, DECODE_VARYING)
+                                           interpret=bench.interpret, **p), args, rotating)
                  for p in DECODE_PARAM_SETTINGS]
     # JAX's kernel takes no softmax scale: q is scaled beforehand, outside the timing.
-    jax_args = (q * jnp.asarray(scale, q.dtype), k_cache, v_cache, block_tables, seq_lens)
+    jax_args = (q * jnp.asarray(scale, q.dtype), k_cache, v_cache, tables, seq_lens)
     pages = context // page_size
     k_splits = [s for s in useful_splits(batch, heads, bench.num_sms, pages) if pages % s == 0]
     jax_variants = [jax_paged_variant(bench, jax_args, s, JAX_PAGES_PER_COMPUTE_BLOCK[0])
@@ -330,26 +336,33 @@ def bench_decode_shape(bench, rng, heads, batch, context, k_cache, v_cache, cach
     xla = []
     reference_bytes = cache_bytes + REFERENCE_BYTES_PER_KV_BYTE * nbytes
     if reference_bytes <= REFERENCE_FRACTION * bench.memory_bytes:
-        xla = [Variant("xla_reference", {}, reference, args, DECODE_VARYING)]
+        xla = [Variant("xla_reference", {}, reference, args, rotating)]
     else:
         log("  xla_reference: skipped (memory)")
     run_variants(bench, jllm + jax_variants + xla, reps, check, figure)
 
     best_jax = fastest(jax_variants)
-    if best_jax is not None:  # Then its compute block size, at its best split count.
+    if best_jax is not None:  # Then its compute block size, at its best split count,
         more = jax_block_variants(bench, jax_args, pages, best_jax.params["k_splits"])
+        run_variants(bench, more, reps, check, figure)
+        jax_variants += more
+        best_jax = fastest(jax_variants)  # then its launch settings, at its best of those.
+        more = [jax_paged_variant(bench, jax_args, best_jax.params["k_splits"],
+                                  best_jax.params["pages_per_compute_block"], **launch)
+                for launch in JAX_LAUNCH_SETTINGS]
         run_variants(bench, more, reps, check, figure)
         jax_variants += more
     record_decode(bench, heads, batch, context, nbytes, jllm, table_splits, jax_variants, xla)
 
 
-def jax_paged_variant(bench, jax_args, k_splits, pages_per_compute_block) -> Variant:
+def jax_paged_variant(bench, jax_args, k_splits, pages_per_compute_block, **launch) -> Variant:
     fn = functools.partial(jax_paged.paged_attention, k_splits=k_splits,
                            pages_per_compute_block=pages_per_compute_block,
-                           interpret=bench.interpret)
+                           interpret=bench.interpret, **launch)
     return Variant("jax_paged_attention",
-                   {"k_splits": k_splits, "pages_per_compute_block": pages_per_compute_block},
-                   fn, jax_args, DECODE_VARYING)
+                   {"k_splits": k_splits, "pages_per_compute_block": pages_per_compute_block,
+                    **launch},
+                   fn, jax_args, (3,))
 
 
 def jax_block_variants(bench, jax_args, pages, k_splits) -> list[Variant]:
@@ -413,7 +426,8 @@ def suggested_split_table(sweeps: list[dict]) -> str:
     over the measured models (time / that model's best time) is least."""
     timings: dict[tuple[int, int], dict[int, dict[int, float]]] = {}  # cell -> split -> {d: ms}
     for s in sweeps:
-        if s["kernel"] == "jllm_decode" and s["ms"] is not None:
+        launch_sweep = any(k in s for k in ("block_kv", "num_warps", "num_stages"))
+        if s["kernel"] == "jllm_decode" and s["ms"] is not None and not launch_sweep:
             cell = timings.setdefault((s["batch"], s["context"]), {})
             cell.setdefault(s["num_splits"], {})[s["head_dim"]] = s["ms"]
     lines, kept = ["_SPLIT_TABLE = ("], False
@@ -499,7 +513,7 @@ def bench_prefill_shape(bench: Bench, heads: Heads, tokens: int) -> None:
     full = jllm_prefill_variants(bench, heads, q, k_cache, v_cache, block_tables, scale)
     prefix = Variant("jllm_prefill_prefix", {"cached_tokens": cached},
                      functools.partial(ragged_paged_attention, scale=scale, interpret=bench.interpret),
-                     ragged_args(prefix_q, k_cache, v_cache, block_tables, tokens), PREFILL_VARYING)
+                     ragged_args(prefix_q, k_cache, v_cache, block_tables, tokens))
     dense = dense_variants(bench, heads, q, k_cache, v_cache, block_tables, scale)
 
     flops = causal_flops(heads, tokens)
@@ -542,7 +556,7 @@ def jllm_prefill_variants(bench, heads, q, k_cache, v_cache, block_tables, scale
     for params in PREFILL_SETTINGS:
         fn = functools.partial(ragged_paged_attention, scale=scale, interpret=bench.interpret,
                                **params)
-        variants.append(Variant("jllm_prefill", params, fn, args, PREFILL_VARYING))
+        variants.append(Variant("jllm_prefill", params, fn, args))
     return variants
 
 
@@ -569,9 +583,9 @@ def dense_variants(bench, heads, q, k_cache, v_cache, block_tables, scale) -> li
         # The engine's path for a prefill without a cached prefix (this step's own K/V).
         return fresh_prefill_attention(q, k[0], v[0], jnp.int32(q.shape[0]), scale=scale)
 
-    return [Variant("jllm_prefill_fresh", {}, fresh, (q, k, v), PREFILL_VARYING),
-            Variant("jax_flash_attention", {}, mha, (q, k_rep, v_rep), PREFILL_VARYING),
-            Variant("cudnn", {}, cudnn, (q, k, v), PREFILL_VARYING)]
+    return [Variant("jllm_prefill_fresh", {}, fresh, (q, k, v)),
+            Variant("jax_flash_attention", {}, mha, (q, k_rep, v_rep)),
+            Variant("cudnn", {}, cudnn, (q, k, v))]
 
 
 def prefill_row(kernel, v: Variant, heads, context, query_len, flops, page_size) -> dict:
@@ -587,12 +601,14 @@ def prefill_row(kernel, v: Variant, heads, context, query_len, flops, page_size)
 # ------------------------------------------------------------------------- kv write
 
 
-def looped_write(write: Callable, reps: int) -> Callable:
-    """`reps` writes in one program; the caches are the loop's carry, so no write is
-    loop-invariant."""
+def chained_write(write: Callable, reps: int) -> Callable:
+    """`reps` writes in one program, each into the caches the one before returned (the
+    bench_utils.chained pattern for a function of the caches), unrolled."""
     def run(k_cache, v_cache, k, v, slot_mapping):
-        return jax.lax.fori_loop(0, reps, lambda _, caches: write(*caches, k, v, slot_mapping),
-                                 (k_cache, v_cache))
+        caches = (k_cache, v_cache)
+        for _ in range(reps):
+            caches = write(*caches, k, v, slot_mapping)
+        return caches
     return run
 
 
@@ -628,7 +644,7 @@ def bench_one_write(bench, name, write, args, expected, heads, nbytes) -> dict:
                tflops=None, max_rel_err=None)
     reps = bench.reps_for(nbytes / (GUESS_TBPS * 1e12) + 5e-6)
     try:
-        step = compile_all({name: Job(looped_write(write, reps), args, (0, 1))}, 1)[name]
+        step = compile_all({name: Job(chained_write(write, reps), args, (0, 1))}, 1)[name]
         if isinstance(step, Exception):
             raise step
         # The caches are donated: the program gets copies, then threads its own outputs.
@@ -794,8 +810,9 @@ def main(argv=None) -> None:
         jax_version=jax.__version__,
         command=" ".join(sys.argv if argv is None else ["bench_kernels.py", *argv]),
         interpret=args.interpret, iters=iters,
-        timing="median over iters (fewer past 3 s) of one program of reps looped calls, "
-               "block_until_ready, / reps"))
+        timing="median over iters (fewer past 3 s) of one program of reps chained calls "
+               "(each call's output is the next call's query; decode rotates block tables over "
+               "disjoint pages spanning >= 2x L2), block_until_ready, / reps"))
     bench = Bench(plan=plan, iters=iters, reps=args.reps, interpret=args.interpret,
                   threads=args.compile_threads,
                   deadline=start + (args.budget_s if args.budget_s is not None else plan.budget_s),

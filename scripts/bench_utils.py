@@ -24,37 +24,44 @@ def first_line(error: BaseException) -> str:
     return f"{type(error).__name__}: {text[0] if text else ''}"[:300]
 
 
-def looped(fn: Callable, reps: int, varying: tuple[int, ...]) -> Callable:
-    """`fn(*args)` run `reps` times back to back in one program; returns the last output.
+def chained(fn: Callable, reps: int, rotating: tuple[int, ...] = ()) -> Callable:
+    """`reps` calls of `fn` back to back in one program, each call's output fed in as the
+    next call's first argument (so `fn` must return an array shaped like that argument).
 
     A lone jitted call costs tens of microseconds of dispatch and sync, more than a small
-    decode kernel runs; inside one program it costs that once per `reps` calls. The
-    arguments at positions `varying` come with a leading axis of `reps` copies (see
-    `stack_varying`) and call i reads copy i: otherwise every call would be loop-invariant
-    and XLA would hoist it out of the loop (it drops optimization barriers before it
-    looks). Each call thus also slices its copies, as an engine step gets fresh inputs.
-    The static trip count lets XLA run the loop without a host round trip per iteration.
-    """
-    def run(*args):
-        def call(i):
-            return fn(*(a[i] if n in varying else a for n, a in enumerate(args)))
+    decode kernel runs; in one program that cost comes once per `reps` calls. The chain
+    makes every call depend on the one before, as the layers of a model step do, so XLA
+    can neither hoist nor drop a call and the timed program holds nothing but the calls
+    themselves (no loop counter, no slicing of per-call inputs). The calls are unrolled,
+    not a `fori_loop`: an XLA while loop adds several microseconds per iteration.
 
-        out_shape = jax.eval_shape(call, 0)
-        init = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), out_shape)
-        return jax.lax.fori_loop(0, reps, lambda i, _: call(i), init)
+    The arguments at positions `rotating` are tuples of alternatives; call i takes
+    alternative i % len: decode rotates block tables over disjoint pages, so that calls
+    on small shapes cannot find the previous calls' K/V in L2.
+    """
+    def run(first, *rest):
+        out = first
+        for i in range(reps):
+            args = [a[i % len(a)] if n in rotating else a for n, a in enumerate(rest, start=1)]
+            out = fn(out, *args)
+        return out
 
     return run
 
 
-def stack_varying(args: tuple, reps: int, varying: tuple[int, ...]) -> tuple:
-    """`args` with the ones at positions `varying` copied `reps` times along a new axis."""
-    return tuple(jnp.repeat(a[None], reps, axis=0) if n in varying else a
-                 for n, a in enumerate(args))
+def first_alternative(args: tuple, rotating: tuple[int, ...]) -> tuple:
+    """`args` of a `chained` program with each rotating tuple replaced by its first entry:
+    the arguments of one plain call."""
+    return tuple(a[0] if n in rotating else a for n, a in enumerate(args))
 
 
-def reps_for(seconds_per_call: float, target_s: float = 1e-3, most: int = 50) -> int:
-    """Calls per timed program so that one program runs about `target_s`."""
-    return max(1, min(most, round(target_s / max(seconds_per_call, 1e-9))))
+def reps_for(seconds_per_call: float, target_s: float = 10e-3, least: int = 3,
+             most: int = 256) -> int:
+    """Calls per timed program: enough that one program runs about `target_s`, so that
+    its ~50 µs of dispatch and sync stay under 1 % (at least `least` calls for the
+    longest calls; at most `most`, to bound compile time, which leaves them at a few
+    percent of the smallest decode calls, ~8 µs each)."""
+    return max(least, min(most, round(target_s / max(seconds_per_call, 1e-9))))
 
 
 def median_seconds(call: Callable[[], Any], iters: int, warmup: int = 1,

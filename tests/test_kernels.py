@@ -322,6 +322,7 @@ def _triton_calls(lowered):
   """(name, num_warps, num_stages, TTIR text) of each Triton custom call."""
   from jax._src.lib import triton as jax_triton  # Only to print the TTIR.
   from jax._src.lib.mlir import ir
+  from jax._src.interpreters import mlir as jax_mlir
 
   calls = []
   for op in lowered.compiler_ir("stablehlo").body.operations:
@@ -330,7 +331,8 @@ def _triton_calls(lowered):
         if call.name != "stablehlo.custom_call":
           continue
         config = call.attributes["mhlo.backend_config"]
-        with ir.Context() as ctx:
+        # JAX's own context: it knows `gpu.barrier`, the decode kernel's CTA barrier.
+        with jax_mlir.make_ir_context() as ctx:
           jax_triton.dialect.register_dialect(ctx)
           ctx.load_all_available_dialects()
           ttir = ir.Module.parse(ir.StringAttr(config["ir"]).value_bytes)
