@@ -25,17 +25,17 @@ MASK_VALUE = -0.7 * float(jnp.finfo(jnp.float32).max)
 _LOG2E = math.log2(math.e)
 
 # Kv splits by (batch, context), from scripts/bench_kernels.py's sweep of 1-32 splits
-# on the H100 (2026-11-26, jax 0.11.2; scripts/results/kernels_nvidia-h100-*.json): per
-# cell the count within a few percent of the fastest for both Llama-3.1-8B (d 128) and
-# Llama-3.2-1B (d 64) heads, 32 q / 8 kv, page 16; the H200's sweep of the same day
-# agrees within 10 %. Rows: batch up to; columns: context (tokens) up to. From batch
-# 256 the batch alone fills the SMs.
+# on the H100 (2026-11-26, jax 0.11.2, chained timing with the in-kernel merge;
+# scripts/results/kernels_nvidia-h100-*.json): per cell the count within a few percent
+# of the fastest for both Llama-3.1-8B (d 128) and Llama-3.2-1B (d 64) heads, 32 q /
+# 8 kv, page 16. Rows: batch up to; columns: context (tokens) up to. From batch 64
+# the batch alone fills the SMs.
 _SPLIT_BATCHES = (1, 8, 64, 256)
 _SPLIT_CONTEXTS = (512, 2048, 8192, 32768)
 _SPLIT_TABLE = (
     (8, 16, 32, 32),  # batch 1
-    (4, 8, 8, 8),  # batch <= 8
-    (1, 1, 4, 4),  # batch <= 64
+    (8, 8, 16, 8),  # batch <= 8
+    (1, 1, 1, 1),  # batch <= 64
     (1, 1, 1, 1),  # batch <= 256 and beyond
 )
 

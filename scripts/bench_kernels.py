@@ -19,12 +19,13 @@ max |ref|, on a few rows: the references gather every key of every row).
 Timing: each compiled program chains `reps` calls (bench_utils.chained): each call's
 output is the next call's query, as one layer's output feeds the next in a model step, so
 the program holds the calls and nothing else and XLA can neither hoist nor drop one. reps
-grows as the call shrinks (3 to 256, about 10 ms a program), so host dispatch and sync
-drop out. Decode calls rotate over block tables of disjoint pages, at least twice the
-L2's size in all, so a small shape reads its K/V from HBM as it would in a model step,
-not from L2. The figure is the median over `--iters` programs (at least 3, fewer once a
-kernel's programs have taken 3 s), each waited on with block_until_ready, divided by
-reps. `--reps 1` times single jitted calls instead.
+grows as the call shrinks (3 to 32, about 1 ms a program). Decode calls rotate over block
+tables of disjoint pages, at least twice the L2's size in all, so a small shape reads its
+K/V from HBM as it would in a model step, not from L2. A timing sample dispatches
+programs back to back (about 5 ms of them) and waits once, so the device does not idle
+between programs and the host sync is paid once per sample. The figure is the median
+over `--iters` samples (at least 3, fewer once a kernel's samples have taken 3 s),
+divided by programs and reps. `--reps 1` times single jitted calls.
 
 Shapes whose data would not fit print "skipped (memory)"; shapes past `--budget-s` print
 "skipped (time budget)", so the run ends before the 10-minute cap. The JSON record under
@@ -84,6 +85,7 @@ from scripts.bench_utils import (  # noqa: E402
     chained,
     first_alternative,
     median_seconds,
+    programs_per_sample,
     rel_err,
     reps_for,
 )
@@ -190,6 +192,9 @@ class Bench:
             return self.reps
         return 2 if self.interpret else reps_for(seconds_per_call)
 
+    def programs_per_sample(self, seconds_per_program: float) -> int:
+        return 1 if self.interpret else programs_per_sample(seconds_per_program)
+
 
 @dataclasses.dataclass
 class Variant:
@@ -212,12 +217,15 @@ def random_normal(seed: int, shape, dtype=jnp.bfloat16) -> jax.Array:
     return jax.random.normal(jax.random.key(seed), shape, dtype)
 
 
-def run_variants(bench: Bench, variants: list[Variant], reps: int, check, figure) -> None:
+def run_variants(bench: Bench, variants: list[Variant], seconds_per_call: float, check,
+                 figure) -> None:
     """Compiles every variant (in parallel), then checks and times them one at a time.
 
-    check(output of one call) -> max relative error; figure(ms) -> text for the progress
-    line.
+    seconds_per_call: a rough guess, to size the timed programs; check(output of one
+    call) -> max relative error; figure(ms) -> text for the progress line.
     """
+    reps = bench.reps_for(seconds_per_call)
+    back_to_back = bench.programs_per_sample(reps * seconds_per_call)
     jobs = {v.label: Job(chained(v.fn, reps, v.rotating), v.args) for v in variants}
     compiled = compile_all(jobs, bench.threads)
     for v in variants:
@@ -226,7 +234,8 @@ def run_variants(bench: Bench, variants: list[Variant], reps: int, check, figure
             if isinstance(exe, Exception):
                 raise exe
             v.max_rel_err = check(jax.jit(v.fn)(*first_alternative(v.args, v.rotating)))
-            v.ms = 1e3 * median_seconds(lambda: exe(*args), bench.iters) / reps
+            v.ms = 1e3 * median_seconds(lambda: exe(*args), bench.iters,
+                                        back_to_back=back_to_back) / reps
             log(f"  {v.label:<60} {v.ms:9.4f} ms  {figure(v.ms)}  err {v.max_rel_err:.1e}")
         except Exception as error:  # noqa: BLE001 - one kernel's failure must not end the run.
             v.error = first_line(error)
@@ -299,8 +308,9 @@ def bench_decode(bench: Bench, rng) -> None:
 def bench_decode_shape(bench, rng, heads, batch, context, k_cache, v_cache, cache_bytes):
     page_size = bench.plan.page_size
     nbytes = kv_bytes(heads, batch, context)
-    reps = bench.reps_for(nbytes / (GUESS_TBPS * 1e12) + 5e-6)
-    log(f"decode {heads.model} B={batch} ctx={context}: K+V {nbytes / 1e9:.3f} GB, {reps} calls/program")
+    guess = nbytes / (GUESS_TBPS * 1e12) + 5e-6
+    log(f"decode {heads.model} B={batch} ctx={context}: K+V {nbytes / 1e9:.3f} GB, "
+        f"{bench.reps_for(guess)} calls/program")
     q, seq_lens, tables = decode_batch(rng, heads, batch, context, k_cache.shape[1], page_size)
     scale = heads.head_dim ** -0.5
     rows = min(batch, CHECK_ROWS)
@@ -339,18 +349,18 @@ def bench_decode_shape(bench, rng, heads, batch, context, k_cache, v_cache, cach
         xla = [Variant("xla_reference", {}, reference, args, rotating)]
     else:
         log("  xla_reference: skipped (memory)")
-    run_variants(bench, jllm + jax_variants + xla, reps, check, figure)
+    run_variants(bench, jllm + jax_variants + xla, guess, check, figure)
 
     best_jax = fastest(jax_variants)
     if best_jax is not None:  # Then its compute block size, at its best split count,
         more = jax_block_variants(bench, jax_args, pages, best_jax.params["k_splits"])
-        run_variants(bench, more, reps, check, figure)
+        run_variants(bench, more, guess, check, figure)
         jax_variants += more
         best_jax = fastest(jax_variants)  # then its launch settings, at its best of those.
         more = [jax_paged_variant(bench, jax_args, best_jax.params["k_splits"],
                                   best_jax.params["pages_per_compute_block"], **launch)
                 for launch in JAX_LAUNCH_SETTINGS]
-        run_variants(bench, more, reps, check, figure)
+        run_variants(bench, more, guess, check, figure)
         jax_variants += more
     record_decode(bench, heads, batch, context, nbytes, jllm, table_splits, jax_variants, xla)
 
@@ -517,14 +527,15 @@ def bench_prefill_shape(bench: Bench, heads: Heads, tokens: int) -> None:
     dense = dense_variants(bench, heads, q, k_cache, v_cache, block_tables, scale)
 
     flops = causal_flops(heads, tokens)
-    reps = bench.reps_for(flops / (GUESS_TFLOPS * 1e12))
+    guess = flops / (GUESS_TFLOPS * 1e12)
 
     def tflops(work):
         return lambda ms: f"{work / ms / 1e9:7.1f} TFLOP/s"
 
-    run_variants(bench, full + dense, reps, checker(q, 0), tflops(flops))
+    run_variants(bench, full + dense, guess, checker(q, 0), tflops(flops))
     prefix_flops = causal_flops(heads, tokens, cached)
-    run_variants(bench, [prefix], reps, checker(prefix_q, cached), tflops(prefix_flops))
+    run_variants(bench, [prefix], guess * prefix_flops / flops, checker(prefix_q, cached),
+                 tflops(prefix_flops))
 
     for v in full:
         bench.results.add_sweep(kernel=v.kernel, context=tokens, head_dim=heads.head_dim,
@@ -642,7 +653,8 @@ def bench_one_write(bench, name, write, args, expected, heads, nbytes) -> dict:
                num_q_heads=heads.num_q_heads, num_kv_heads=heads.num_kv_heads,
                head_dim=heads.head_dim, page_size=bench.plan.page_size, ms=None, tbps=None,
                tflops=None, max_rel_err=None)
-    reps = bench.reps_for(nbytes / (GUESS_TBPS * 1e12) + 5e-6)
+    guess = nbytes / (GUESS_TBPS * 1e12) + 5e-6
+    reps = bench.reps_for(guess)
     try:
         step = compile_all({name: Job(chained_write(write, reps), args, (0, 1))}, 1)[name]
         if isinstance(step, Exception):
@@ -655,7 +667,8 @@ def bench_one_write(bench, name, write, args, expected, heads, nbytes) -> dict:
             state[:] = step(*state, *args[2:])
             return state
 
-        row["ms"] = 1e3 * median_seconds(call, bench.iters) / reps
+        row["ms"] = 1e3 * median_seconds(call, bench.iters,
+                                         back_to_back=bench.programs_per_sample(reps * guess)) / reps
         row["tbps"] = nbytes / row["ms"] / 1e9
         log(f"  {name:<60} {row['ms']:9.4f} ms  {row['tbps']:6.3f} TB/s  err {row['max_rel_err']:.1e}")
     except Exception as error:  # noqa: BLE001
@@ -775,6 +788,9 @@ def parse_args(argv=None):
                         help="run the Pallas kernels in interpret mode (CPU)")
     parser.add_argument("--only", action="append", choices=("decode", "prefill", "kv_write"),
                         help="a section to run (repeatable); default all")
+    parser.add_argument("--model", action="append",
+                        choices=[h.model for h in (LLAMA_8B, LLAMA_1B)],
+                        help="decode heads to run (repeatable); default the plan's")
     parser.add_argument("--iters", type=int, default=None,
                         help="timed programs per kernel (default 20; tiny 3)")
     parser.add_argument("--reps", type=int, default=0,
@@ -800,6 +816,9 @@ def main(argv=None) -> None:
     start = time.time()
     args = parse_args(argv)
     plan = PLANS["tiny" if args.tiny else "quick" if args.quick else "full"]
+    if args.model:
+        plan = dataclasses.replace(
+            plan, decode_heads=tuple(h for h in plan.decode_heads if h.model in args.model))
     sections = args.only or ["decode", "prefill", "kv_write"]
     device = jax.devices()[0]
     now = datetime.datetime.now()
@@ -810,9 +829,10 @@ def main(argv=None) -> None:
         jax_version=jax.__version__,
         command=" ".join(sys.argv if argv is None else ["bench_kernels.py", *argv]),
         interpret=args.interpret, iters=iters,
-        timing="median over iters (fewer past 3 s) of one program of reps chained calls "
-               "(each call's output is the next call's query; decode rotates block tables over "
-               "disjoint pages spanning >= 2x L2), block_until_ready, / reps"))
+        timing="median over iters (fewer past 3 s) of samples of back-to-back programs of "
+               "reps chained calls (each call's output is the next call's query; decode "
+               "rotates block tables over disjoint pages spanning >= 2x L2), one "
+               "block_until_ready per sample, / programs / reps"))
     bench = Bench(plan=plan, iters=iters, reps=args.reps, interpret=args.interpret,
                   threads=args.compile_threads,
                   deadline=start + (args.budget_s if args.budget_s is not None else plan.budget_s),

@@ -55,27 +55,36 @@ def first_alternative(args: tuple, rotating: tuple[int, ...]) -> tuple:
     return tuple(a[0] if n in rotating else a for n, a in enumerate(args))
 
 
-def reps_for(seconds_per_call: float, target_s: float = 10e-3, least: int = 3,
-             most: int = 256) -> int:
-    """Calls per timed program: enough that one program runs about `target_s`, so that
-    its ~50 µs of dispatch and sync stay under 1 % (at least `least` calls for the
-    longest calls; at most `most`, to bound compile time, which leaves them at a few
-    percent of the smallest decode calls, ~8 µs each)."""
+def reps_for(seconds_per_call: float, target_s: float = 1e-3, least: int = 3,
+             most: int = 32) -> int:
+    """Calls chained in one timed program: about `target_s` of them, at least `least`,
+    at most `most` (each unrolled call is compiled anew, so this bounds compile time)."""
     return max(least, min(most, round(target_s / max(seconds_per_call, 1e-9))))
 
 
+def programs_per_sample(seconds_per_program: float, target_s: float = 5e-3,
+                        most: int = 20) -> int:
+    """Programs dispatched back to back per timing sample: enough that a sample runs
+    about `target_s`, so that the one host sync at its end (~50 µs) costs about 1 %."""
+    return max(1, min(most, round(target_s / max(seconds_per_program, 1e-9))))
+
+
 def median_seconds(call: Callable[[], Any], iters: int, warmup: int = 1,
-                   max_seconds: float = 3.0) -> float:
-    """Median wall time of `call()`, each run waited on, after `warmup` runs: over `iters`
-    runs, or fewer (at least 3) once `max_seconds` have passed, so that a slow kernel
-    setting does not eat the run's time budget."""
+                   max_seconds: float = 3.0, back_to_back: int = 1) -> float:
+    """Median wall time of `call()` after `warmup` runs, over `iters` samples (or fewer, at
+    least 3, once `max_seconds` have passed, so that a slow kernel setting does not eat
+    the run's time budget). A sample dispatches `back_to_back` calls, waits for the last
+    and divides by their number: the host dispatches the next program while the device
+    runs the one before, so the device never idles between them."""
     for _ in range(warmup):
         jax.block_until_ready(call())
     times, deadline = [], time.perf_counter() + max_seconds
     while len(times) < iters and (len(times) < 3 or time.perf_counter() < deadline):
         start = time.perf_counter()
-        jax.block_until_ready(call())
-        times.append(time.perf_counter() - start)
+        for _ in range(back_to_back):
+            out = call()
+        jax.block_until_ready(out)
+        times.append((time.perf_counter() - start) / back_to_back)
     return statistics.median(times)
 
 
