@@ -4,9 +4,10 @@ One program per (sequence, kv head, kv split) handles all the query heads of its
 head at once (GQA), so each K/V page is read once per step. A sequence's pages are
 cut into `num_splits` ranges of whole kv blocks; the last split of a (sequence, kv
 head) to finish merges the partial softmax states, in the same kernel: one launch
-(plus a tiny memset), where an XLA merge after the kernel cost 2-3 µs more per call
-at batch 1-8 on the H100 (scratch runs, 2026-11-26; BUILD_NOTES.md). The query of sequence s sits at position seq_lens[s] - 1, after
-its own K/V has been written to the cache.
+(plus a tiny memset), where an XLA merge after the kernel cost 0-2.5 µs more per call
+at batch 1-8 on the H100 (BUILD_NOTES.md, 2026-11-26, session 3). The query of
+sequence s sits at position seq_lens[s] - 1, after its own K/V has been written to
+the cache.
 """
 from __future__ import annotations
 
@@ -25,18 +26,18 @@ MASK_VALUE = -0.7 * float(jnp.finfo(jnp.float32).max)
 _LOG2E = math.log2(math.e)
 
 # Kv splits by (batch, context), from scripts/bench_kernels.py's sweep of 1-32 splits
-# on the H100 (2026-11-26, jax 0.11.2, chained timing with the in-kernel merge;
-# scripts/results/kernels_nvidia-h100-*.json): per cell the count within a few percent
-# of the fastest for both Llama-3.1-8B (d 128) and Llama-3.2-1B (d 64) heads, 32 q /
-# 8 kv, page 16. Rows: batch up to; columns: context (tokens) up to. From batch 64
-# the batch alone fills the SMs.
+# on the H100 (2026-11-26, jax 0.11.2, chained timing, in-kernel merge; its suggested
+# table, scripts/results/kernels_nvidia-h100-80gb-hbm3_2026-11-26_064052.json): per cell
+# the count whose worst slowdown over Llama-3.1-8B (d 128) and Llama-3.2-1B (d 64)
+# heads, 32 q / 8 kv, page 16, is least. Rows: batch up to; columns: context (tokens)
+# up to. From batch 64 the batch alone fills the SMs.
 _SPLIT_BATCHES = (1, 8, 64, 256)
 _SPLIT_CONTEXTS = (512, 2048, 8192, 32768)
 _SPLIT_TABLE = (
-    (8, 16, 32, 32),  # batch 1
-    (8, 8, 16, 8),  # batch <= 8
+    (8, 32, 32, 32),  # batch 1
+    (8, 8, 8, 8),  # batch <= 8
     (1, 1, 1, 1),  # batch <= 64
-    (1, 1, 1, 1),  # batch <= 256 and beyond
+    (1, 1, 1, 2),  # batch <= 256 and beyond
 )
 
 
@@ -175,9 +176,10 @@ def paged_decode_attention(
   Returns [S, num_q_heads, head_dim] in q's dtype; rows with seq_len 0 are zeros.
   `num_splits` defaults to the (batch, context) table, context being
   max_blocks_per_seq * block_size. `block_kv` (keys per inner step) must be a
-  power of two >= 16. Three pipeline stages keep more K/V loads in flight: 7-12 %
-  faster than two at batch 64 on the H100, the same at batch 1
-  (scripts/results/kernels_nvidia-h100-80gb-hbm3_2026-11-26_decode_params.json).
+  power of two >= 16. Three pipeline stages: 7-12 % faster than two at batch 64 on
+  the H100 under the first (looped) timing
+  (scripts/results/kernels_nvidia-h100-80gb-hbm3_2026-11-26_decode_params.json); under
+  chained timing the two are within noise at batch <= 64 and context <= 2048.
   """
   num_seqs, num_q_heads, head_dim = q.shape
   num_kv_heads, num_blocks, block_size, _ = k_cache.shape
