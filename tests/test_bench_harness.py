@@ -1,0 +1,73 @@
+"""The kernel benchmark's timing harness (scripts/bench_utils.py, scripts/bench_kernels.py):
+what each timed program computes, the page sets decode rotates over, and a tiny CPU run
+of the script end to end (Pallas interpret mode)."""
+import json
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from scripts import bench_kernels
+from scripts.bench_utils import chained, first_alternative, programs_per_sample, reps_for
+
+
+def test_chained_feeds_each_output_into_the_next_call_and_rotates_alternatives():
+    calls = []
+
+    def fn(x, scale, offset):
+        calls.append(offset)
+        return x * scale + offset
+
+    run = chained(fn, reps=5, rotating=(2,))
+    offsets = (jnp.float32(1.0), jnp.float32(10.0), jnp.float32(100.0))
+    out = jax.jit(run)(jnp.float32(0.5), jnp.float32(2.0), offsets)
+    want = 0.5
+    for i in range(5):
+        want = want * 2.0 + (1.0, 10.0, 100.0)[i % 3]
+    assert float(out) == want
+    assert len(calls) == 5  # Unrolled: traced once per call, no loop.
+    assert first_alternative((1, offsets, 3), (1,)) == (1, offsets[0], 3)
+
+
+def test_program_sizes_stay_in_their_bounds():
+    assert reps_for(1e-9) == 32 and reps_for(1.0) == 3
+    assert reps_for(1e-4) == 10
+    assert programs_per_sample(1.0) == 1 and programs_per_sample(1e-9) == 20
+
+
+def test_decode_tables_rotate_over_disjoint_pages_spanning_twice_the_l2():
+    rng = np.random.default_rng(0)
+    heads = bench_kernels.LLAMA_8B
+    batch, context, page = 1, 512, 16
+    per_call = bench_kernels.kv_bytes(heads, batch, context)
+    q, seq_lens, tables = bench_kernels.decode_batch(rng, heads, batch, context, 100_000, page)
+    assert q.shape == (1, 32, 128) and seq_lens.tolist() == [512]
+    assert len(tables) * per_call >= 2 * bench_kernels.L2_BYTES
+    pages = np.concatenate([np.asarray(t).ravel() for t in tables])
+    assert len(np.unique(pages)) == len(pages)  # No page read by two calls.
+    # A small cache caps the count: every table still gets whole, distinct pages.
+    _, _, few = bench_kernels.decode_batch(rng, heads, 4, 512, 200, page)
+    assert len(few) == 200 // (4 * 512 // page)
+    assert all(t.shape == (4, 32) for t in few)
+
+
+def test_split_table_suggestion_ignores_launch_setting_sweeps():
+    sweeps = [dict(kernel="jllm_decode", batch=1, context=512, head_dim=128, num_splits=s, ms=ms)
+              for s, ms in ((4, 2.0), (8, 1.0))]
+    # A faster launch-setting variant at 4 splits must not make 4 look best.
+    sweeps.append(dict(kernel="jllm_decode", batch=1, context=512, head_dim=128, num_splits=4,
+                       num_stages=2, ms=0.5))
+    table = bench_kernels.suggested_split_table(sweeps)
+    assert table.splitlines()[1].strip().startswith("(8,")
+
+
+def test_kv_write_section_runs_end_to_end_in_interpret_mode(tmp_path):
+    out = tmp_path / "kernels.json"
+    bench_kernels.main(["--interpret", "--tiny", "--iters", "1", "--only", "kv_write",
+                        "--out", str(out)])
+    record = json.loads(out.read_text())
+    rows = {r["kernel"]: r for r in record["rows"]}
+    assert rows["jllm_kv_write"]["max_rel_err"] == 0.0
+    assert rows["jllm_kv_write"]["ms"] > 0
+    assert record["kv_write_hlo"]["verdict"].startswith("ok")
+    assert record["copy_tbps"] > 0
