@@ -1,4 +1,4 @@
-"""The kernel benchmark's timing harness (scripts/bench_utils.py, scripts/bench_kernels.py):
+"""The kernel benchmark's timing harness (scripts/bench_utils.py, scripts/kernel_bench/):
 what each timed program computes, the page sets decode rotates over, and a tiny CPU run
 of the script end to end (Pallas interpret mode)."""
 import json
@@ -9,6 +9,8 @@ import numpy as np
 
 from scripts import bench_kernels
 from scripts.bench_utils import chained, first_alternative, programs_per_sample, reps_for
+from scripts.kernel_bench import decode
+from scripts.kernel_bench.common import LLAMA_8B
 
 
 def test_chained_feeds_each_output_into_the_next_call_and_rotates_alternatives():
@@ -37,16 +39,16 @@ def test_program_sizes_stay_in_their_bounds():
 
 def test_decode_tables_rotate_over_disjoint_pages_spanning_twice_the_l2():
     rng = np.random.default_rng(0)
-    heads = bench_kernels.LLAMA_8B
+    heads = LLAMA_8B
     batch, context, page = 1, 512, 16
-    per_call = bench_kernels.kv_bytes(heads, batch, context)
-    q, seq_lens, tables = bench_kernels.decode_batch(rng, heads, batch, context, 100_000, page)
+    per_call = decode.kv_bytes(heads, batch, context)
+    q, seq_lens, tables = decode.decode_batch(rng, heads, batch, context, 100_000, page)
     assert q.shape == (1, 32, 128) and seq_lens.tolist() == [512]
-    assert len(tables) * per_call >= 2 * bench_kernels.L2_BYTES
+    assert len(tables) * per_call >= 2 * decode.L2_BYTES
     pages = np.concatenate([np.asarray(t).ravel() for t in tables])
     assert len(np.unique(pages)) == len(pages)  # No page read by two calls.
     # A small cache caps the count: every table still gets whole, distinct pages.
-    _, _, few = bench_kernels.decode_batch(rng, heads, 4, 512, 200, page)
+    _, _, few = decode.decode_batch(rng, heads, 4, 512, 200, page)
     assert len(few) == 200 // (4 * 512 // page)
     assert all(t.shape == (4, 32) for t in few)
 
@@ -57,7 +59,7 @@ def test_split_table_suggestion_ignores_launch_setting_sweeps():
     # A faster launch-setting variant at 4 splits must not make 4 look best.
     sweeps.append(dict(kernel="jllm_decode", batch=1, context=512, head_dim=128, num_splits=4,
                        num_stages=2, ms=0.5))
-    table = bench_kernels.suggested_split_table(sweeps)
+    table = decode.suggested_split_table(sweeps)
     assert table.splitlines()[1].strip().startswith("(8,")
 
 

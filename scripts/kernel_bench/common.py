@@ -1,0 +1,151 @@
+"""What every section of the kernel benchmark shares: the model heads, the plan of shapes,
+the run's state, and compiling, checking and timing a list of kernel variants."""
+from __future__ import annotations
+
+import dataclasses
+import math
+import time
+import warnings
+from typing import Callable
+
+import jax
+import jax.numpy as jnp
+
+warnings.filterwarnings("ignore", category=DeprecationWarning, module=r"jax\..*")
+warnings.filterwarnings("ignore", message=".*(Triton|deprecated).*", category=DeprecationWarning)
+
+from scripts.bench_utils import (  # noqa: E402
+    Job,
+    Results,
+    chained,
+    compile_all,
+    first_alternative,
+    first_line,
+    log,
+    median_seconds,
+    programs_per_sample,
+    reps_for,
+)
+
+# Rows compared with the reference per kernel call: the reference gathers every key for
+# every row, which at 32k tokens costs ~270 MB a row.
+CHECK_ROWS = 8
+# Rough device speeds, only to choose calls per timed program.
+GUESS_TBPS, GUESS_TFLOPS = 2.5, 300.0
+
+
+@dataclasses.dataclass(frozen=True)
+class Heads:
+    """The attention shape of a model."""
+    model: str
+    num_q_heads: int
+    num_kv_heads: int
+    head_dim: int
+
+
+LLAMA_8B = Heads("llama-3.1-8b", 32, 8, 128)
+LLAMA_1B = Heads("llama-3.2-1b", 32, 8, 64)
+TINY = Heads("tiny", 8, 2, 32)
+
+
+@dataclasses.dataclass(frozen=True)
+class Plan:
+    """The shapes one run covers."""
+    decode_heads: tuple[Heads, ...]
+    batches: tuple[int, ...]
+    contexts: tuple[int, ...]
+    prefill_heads: Heads
+    prefill_tokens: tuple[int, ...]
+    kv_write_tokens: tuple[int, ...]
+    kv_write_blocks: int
+    copy_bytes: int
+    budget_s: float
+    page_size: int = 16
+
+
+PLANS = {
+    "full": Plan((LLAMA_8B, LLAMA_1B), (1, 8, 64, 256), (512, 2048, 8192, 32768), LLAMA_8B,
+                 (2048, 8192, 32768), (256, 8192), 16384, 2 << 30, budget_s=450),
+    "quick": Plan((LLAMA_8B,), (1, 64), (2048, 8192), LLAMA_8B, (2048, 8192), (256,), 16384,
+                  1 << 30, budget_s=100),
+    "tiny": Plan((TINY,), (1, 3), (64, 128), TINY, (64,), (8,), 64, 1 << 20, budget_s=math.inf),
+}
+
+
+@dataclasses.dataclass
+class Bench:
+    """Run-wide settings and state."""
+    plan: Plan
+    iters: int
+    reps: int  # Calls per timed program; 0 chooses by shape.
+    interpret: bool
+    threads: int
+    deadline: float
+    memory_bytes: int
+    num_sms: int
+    results: Results
+    copy_tbps: float | None = None
+    # Also time DECODE_PARAM_SETTINGS at the table's split count (--decode-param-sweep).
+    decode_params: bool = False
+
+    def out_of_time(self) -> bool:
+        return time.time() > self.deadline
+
+    def reps_for(self, seconds_per_call: float) -> int:
+        if self.reps:
+            return self.reps
+        return 2 if self.interpret else reps_for(seconds_per_call)
+
+    def programs_per_sample(self, seconds_per_program: float) -> int:
+        return 1 if self.interpret else programs_per_sample(seconds_per_program)
+
+
+@dataclasses.dataclass
+class Variant:
+    """One kernel with one set of settings, timed on one shape."""
+    kernel: str
+    params: dict
+    fn: Callable  # (*args) -> output
+    args: tuple
+    rotating: tuple[int, ...] = ()  # Positions of per-call alternatives (bench_utils.chained).
+    ms: float | None = None
+    max_rel_err: float | None = None
+    error: str | None = None
+
+    @property
+    def label(self) -> str:
+        return self.kernel + "".join(f" {k}={v}" for k, v in self.params.items())
+
+
+def random_normal(seed: int, shape, dtype=jnp.bfloat16) -> jax.Array:
+    return jax.random.normal(jax.random.key(seed), shape, dtype)
+
+
+def run_variants(bench: Bench, variants: list[Variant], seconds_per_call: float, check,
+                 figure) -> None:
+    """Compiles every variant (in parallel), then checks and times them one at a time.
+
+    seconds_per_call: a rough guess, to size the timed programs; check(output of one
+    call) -> max relative error; figure(ms) -> text for the progress line.
+    """
+    reps = bench.reps_for(seconds_per_call)
+    back_to_back = bench.programs_per_sample(reps * seconds_per_call)
+    jobs = {v.label: Job(chained(v.fn, reps, v.rotating), v.args) for v in variants}
+    compiled = compile_all(jobs, bench.threads)
+    for v in variants:
+        exe, args = compiled[v.label], jobs[v.label].args
+        try:
+            if isinstance(exe, Exception):
+                raise exe
+            v.max_rel_err = check(jax.jit(v.fn)(*first_alternative(v.args, v.rotating)))
+            v.ms = 1e3 * median_seconds(lambda: exe(*args), bench.iters,
+                                        back_to_back=back_to_back) / reps
+            log(f"  {v.label:<60} {v.ms:9.4f} ms  {figure(v.ms)}  err {v.max_rel_err:.1e}")
+        except Exception as error:  # noqa: BLE001 - one kernel's failure must not end the run.
+            v.error = first_line(error)
+            log(f"  {v.label:<60} failed: {v.error}")
+
+
+def fastest(variants: list[Variant]) -> Variant | None:
+    timed = [v for v in variants if v.ms is not None]
+    return min(timed, key=lambda v: v.ms) if timed else None

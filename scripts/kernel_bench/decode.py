@@ -1,0 +1,263 @@
+"""Decode section of the kernel benchmark: TB/s of the paged decode kernel over a
+num_splits sweep, the split table's choice, JAX's Pallas `paged_attention` at its best
+settings and the jitted XLA gather reference; and the split table the sweep suggests."""
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+from jax.experimental.pallas.ops.gpu import paged_attention as jax_paged
+
+from pallas_kernels import decode_num_splits, paged_decode_attention, paged_decode_attention_reference
+from pallas_kernels.paged_decode_attention import _SPLIT_BATCHES, _SPLIT_CONTEXTS, _SPLIT_TABLE
+from scripts.bench_utils import log, rel_err
+from scripts.kernel_bench.common import (
+    CHECK_ROWS,
+    GUESS_TBPS,
+    Bench,
+    Heads,
+    Variant,
+    fastest,
+    random_normal,
+    run_variants,
+)
+
+# The decode KV cache may take this share of device memory; the rest is for the XLA
+# reference, which gathers the pages it reads into float32 (about 3x their bytes).
+CACHE_FRACTION = 0.4
+REFERENCE_FRACTION = 0.8
+REFERENCE_BYTES_PER_KV_BYTE = 3
+# H100 and H200 L2 sizes are 50 and 60 MB: decode calls rotate over enough page sets
+# that the K/V of consecutive calls spans at least twice this (bench_utils.chained).
+L2_BYTES = 60 << 20
+SPLIT_CANDIDATES = (1, 2, 4, 8, 16, 32)
+# A split count is timed only while half of it gives fewer programs (batch x kv heads x
+# splits) than this many per SM: past that, more splits only add merge work.
+PROGRAMS_PER_SM_ENOUGH = 16
+JLLM_DECODE_BLOCK_KV = 64  # paged_decode_attention's default keys per inner step.
+JAX_PAGES_PER_COMPUTE_BLOCK = (8, 4, 16)
+# Launch settings of JAX's kernel tried against its defaults (8 warps, 2 stages) at its
+# best split count and block: jllm's decode defaults, and each change alone.
+JAX_LAUNCH_SETTINGS = ({"num_warps": 4}, {"num_stages": 3}, {"num_warps": 4, "num_stages": 3})
+# Launch settings of the decode kernel tried against its defaults (block_kv 64, 4 warps,
+# 3 stages) at the table's split count, with --decode-param-sweep.
+DECODE_PARAM_SETTINGS = (
+    {"block_kv": 128}, {"block_kv": 32}, {"num_stages": 2}, {"num_stages": 4},
+    {"num_warps": 8}, {"block_kv": 128, "num_warps": 8}, {"block_kv": 128, "num_stages": 2},
+)
+
+
+def kv_bytes(heads: Heads, batch: int, context: int) -> int:
+    """K and V bytes a decode step reads: every sequence's pages up to its context, once."""
+    return 2 * batch * context * heads.num_kv_heads * heads.head_dim * 2  # bf16
+
+
+def useful_splits(batch: int, heads: Heads, num_sms: int, most: int) -> list[int]:
+    """Split counts worth timing: at most `most`, and doubling only while the grid of
+    batch * kv heads * splits programs is still short of filling the device."""
+    enough = PROGRAMS_PER_SM_ENOUGH * num_sms
+    return [s for s in SPLIT_CANDIDATES
+            if s <= most and (s == 1 or batch * heads.num_kv_heads * s // 2 < enough)]
+
+
+def decode_batch(rng, heads: Heads, batch: int, context: int, cache_pages: int, page_size: int):
+    """q, seq_lens and block tables of `batch` sequences of `context` tokens each: as many
+    tables as it takes for their K/V to span twice the L2 (within the cache's pages), on
+    disjoint pages drawn at random from the whole cache."""
+    pages = batch * (context // page_size)
+    per_call = kv_bytes(heads, batch, context)
+    count = max(1, min(-(-2 * L2_BYTES // per_call), cache_pages // pages))
+    drawn = rng.permutation(cache_pages)[: count * pages].reshape(count, batch, -1)
+    q = random_normal(batch * 7 + context, (batch, heads.num_q_heads, heads.head_dim))
+    tables = tuple(jnp.asarray(t, jnp.int32) for t in drawn)
+    return q, jnp.full((batch,), context, jnp.int32), tables
+
+
+def bench_decode(bench: Bench, rng) -> None:
+    plan = bench.plan
+    for heads in plan.decode_heads:
+        shapes = [(b, c) for b in plan.batches for c in plan.contexts]
+        fits = [s for s in shapes if kv_bytes(heads, *s) <= CACHE_FRACTION * bench.memory_bytes]
+        for batch, context in shapes:
+            if (batch, context) not in fits:
+                log(f"decode {heads.model} B={batch} ctx={context}: skipped (memory)")
+                bench.results.add_row(**decode_row("jllm_decode", heads, batch, context,
+                                                   plan.page_size, skipped="memory"))
+        if not fits:
+            continue
+        # One cache per model, as large as its largest shape: every shape draws its pages
+        # from it, so no shape pays to fill a cache of its own.
+        cache_pages = max(b * c for b, c in fits) // plan.page_size
+        cache_shape = (heads.num_kv_heads, cache_pages, plan.page_size, heads.head_dim)
+        k_cache, v_cache = random_normal(1, cache_shape), random_normal(2, cache_shape)
+        cache_bytes = 2 * k_cache.nbytes
+        for batch, context in fits:
+            if bench.out_of_time():
+                log(f"decode {heads.model} B={batch} ctx={context}: skipped (time budget)")
+                bench.results.add_row(**decode_row("jllm_decode", heads, batch, context,
+                                                   plan.page_size, skipped="time budget"))
+                continue
+            bench_decode_shape(bench, rng, heads, batch, context, k_cache, v_cache, cache_bytes)
+            bench.results.write()
+        del k_cache, v_cache
+
+
+def bench_decode_shape(bench, rng, heads, batch, context, k_cache, v_cache, cache_bytes):
+    page_size = bench.plan.page_size
+    nbytes = kv_bytes(heads, batch, context)
+    guess = nbytes / (GUESS_TBPS * 1e12) + 5e-6
+    log(f"decode {heads.model} B={batch} ctx={context}: K+V {nbytes / 1e9:.3f} GB, "
+        f"{bench.reps_for(guess)} calls/program")
+    q, seq_lens, tables = decode_batch(rng, heads, batch, context, k_cache.shape[1], page_size)
+    scale = heads.head_dim ** -0.5
+    rows = min(batch, CHECK_ROWS)
+    reference = functools.partial(paged_decode_attention_reference, scale=scale)
+    expected = jax.jit(reference)(q[:rows], k_cache, v_cache, seq_lens[:rows], tables[0][:rows])
+
+    def check(out):
+        return rel_err([(out[:rows], expected)])
+
+    def figure(ms):
+        return f"{nbytes / ms / 1e9:6.3f} TB/s"
+
+    args = (q, k_cache, v_cache, seq_lens, tables)
+    rotating = (4,)  # The tables.
+    table_splits = decode_num_splits(batch, context)
+    most_splits = -(-context // JLLM_DECODE_BLOCK_KV)
+    splits = sorted({*useful_splits(batch, heads, bench.num_sms, most_splits), table_splits})
+    jllm = [Variant("jllm_decode", {"num_splits": s},
+                    functools.partial(paged_decode_attention, scale=scale, num_splits=s,
+                                      interpret=bench.interpret), args, rotating)
+            for s in splits]
+    if bench.decode_params:
+        jllm += [Variant("jllm_decode", {"num_splits": table_splits, **p},
+                         functools.partial(paged_decode_attention, scale=scale, num_splits=table_splits,
+                                           interpret=bench.interpret, **p), args, rotating)
+                 for p in DECODE_PARAM_SETTINGS]
+    # JAX's kernel takes no softmax scale: q is scaled beforehand, outside the timing.
+    jax_args = (q * jnp.asarray(scale, q.dtype), k_cache, v_cache, tables, seq_lens)
+    pages = context // page_size
+    k_splits = [s for s in useful_splits(batch, heads, bench.num_sms, pages) if pages % s == 0]
+    jax_variants = [jax_paged_variant(bench, jax_args, s, JAX_PAGES_PER_COMPUTE_BLOCK[0])
+                    for s in k_splits]
+    xla = []
+    reference_bytes = cache_bytes + REFERENCE_BYTES_PER_KV_BYTE * nbytes
+    if reference_bytes <= REFERENCE_FRACTION * bench.memory_bytes:
+        xla = [Variant("xla_reference", {}, reference, args, rotating)]
+    else:
+        log("  xla_reference: skipped (memory)")
+    run_variants(bench, jllm + jax_variants + xla, guess, check, figure)
+
+    best_jax = fastest(jax_variants)
+    if best_jax is not None:  # Then its compute block size, at its best split count,
+        more = jax_block_variants(bench, jax_args, pages, best_jax.params["k_splits"])
+        run_variants(bench, more, guess, check, figure)
+        jax_variants += more
+        best_jax = fastest(jax_variants)  # then its launch settings, at its best of those.
+        more = [jax_paged_variant(bench, jax_args, best_jax.params["k_splits"],
+                                  best_jax.params["pages_per_compute_block"], **launch)
+                for launch in JAX_LAUNCH_SETTINGS]
+        run_variants(bench, more, guess, check, figure)
+        jax_variants += more
+    record_decode(bench, heads, batch, context, nbytes, jllm, table_splits, jax_variants, xla)
+
+
+def jax_paged_variant(bench, jax_args, k_splits, pages_per_compute_block, **launch) -> Variant:
+    fn = functools.partial(jax_paged.paged_attention, k_splits=k_splits,
+                           pages_per_compute_block=pages_per_compute_block,
+                           interpret=bench.interpret, **launch)
+    return Variant("jax_paged_attention",
+                   {"k_splits": k_splits, "pages_per_compute_block": pages_per_compute_block,
+                    **launch},
+                   fn, jax_args, (3,))
+
+
+def jax_block_variants(bench, jax_args, pages, k_splits) -> list[Variant]:
+    """The other compute block sizes that differ in effect at this split count and that
+    the kernel accepts (it clamps the block to the partition, which the block must divide)."""
+    partition = pages // k_splits
+    tried = {min(JAX_PAGES_PER_COMPUTE_BLOCK[0], partition)}
+    variants = []
+    for block in JAX_PAGES_PER_COMPUTE_BLOCK[1:]:
+        effective = min(block, partition)
+        if effective not in tried and partition % effective == 0:
+            tried.add(effective)
+            variants.append(jax_paged_variant(bench, jax_args, k_splits, block))
+    return variants
+
+
+def decode_row(kernel, heads, batch, context, page_size, variant=None, nbytes=None,
+               copy_tbps=None, **extra) -> dict:
+    row = dict(kernel=kernel, model=heads.model, batch=batch, context=context,
+               num_q_heads=heads.num_q_heads, num_kv_heads=heads.num_kv_heads,
+               head_dim=heads.head_dim, page_size=page_size, ms=None, tbps=None, tflops=None,
+               max_rel_err=None)
+    if variant is not None:
+        row.update(variant.params, ms=variant.ms, max_rel_err=variant.max_rel_err)
+        if variant.ms is not None:
+            row["tbps"] = nbytes / variant.ms / 1e9
+            if copy_tbps:
+                row["share_of_copy"] = row["tbps"] / copy_tbps
+        if variant.error:
+            row["error"] = variant.error
+    row.update(extra)
+    return row
+
+
+def record_decode(bench, heads, batch, context, nbytes, jllm, table_splits, jax_variants, xla):
+    page_size, results = bench.plan.page_size, bench.results
+    for v in jllm + jax_variants + xla:
+        results.add_sweep(kernel=v.kernel, model=heads.model, batch=batch, context=context,
+                          head_dim=heads.head_dim, **v.params, ms=v.ms, max_rel_err=v.max_rel_err,
+                          error=v.error)
+    table = next(v for v in jllm if v.params["num_splits"] == table_splits)
+    best, best_jax = fastest(jllm) or jllm[0], fastest(jax_variants)
+    picks = [("jllm_decode", best), ("jllm_decode_table", table),
+             ("jax_paged_attention", best_jax or (jax_variants or [None])[0]),
+             ("xla_reference", xla[0] if xla else None)]
+    if best.ms and table.ms:
+        versus = f"; jax paged's best takes {best_jax.ms / best.ms:.2f}x" if best_jax else ""
+        log(f"  -> best num_splits={best.params['num_splits']}; the table's {table_splits} takes "
+            f"{table.ms / best.ms:.2f}x its time{versus}")
+    for kernel, variant in picks:
+        if variant is None:
+            skipped = "memory" if kernel == "xla_reference" else "no valid settings"
+            results.add_row(**decode_row(kernel, heads, batch, context, page_size, skipped=skipped))
+        else:
+            results.add_row(**decode_row(kernel, heads, batch, context, page_size, variant, nbytes,
+                                         bench.copy_tbps))
+
+
+def suggested_split_table(sweeps: list[dict]) -> str:
+    """`_SPLIT_TABLE` with each measured cell set to the split count whose worst slowdown
+    over the measured models (time / that model's best time) is least."""
+    timings: dict[tuple[int, int], dict[int, dict[int, float]]] = {}  # cell -> split -> {d: ms}
+    for s in sweeps:
+        launch_sweep = any(k in s for k in ("block_kv", "num_warps", "num_stages"))
+        if s["kernel"] == "jllm_decode" and s["ms"] is not None and not launch_sweep:
+            cell = timings.setdefault((s["batch"], s["context"]), {})
+            cell.setdefault(s["num_splits"], {})[s["head_dim"]] = s["ms"]
+    lines, kept = ["_SPLIT_TABLE = ("], False
+    for i, batch in enumerate(_SPLIT_BATCHES):
+        cells = []
+        for j, context in enumerate(_SPLIT_CONTEXTS):
+            cell = timings.get((batch, context))
+            kept |= not cell
+            cells.append(str(_best_split(cell)) if cell else f"{_SPLIT_TABLE[i][j]}?")
+        bound = "" if i == 0 else "<= "
+        lines.append(f"    ({', '.join(cells)}),  # batch {bound}{batch}")
+    lines.append(")  # '?': not measured, kept from the current table" if kept else ")")
+    return "\n".join(lines)
+
+
+def _best_split(cell: dict[int, dict[int, float]]) -> int:
+    head_dims = set().union(*(ms.keys() for ms in cell.values()))
+    best = {d: min(ms[d] for ms in cell.values() if d in ms) for d in head_dims}
+
+    def rank(split):
+        ms = cell[split]
+        # A split that some model has no time for ranks after those all models have.
+        return ms.keys() != head_dims, max(ms[d] / best[d] for d in ms), split
+
+    return min(cell, key=rank)
