@@ -24,9 +24,11 @@ def first_line(error: BaseException) -> str:
     return f"{type(error).__name__}: {text[0] if text else ''}"[:300]
 
 
-def chained(fn: Callable, reps: int, rotating: tuple[int, ...] = ()) -> Callable:
+def chained(fn: Callable, reps: int, rotating: tuple[int, ...] = (), carry: int = 1) -> Callable:
     """`reps` calls of `fn` back to back in one program, each call's output fed in as the
-    next call's first argument (so `fn` must return an array shaped like that argument).
+    next call's first argument (so `fn` must return an array shaped like that argument),
+    or, with `carry` > 1, as its first `carry` arguments (`fn` returns a tuple of them:
+    a KV write returns the caches it was given).
 
     A lone jitted call costs tens of microseconds of dispatch and sync, more than a small
     decode kernel runs; in one program that cost comes once per `reps` calls. The chain
@@ -39,12 +41,14 @@ def chained(fn: Callable, reps: int, rotating: tuple[int, ...] = ()) -> Callable
     alternative i % len: decode rotates block tables over disjoint pages, so that calls
     on small shapes cannot find the previous calls' K/V in L2.
     """
-    def run(first, *rest):
-        out = first
+    def run(*args):
+        out, rest = tuple(args[:carry]), args[carry:]
         for i in range(reps):
-            args = [a[i % len(a)] if n in rotating else a for n, a in enumerate(rest, start=1)]
-            out = fn(out, *args)
-        return out
+            per_call = [a[i % len(a)] if n in rotating else a
+                        for n, a in enumerate(rest, start=carry)]
+            out = fn(*out, *per_call)
+            out = (out,) if carry == 1 else tuple(out)
+        return out[0] if carry == 1 else out
 
     return run
 
@@ -55,18 +59,23 @@ def first_alternative(args: tuple, rotating: tuple[int, ...]) -> tuple:
     return tuple(a[0] if n in rotating else a for n, a in enumerate(args))
 
 
+def _count_to_fill(target_s: float, seconds_each: float, least: int, most: int) -> int:
+    """How many things of `seconds_each` fill `target_s`, within [least, most]."""
+    return max(least, min(most, round(target_s / max(seconds_each, 1e-9))))
+
+
 def reps_for(seconds_per_call: float, target_s: float = 1e-3, least: int = 3,
              most: int = 32) -> int:
     """Calls chained in one timed program: about `target_s` of them, at least `least`,
     at most `most` (each unrolled call is compiled anew, so this bounds compile time)."""
-    return max(least, min(most, round(target_s / max(seconds_per_call, 1e-9))))
+    return _count_to_fill(target_s, seconds_per_call, least, most)
 
 
 def programs_per_sample(seconds_per_program: float, target_s: float = 5e-3,
                         most: int = 20) -> int:
     """Programs dispatched back to back per timing sample: enough that a sample runs
     about `target_s`, so that the one host sync at its end (~50 µs) costs about 1 %."""
-    return max(1, min(most, round(target_s / max(seconds_per_program, 1e-9))))
+    return _count_to_fill(target_s, seconds_per_program, 1, most)
 
 
 def median_seconds(call: Callable[[], Any], iters: int, warmup: int = 1,

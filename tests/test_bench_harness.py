@@ -31,6 +31,15 @@ def test_chained_feeds_each_output_into_the_next_call_and_rotates_alternatives()
     assert first_alternative((1, offsets, 3), (1,)) == (1, offsets[0], 3)
 
 
+def test_chained_threads_several_carried_arguments():
+    def write(a, b, step):
+        return a + step, b * 2.0
+
+    run = chained(write, reps=3, carry=2)
+    a, b = jax.jit(run)(jnp.float32(0.0), jnp.float32(1.0), jnp.float32(5.0))
+    assert (float(a), float(b)) == (15.0, 8.0)
+
+
 def test_program_sizes_stay_in_their_bounds():
     assert reps_for(1e-9) == 32 and reps_for(1.0) == 3
     assert reps_for(1e-4) == 10

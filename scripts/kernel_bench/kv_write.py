@@ -3,7 +3,6 @@ scatter, and a check of the compiled HLO that the donated cache is not copied.""
 from __future__ import annotations
 
 import functools
-from typing import Callable
 
 import jax
 import jax.numpy as jnp
@@ -11,6 +10,7 @@ import jax.numpy as jnp
 from pallas_kernels import write_kv, write_kv_reference
 from scripts.bench_utils import (
     Job,
+    chained,
     compile_all,
     first_line,
     full_copies_in_hlo,
@@ -19,17 +19,6 @@ from scripts.bench_utils import (
     rel_err,
 )
 from scripts.kernel_bench.common import GUESS_TBPS, Bench, random_normal
-
-
-def chained_write(write: Callable, reps: int) -> Callable:
-    """`reps` writes in one program, each into the caches the one before returned (the
-    bench_utils.chained pattern for a function of the caches), unrolled."""
-    def run(k_cache, v_cache, k, v, slot_mapping):
-        caches = (k_cache, v_cache)
-        for _ in range(reps):
-            caches = write(*caches, k, v, slot_mapping)
-        return caches
-    return run
 
 
 def bench_kv_write(bench: Bench, rng) -> None:
@@ -65,7 +54,7 @@ def bench_one_write(bench, name, write, args, expected, heads, nbytes) -> dict:
     guess = nbytes / (GUESS_TBPS * 1e12) + 5e-6
     reps = bench.reps_for(guess)
     try:
-        step = compile_all({name: Job(chained_write(write, reps), args, (0, 1))}, 1)[name]
+        step = compile_all({name: Job(chained(write, reps, carry=2), args, (0, 1))}, 1)[name]
         if isinstance(step, Exception):
             raise step
         # The caches are donated: the program gets copies, then threads its own outputs.
