@@ -26,18 +26,21 @@ MASK_VALUE = -0.7 * float(jnp.finfo(jnp.float32).max)
 _LOG2E = math.log2(math.e)
 
 # Kv splits by (batch, context), from scripts/bench_kernels.py's sweep of 1-32 splits
-# on the H100 (2026-11-26, jax 0.11.2, chained timing, in-kernel merge; its suggested
-# table, scripts/results/kernels_nvidia-h100-80gb-hbm3_2026-11-26_064052.json): per cell
-# the count whose worst slowdown over Llama-3.1-8B (d 128) and Llama-3.2-1B (d 64)
-# heads, 32 q / 8 kv, page 16, is least. Rows: batch up to; columns: context (tokens)
-# up to. From batch 64 the batch alone fills the SMs.
+# on the H100 (2026-11-26, jax 0.11.2, chained timing under CUDA graphs, interleaved
+# splits, in-kernel merge; scripts/results/kernels_nvidia-h100-80gb-hbm3_2026-11-26_
+# 083721.json and _084719.json): per cell the count whose worst slowdown over
+# Llama-3.1-8B (d 128) and Llama-3.2-1B (d 64) heads, 32 q / 8 kv, page 16, is least.
+# Rows: batch up to; columns: context (tokens) up to. From batch 64 the batch alone
+# fills the SMs. At 1 x 512 that run's d64 timings were noise (4 and 8 splits 1.6x
+# slower than 2 and than 1, where the run before had 8 splits 1.7x faster than 2), so
+# the cell keeps 8, d128's best.
 _SPLIT_BATCHES = (1, 8, 64, 256)
 _SPLIT_CONTEXTS = (512, 2048, 8192, 32768)
 _SPLIT_TABLE = (
-    (8, 32, 32, 32),  # batch 1
-    (8, 8, 8, 8),  # batch <= 8
+    (8, 16, 32, 32),  # batch 1
+    (4, 4, 4, 32),  # batch <= 8
     (1, 1, 1, 1),  # batch <= 64
-    (1, 1, 1, 2),  # batch <= 256 and beyond
+    (1, 1, 2, 2),  # batch <= 256 and beyond
 )
 
 
@@ -76,22 +79,37 @@ def _decode_kernel(seq_lens_ref, block_tables_ref, q_ref, k_cache_ref,
   kv_lo = 0 if sliding_window is None else jnp.maximum(seq_len - sliding_window, 0)
   first_block = kv_lo // block_kv
   num_blocks = pl.cdiv(seq_len, block_kv) - first_block
-  blocks_per_split = pl.cdiv(num_blocks, num_splits)
-  start = first_block + split * blocks_per_split
-  end = jnp.minimum(start + blocks_per_split, first_block + num_blocks)
+  # The splits take the kv blocks in turn (split i: blocks i, i + num_splits, ...), and
+  # each prefetches the page ids of its next block: without a window a program's first
+  # page ids then do not depend on the sequence's length, so their load goes out beside
+  # the length's instead of after it. That is one memory round trip less on the path of
+  # the small, latency-bound shapes (1 x 8192 d128: 26.8 -> 19.6 us of kernel time on
+  # the H100). With one split the in-loop page-id load pipelines better (batch 64 x
+  # 2048: 176 against 189 us), so it stays there.
+  num_steps = jnp.maximum(pl.cdiv(num_blocks - split, num_splits), 0)
+  first = first_block + split
+  prefetch = num_splits > 1
 
   heads = jnp.arange(group_padded)
   cols = jnp.arange(head_dim)[None, :]
   q = plgpu.load(q_ref.at[heads[:, None], cols], mask=(heads < group)[:, None],
                  other=0)
 
-  def body(b, carry):
-    o_prev, m_prev, l_prev = carry
+  def page_ids(b):
+    # Bounded by the table, not by the length: entries past a sequence's pages hold
+    # valid page ids, and the K/V loads mask their keys.
+    pages = (b * block_kv + jnp.arange(block_kv)) // block_size
+    return plgpu.load(block_tables_ref.at[seq, pages], mask=pages < max_blocks, other=0)
+
+  def body(step, carry):
+    o_prev, m_prev, l_prev, pages = carry
+    b = first + step * num_splits
+    if prefetch:
+      next_pages = page_ids(b + num_splits)
+    else:  # The carried ids stay an unused placeholder.
+      pages, next_pages = page_ids(b), pages
     keys = b * block_kv + jnp.arange(block_kv)
     valid = (keys >= kv_lo) & (keys < seq_len)
-    pages = plgpu.load(
-        block_tables_ref.at[seq, keys // block_size],
-        mask=valid & (keys // block_size < max_blocks), other=0)
     slots = (pages * block_size + keys % block_size)[:, None]
     k = plgpu.load(k_cache_ref.at[slots, cols], mask=valid[:, None], other=0)
     v = plgpu.load(v_cache_ref.at[slots, cols], mask=valid[:, None], other=0)
@@ -103,12 +121,13 @@ def _decode_kernel(seq_lens_ref, block_tables_ref, q_ref, k_cache_ref,
     p = jnp.exp2(s - m_next[:, None])
     l_next = correction * l_prev + p.sum(axis=-1)
     o_next = correction[:, None] * o_prev + plgpu.dot(p.astype(v.dtype), v)
-    return o_next, m_next, l_next
+    return o_next, m_next, l_next, next_pages
 
   o = jnp.zeros((group_padded, head_dim), jnp.float32)
   m = jnp.full((group_padded,), -jnp.inf, jnp.float32)
   l = jnp.zeros((group_padded,), jnp.float32)
-  o, m, l = jax.lax.fori_loop(start, end, body, (o, m, l))
+  pages = page_ids(first) if prefetch else jnp.zeros((block_kv,), jnp.int32)
+  o, m, l, _ = jax.lax.fori_loop(0, num_steps, body, (o, m, l, pages))
 
   real_heads = heads < group
   if num_splits == 1:
@@ -132,7 +151,11 @@ def _decode_kernel(seq_lens_ref, block_tables_ref, q_ref, k_cache_ref,
 
   @pl.when(ticket == num_splits - 1)
   def _merge():
+    # Only the real heads: no dot here wants 16 rows, and the padded [splits, 16,
+    # head_dim] f32 states would not fit the registers.
     splits = jnp.arange(pl.next_power_of_2(num_splits))
+    heads = jnp.arange(pl.next_power_of_2(group))
+    real_heads = heads < group
     state_mask = (splits < num_splits)[:, None] & real_heads[None, :]
     m_all = plgpu.load(m_part_ref.at[splits[:, None], heads[None, :]],
                        mask=state_mask, other=-jnp.inf, volatile=True)

@@ -1,10 +1,11 @@
 """On the GPU: greedy tokens and logprobs of the Pallas attention path against the
 plain-jnp reference, on random-weight models (head_dim 64 and 128, GQA).
 
-    python scripts/compare_backends.py
+    python scripts/compare_backends.py [--head-dim 128] [--dtype float32]
 """
 from __future__ import annotations
 
+import argparse
 import logging
 import os
 import sys
@@ -41,16 +42,22 @@ def run(folder: str, backend: str, dtype: str, prompts):
     return [(list(o.outputs[0].token_ids), o.outputs[0].logprobs) for o in outs]
 
 
-def main() -> None:
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--head-dim", type=int, action="append", choices=(64, 128),
+                        help="model head_dim to compare (repeatable); default both")
+    parser.add_argument("--dtype", action="append", choices=("float32", "bfloat16"),
+                        help="dtype to compare (repeatable); default both")
+    args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING)
     rng = np.random.default_rng(0)
     # Lengths around page edges and a long prompt that needs chunked prefill.
     lengths = [1, 15, 16, 17, 100, 700, 1300, 33]
     prompts = [rng.integers(0, 4096, n).tolist() for n in lengths]
     rows = []
-    for head_dim in (64, 128):
+    for head_dim in args.head_dim or (64, 128):
         folder = make_model(tempfile.mkdtemp(), head_dim, seed=head_dim)
-        for dtype in ("float32", "bfloat16"):
+        for dtype in args.dtype or ("float32", "bfloat16"):
             # The batch, then the longest prompt alone: its first 512-token chunk is a
             # fresh prefill (cuDNN in bfloat16), the rest ragged and decode steps.
             ref = run(folder, "reference", dtype, prompts) + run(folder, "reference", dtype, [prompts[6]])

@@ -82,3 +82,12 @@ def test_kv_write_section_runs_end_to_end_in_interpret_mode(tmp_path):
     assert rows["jllm_kv_write"]["ms"] > 0
     assert record["kv_write_hlo"]["verdict"].startswith("ok")
     assert record["copy_tbps"] > 0
+
+
+def test_plan_narrows_to_the_models_and_batches_asked_for():
+    args = bench_kernels.parse_args(["--model", "llama-3.2-1b", "--batch", "1", "--batch", "256"])
+    plan = bench_kernels.select_plan(args)
+    assert [h.model for h in plan.decode_heads] == ["llama-3.2-1b"]
+    assert plan.batches == (1, 256)
+    full = bench_kernels.select_plan(bench_kernels.parse_args([]))
+    assert plan.contexts == full.contexts and len(full.batches) == 4
