@@ -3,10 +3,12 @@ from __future__ import annotations
 
 import concurrent.futures
 import dataclasses
+import glob
 import json
 import os
 import re
 import statistics
+import tempfile
 import time
 from typing import Any, Callable
 
@@ -95,6 +97,38 @@ def median_seconds(call: Callable[[], Any], iters: int, warmup: int = 1,
         jax.block_until_ready(out)
         times.append((time.perf_counter() - start) / back_to_back)
     return statistics.median(times)
+
+
+def gpu_busy_ns(profile) -> int | None:
+    """Summed durations of the events on a `jax.profiler.ProfileData`'s GPU stream lines
+    (kernels, memsets and copies as the device ran them), or None with no GPU plane."""
+    total, found = 0, False
+    for plane in profile.planes:
+        if not plane.name.startswith("/device:GPU"):
+            continue
+        for line in plane.lines:
+            if "stream" in line.name.lower():
+                found = True
+                total += sum(event.duration_ns for event in line.events)
+    return total if found else None
+
+
+def kernel_seconds(call: Callable[[], Any], programs: int, calls_per_program: int) -> float | None:
+    """Device time per call: `programs` runs of `call()` (each `calls_per_program` chained
+    calls) under the profiler, their GPU events summed, / programs / calls. Unlike the
+    wall time it leaves out the gaps between kernels, so it does not move with the host's
+    launch speed, which at a few microseconds a call can dominate the wall time. None
+    off the GPU."""
+    with tempfile.TemporaryDirectory() as folder:
+        with jax.profiler.trace(folder):
+            for _ in range(programs):
+                out = call()
+            jax.block_until_ready(out)
+        traces = glob.glob(os.path.join(folder, "**", "*.xplane.pb"), recursive=True)
+        if not traces:
+            return None
+        busy = gpu_busy_ns(jax.profiler.ProfileData.from_file(traces[0]))
+    return None if busy is None else busy / 1e9 / (programs * calls_per_program)
 
 
 @dataclasses.dataclass

@@ -2,13 +2,21 @@
 what each timed program computes, the page sets decode rotates over, and a tiny CPU run
 of the script end to end (Pallas interpret mode)."""
 import json
+import types
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
 from scripts import bench_kernels
-from scripts.bench_utils import chained, first_alternative, programs_per_sample, reps_for
+from scripts.bench_utils import (
+    chained,
+    first_alternative,
+    gpu_busy_ns,
+    kernel_seconds,
+    programs_per_sample,
+    reps_for,
+)
 from scripts.kernel_bench import decode
 from scripts.kernel_bench.common import LLAMA_8B
 
@@ -91,3 +99,48 @@ def test_plan_narrows_to_the_models_and_batches_asked_for():
     assert plan.batches == (1, 256)
     full = bench_kernels.select_plan(bench_kernels.parse_args([]))
     assert plan.contexts == full.contexts and len(full.batches) == 4
+
+
+def _profile(planes):
+    event = lambda ns: types.SimpleNamespace(duration_ns=ns)  # noqa: E731
+    return types.SimpleNamespace(planes=[
+        types.SimpleNamespace(name=name, lines=[types.SimpleNamespace(name=line, events=[event(ns) for ns in durations])
+                                                for line, durations in lines])
+        for name, lines in planes])
+
+
+def test_gpu_busy_time_sums_the_gpu_stream_events_only():
+    profile = _profile([
+        ("/host:CPU", [("python", [10_000])]),
+        ("/device:GPU:0", [("Stream #13(Compute)", [1_000, 2_500]), ("XLA Ops", [9_999]),
+                           ("Stream #14(MemcpyD2D)", [500])]),
+    ])
+    assert gpu_busy_ns(profile) == 4_000
+    assert gpu_busy_ns(_profile([("/host:CPU", [("python", [10_000])])])) is None
+
+
+def test_kernel_seconds_traces_the_calls_and_finds_no_gpu_on_the_cpu():
+    calls = []
+
+    def call():
+        calls.append(1)
+        return jnp.ones(4) + len(calls)
+
+    assert kernel_seconds(call, programs=3, calls_per_program=2) is None
+    assert len(calls) == 3
+
+
+def test_decode_section_runs_end_to_end_in_interpret_mode(tmp_path):
+    out = tmp_path / "kernels.json"
+    bench_kernels.main(["--interpret", "--tiny", "--iters", "1", "--only", "decode", "--batch", "3",
+                        "--out", str(out)])
+    record = json.loads(out.read_text())
+    rows = [r for r in record["rows"] if r["batch"] == 3]
+    assert {r["context"] for r in rows} == {64, 128}
+    for kernel in ("jllm_decode", "jllm_decode_table", "jax_paged_attention", "xla_reference"):
+        picked = [r for r in rows if r["kernel"] == kernel]
+        assert len(picked) == 2 and all(r["ms"] > 0 for r in picked)
+        assert all(r["kernel_ms"] is None for r in picked)  # No GPU to profile.
+    assert all(r["max_rel_err"] < 2e-2 for r in rows)
+    assert "_SPLIT_TABLE = (" in record["suggested_split_table"]
+    assert record["launch"] == "stream"  # Graph launch is set only when run as a script.

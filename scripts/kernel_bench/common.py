@@ -21,6 +21,7 @@ from scripts.bench_utils import (  # noqa: E402
     compile_all,
     first_alternative,
     first_line,
+    kernel_seconds,
     log,
     median_seconds,
     programs_per_sample,
@@ -111,6 +112,9 @@ class Variant:
     ms: float | None = None
     max_rel_err: float | None = None
     error: str | None = None
+    # The timed program, its arguments, calls per program and programs per sample, kept
+    # after timing so that the picked variants can be profiled (kernel_ms).
+    program: tuple | None = None
 
     @property
     def label(self) -> str:
@@ -140,10 +144,21 @@ def run_variants(bench: Bench, variants: list[Variant], seconds_per_call: float,
             v.max_rel_err = check(jax.jit(v.fn)(*first_alternative(v.args, v.rotating)))
             v.ms = 1e3 * median_seconds(lambda: exe(*args), bench.iters,
                                         back_to_back=back_to_back) / reps
+            v.program = (exe, args, reps, back_to_back)
             log(f"  {v.label:<60} {v.ms:9.4f} ms  {figure(v.ms)}  err {v.max_rel_err:.1e}")
         except Exception as error:  # noqa: BLE001 - one kernel's failure must not end the run.
             v.error = first_line(error)
             log(f"  {v.label:<60} failed: {v.error}")
+
+
+def kernel_ms(bench: Bench, variant: Variant | None) -> float | None:
+    """Device time per call of a timed variant (bench_utils.kernel_seconds), or None in
+    interpret mode or when it was not timed."""
+    if bench.interpret or variant is None or variant.program is None:
+        return None
+    exe, args, reps, back_to_back = variant.program
+    seconds = kernel_seconds(lambda: exe(*args), back_to_back, reps)
+    return None if seconds is None else 1e3 * seconds
 
 
 def fastest(variants: list[Variant]) -> Variant | None:
