@@ -26,8 +26,8 @@ MASK_VALUE = -0.7 * float(jnp.finfo(jnp.float32).max)
 _LOG2E = math.log2(math.e)
 
 # Kv splits by (batch, context), from scripts/bench_kernels.py's sweep of 1-32 splits
-# on the H100 (2026-11-26, jax 0.11.2, chained timing under CUDA graphs, interleaved
-# splits, in-kernel merge; scripts/results/kernels_nvidia-h100-80gb-hbm3_2026-11-26_
+# on the H100 (2026-11-26, jax 0.11.2, chained timing, interleaved splits, in-kernel
+# merge; scripts/results/kernels_nvidia-h100-80gb-hbm3_2026-11-26_
 # 083721.json and _084719.json): per cell the count whose worst slowdown over
 # Llama-3.1-8B (d 128) and Llama-3.2-1B (d 64) heads, 32 q / 8 kv, page 16, is least.
 # Rows: batch up to; columns: context (tokens) up to. From batch 64 the batch alone

@@ -23,10 +23,13 @@ grows as the call shrinks (3 to 32, about 1 ms a program). Decode calls rotate o
 tables of disjoint pages, at least twice the L2's size in all, so a small shape reads its
 K/V from HBM as it would in a model step, not from L2. A timing sample dispatches
 programs back to back (about 5 ms of them) and waits once, so the device does not idle
-between programs and the host sync is paid once per sample. Programs run as CUDA graphs
-(XLA command buffers; `--stream-launch` launches thunk by thunk). The figure is the median
+between programs and the host sync is paid once per sample. The figure is the median
 over `--iters` samples (at least 3, fewer once a kernel's samples have taken 3 s),
 divided by programs and reps. `--reps 1` times single jitted calls.
+
+Decode rows also carry `kernel_ms`: the picked variants' device time per call from a
+profiler trace (bench_utils.kernel_seconds), which leaves out the launch gaps between
+kernels; at the smallest shapes those gaps move the wall time from run to run.
 
 Shapes whose data would not fit print "skipped (memory)"; shapes past `--budget-s` print
 "skipped (time budget)", so the run ends before the 10-minute cap. The JSON record under
@@ -43,16 +46,6 @@ import sys
 import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
-# Timed programs run as CUDA graphs (XLA command buffers), so that a chain of small calls
-# is timed as graph replays, not as the host's launches of one thunk after another (the
-# method's advice for many small launches; vLLM also replays decode as CUDA graphs). On
-# the H100 at 1 x 512 d128 the median of one variant moved by up to 2x between runs
-# under stream launches, and by 1-3 % under graphs. --stream-launch turns this off; set
-# before JAX starts its GPU client, which reads XLA_FLAGS once.
-GRAPH_FLAGS = "--xla_gpu_enable_command_buffer=FUSION,CUSTOM_CALL,CUBLAS --xla_gpu_graph_min_graph_size=1"
-if __name__ == "__main__" and "--stream-launch" not in sys.argv[1:]:
-    os.environ["XLA_FLAGS"] = f"{os.environ.get('XLA_FLAGS', '')} {GRAPH_FLAGS}".strip()
 
 import jax  # noqa: E402
 import numpy as np  # noqa: E402
@@ -90,8 +83,6 @@ def parse_args(argv=None):
                         help="start no shape after this many seconds (default 450; quick 100)")
     parser.add_argument("--decode-param-sweep", action="store_true",
                         help="also time the decode kernel's block_kv / warps / stages at the table's splits")
-    parser.add_argument("--stream-launch", action="store_true",
-                        help="launch each call's kernels from the host, not as CUDA graphs")
     parser.add_argument("--compile-threads", type=int, default=8,
                         help="threads compiling a shape's variants; 1 compiles one at a time")
     return parser.parse_args(argv)
@@ -114,13 +105,6 @@ def select_plan(args) -> Plan:
     return plan
 
 
-def launch_mode() -> str:
-    """How the timed programs' kernels are launched in this process."""
-    if GRAPH_FLAGS in os.environ.get("XLA_FLAGS", ""):
-        return f"graph (XLA_FLAGS {GRAPH_FLAGS})"
-    return "stream"
-
-
 def main(argv=None) -> None:
     start = time.time()
     args = parse_args(argv)
@@ -139,15 +123,14 @@ def main(argv=None) -> None:
                "reps chained calls (each call's output is the next call's query; decode "
                "rotates block tables over disjoint pages spanning >= 2x L2), one "
                "block_until_ready per sample, / programs / reps",
-        launch=launch_mode()))
+        xla_flags=os.environ.get("XLA_FLAGS", "")))
     bench = Bench(plan=plan, iters=iters, reps=args.reps, interpret=args.interpret,
                   threads=args.compile_threads,
                   deadline=start + (args.budget_s if args.budget_s is not None else plan.budget_s),
                   memory_bytes=device_memory_bytes(device),
                   num_sms=getattr(device, "core_count", None) or 132, results=results,
                   decode_params=args.decode_param_sweep)
-    log(f"{device.device_kind}, jax {jax.__version__}, launch {launch_mode()}, "
-        f"{bench.memory_bytes / 2**30:.1f} GiB, "
+    log(f"{device.device_kind}, jax {jax.__version__}, {bench.memory_bytes / 2**30:.1f} GiB, "
         f"{bench.num_sms} SMs; writing {out}")
 
     bandwidth = bandwidth_tbps(plan.copy_bytes, iters)
