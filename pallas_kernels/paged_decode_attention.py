@@ -1,8 +1,8 @@
 """Paged attention for decode steps: one query token per sequence, split-K over pages.
 
 One program per (sequence, kv head, kv split) handles all the query heads of its kv
-head at once (GQA), so each K/V page is read once per step. A sequence's pages are
-cut into `num_splits` ranges of whole kv blocks; the last split of a (sequence, kv
+head at once (GQA), so each K/V page is read once per step. A sequence's kv blocks
+are dealt out to `num_splits` splits in turn; the last split of a (sequence, kv
 head) to finish merges the partial softmax states, in the same kernel: one launch
 (plus a tiny memset), where an XLA merge after the kernel cost 0-2.5 µs more per call
 at batch 1-8 on the H100 (BUILD_NOTES.md, 2026-11-26, session 3). The query of
