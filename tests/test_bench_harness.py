@@ -102,11 +102,13 @@ def test_plan_narrows_to_the_models_and_batches_asked_for():
 
 
 def _profile(planes):
-    event = lambda ns: types.SimpleNamespace(duration_ns=ns)  # noqa: E731
-    return types.SimpleNamespace(planes=[
-        types.SimpleNamespace(name=name, lines=[types.SimpleNamespace(name=line, events=[event(ns) for ns in durations])
-                                                for line, durations in lines])
-        for name, lines in planes])
+    """A stand-in for jax.profiler.ProfileData: planes of lines of events."""
+    ns = types.SimpleNamespace
+
+    def line(name, durations):
+        return ns(name=name, events=[ns(duration_ns=d) for d in durations])
+
+    return ns(planes=[ns(name=name, lines=[line(*spec) for spec in lines]) for name, lines in planes])
 
 
 def test_gpu_busy_time_sums_the_gpu_stream_events_only():

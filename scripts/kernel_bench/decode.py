@@ -44,7 +44,7 @@ JAX_LAUNCH_SETTINGS = ({"num_warps": 4}, {"num_stages": 3}, {"num_warps": 4, "nu
 # Launch settings of the decode kernel tried against its defaults (block_kv 64, 4 warps,
 # 3 stages) at the table's split count, with --decode-param-sweep.
 DECODE_PARAM_SETTINGS = (
-    {"block_kv": 128}, {"block_kv": 32}, {"num_stages": 2}, {"num_stages": 4},
+    {"block_kv": 128}, {"block_kv": 32}, {"num_stages": 1}, {"num_stages": 2}, {"num_stages": 4},
     {"num_warps": 8}, {"block_kv": 128, "num_warps": 8}, {"block_kv": 128, "num_stages": 2},
 )
 
