@@ -93,9 +93,9 @@ def _decode_kernel(seq_lens_ref, block_tables_ref, q_ref, k_cache_ref,
   prefetch = num_splits > 1
 
   heads = jnp.arange(group_padded)
+  real_heads = heads < group
   cols = jnp.arange(head_dim)[None, :]
-  q = plgpu.load(q_ref.at[heads[:, None], cols], mask=(heads < group)[:, None],
-                 other=0)
+  q = plgpu.load(q_ref.at[heads[:, None], cols], mask=real_heads[:, None], other=0)
 
   def page_ids(b):
     # Bounded by the table, not by the length: entries past a sequence's pages hold
@@ -131,12 +131,14 @@ def _decode_kernel(seq_lens_ref, block_tables_ref, q_ref, k_cache_ref,
   pages = page_ids(first) if prefetch else jnp.zeros((block_kv,), jnp.int32)
   o, m, l, _ = jax.lax.fori_loop(0, num_steps, body, (o, m, l, pages))
 
-  real_heads = heads < group
+  def write_output(out_ref, o, l, heads):
+    o = o / jnp.where(l == 0, 1.0, l)[:, None]  # Rows of length 0 give zeros.
+    plgpu.store(out_ref.at[heads[:, None], cols], o.astype(out_ref.dtype),
+                mask=(heads < group)[:, None])
+
   if num_splits == 1:
     [o_ref] = out_refs
-    o = o / jnp.where(l == 0, 1.0, l)[:, None]  # Rows of length 0 give zeros.
-    plgpu.store(o_ref.at[heads[:, None], cols], o.astype(o_ref.dtype),
-                mask=real_heads[:, None])
+    write_output(o_ref, o, l, heads)
     return
   # The zeroed tickets come in aliased to the first output: the same buffer.
   _, ticket_ref, o_part_ref, m_part_ref, l_part_ref, out_ref = out_refs
@@ -171,9 +173,7 @@ def _decode_kernel(seq_lens_ref, block_tables_ref, q_ref, k_cache_ref,
     weight = jnp.exp2(m_all - jnp.where(m_max == -jnp.inf, 0.0, m_max)[None, :])
     l_sum = (weight * l_all).sum(axis=0)
     o_sum = (weight[:, :, None] * o_all).sum(axis=0)
-    o_sum = o_sum / jnp.where(l_sum == 0, 1.0, l_sum)[:, None]
-    plgpu.store(out_ref.at[heads[:, None], cols], o_sum.astype(out_ref.dtype),
-                mask=real_heads[:, None])
+    write_output(out_ref, o_sum, l_sum, heads)
 
 
 @functools.partial(
