@@ -14,6 +14,7 @@ from jllm.engine.request import Request, RequestStatus
 from jllm.sampling_params import SamplingParams
 from jllm.worker.buckets import pow2_buckets
 from jllm.worker.input_batch import InputBatchBuilder, pack, unpack
+from pallas_kernels import decode_num_splits
 
 BLOCK_SIZE = 4
 MAX_MODEL_LEN = 64
@@ -101,3 +102,28 @@ def test_pack_carries_every_array_bit_for_bit_through_jit():
     for name, want in tree.items():
         assert out[name].dtype == want.dtype and out[name].shape == want.shape
         np.testing.assert_array_equal(np.asarray(out[name]), want)
+
+
+def test_decode_steps_split_for_the_smallest_batch_of_their_bucket():
+    block_size, pages = 16, 512  # 8192-token page tables.
+    builder = InputBatchBuilder(block_size=block_size, token_buckets=pow2_buckets(16, 512), max_num_seqs=256,
+                                page_buckets=(pages,), max_logprobs=0, vocab_size=VOCAB_SIZE, decode_kernel=True)
+    # A lone sequence decodes in the 16-row bucket: it gets batch 1's splits, not the
+    # padded batch's (one split, one program per kv head over the whole context).
+    assert builder.decode_splits(16, pages) == decode_num_splits(1, 8192) > decode_num_splits(16, 8192)
+    assert builder.decode_splits(32, pages) == decode_num_splits(17, 8192)
+    assert builder.decode_splits(256, pages) == decode_num_splits(129, 8192)
+
+    # Through build(): a prompt's step is not decode-only; the next step is, and carries
+    # its bucket's split count as static metadata.
+    scheduler = Scheduler(SchedulerConfig(512, 256, 8192), CacheConfig(block_size, 1024, False))
+    scheduler.add_request(Request("r", [1, 2, 3], SamplingParams(max_tokens=4), seed=0, max_tokens=4))
+    for expect_decode in (False, True):
+        sched = scheduler.schedule()
+        rows = sched.scheduled_requests
+        shape, inputs, _ = builder.build(rows, [[]] * len(rows))
+        assert inputs.attn.decode_only == expect_decode
+        want = builder.decode_splits(shape.num_tokens, shape.num_pages) if expect_decode else None
+        assert inputs.attn.decode_num_splits == want
+        builder.record_sampled(np.zeros(shape.num_seqs, np.int32))
+        scheduler.update_from_output(sched, {"r": 7})
