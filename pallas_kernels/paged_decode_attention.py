@@ -95,7 +95,6 @@ def _decode_kernel(seq_lens_ref, block_tables_ref, q_ref, k_cache_ref,
   heads = jnp.arange(group_padded)
   real_heads = heads < group
   cols = jnp.arange(head_dim)[None, :]
-  q = plgpu.load(q_ref.at[heads[:, None], cols], mask=real_heads[:, None], other=0)
 
   def page_ids(b):
     # Bounded by the table, not by the length: entries past a sequence's pages hold
@@ -103,64 +102,52 @@ def _decode_kernel(seq_lens_ref, block_tables_ref, q_ref, k_cache_ref,
     pages = (b * block_kv + jnp.arange(block_kv)) // block_size
     return plgpu.load(block_tables_ref.at[seq, pages], mask=pages < max_blocks, other=0)
 
-  def body(step, carry):
-    o_prev, m_prev, l_prev, pages = carry
-    b = first + step * num_splits
-    if prefetch:
-      next_pages = page_ids(b + num_splits)
-    else:  # The carried ids stay an unused placeholder.
-      pages, next_pages = page_ids(b), pages
-    keys = b * block_kv + jnp.arange(block_kv)
-    valid = (keys >= kv_lo) & (keys < seq_len)
-    slots = (pages * block_size + keys % block_size)[:, None]
-    k = plgpu.load(k_cache_ref.at[slots, cols], mask=valid[:, None], other=0)
-    v = plgpu.load(v_cache_ref.at[slots, cols], mask=valid[:, None], other=0)
-    # [group_padded, block_kv], f32, in log2 units.
-    s = log2_logits(plgpu.dot(q, k, trans_b=True), scale, soft_cap)
-    s = jnp.where(valid[None, :], s, MASK_VALUE)
-    m_next = jnp.maximum(m_prev, s.max(axis=-1))
-    correction = jnp.exp2(m_prev - m_next)
-    p = jnp.exp2(s - m_next[:, None])
-    l_next = correction * l_prev + p.sum(axis=-1)
-    o_next = correction[:, None] * o_prev + plgpu.dot(p.astype(v.dtype), v)
-    return o_next, m_next, l_next, next_pages
+  def attend():
+    """This split's unnormalised output o, running max m and sum l (log2 units)."""
+    q = plgpu.load(q_ref.at[heads[:, None], cols], mask=real_heads[:, None], other=0)
 
-  o = jnp.zeros((group_padded, head_dim), jnp.float32)
-  m = jnp.full((group_padded,), -jnp.inf, jnp.float32)
-  l = jnp.zeros((group_padded,), jnp.float32)
-  pages = page_ids(first) if prefetch else jnp.zeros((block_kv,), jnp.int32)
-  o, m, l, _ = jax.lax.fori_loop(0, num_steps, body, (o, m, l, pages))
+    def body(step, carry):
+      o_prev, m_prev, l_prev, pages = carry
+      b = first + step * num_splits
+      if prefetch:
+        next_pages = page_ids(b + num_splits)
+      else:  # The carried ids stay an unused placeholder.
+        pages, next_pages = page_ids(b), pages
+      keys = b * block_kv + jnp.arange(block_kv)
+      valid = (keys >= kv_lo) & (keys < seq_len)
+      slots = (pages * block_size + keys % block_size)[:, None]
+      k = plgpu.load(k_cache_ref.at[slots, cols], mask=valid[:, None], other=0)
+      v = plgpu.load(v_cache_ref.at[slots, cols], mask=valid[:, None], other=0)
+      # [group_padded, block_kv], f32, in log2 units.
+      s = log2_logits(plgpu.dot(q, k, trans_b=True), scale, soft_cap)
+      s = jnp.where(valid[None, :], s, MASK_VALUE)
+      m_next = jnp.maximum(m_prev, s.max(axis=-1))
+      correction = jnp.exp2(m_prev - m_next)
+      p = jnp.exp2(s - m_next[:, None])
+      l_next = correction * l_prev + p.sum(axis=-1)
+      o_next = correction[:, None] * o_prev + plgpu.dot(p.astype(v.dtype), v)
+      return o_next, m_next, l_next, next_pages
+
+    o = jnp.zeros((group_padded, head_dim), jnp.float32)
+    m = jnp.full((group_padded,), -jnp.inf, jnp.float32)
+    l = jnp.zeros((group_padded,), jnp.float32)
+    pages = page_ids(first) if prefetch else jnp.zeros((block_kv,), jnp.int32)
+    o, m, l, _ = jax.lax.fori_loop(0, num_steps, body, (o, m, l, pages))
+    return o, m, l
 
   def write_output(out_ref, o, l, heads):
     o = o / jnp.where(l == 0, 1.0, l)[:, None]  # Rows of length 0 give zeros.
     plgpu.store(out_ref.at[heads[:, None], cols], o.astype(out_ref.dtype),
                 mask=(heads < group)[:, None])
 
-  if num_splits == 1:
-    [o_ref] = out_refs
-    write_output(o_ref, o, l, heads)
-    return
-  # The zeroed tickets come in aliased to the first output: the same buffer.
-  _, ticket_ref, o_part_ref, m_part_ref, l_part_ref, out_ref = out_refs
-  plgpu.store(o_part_ref.at[split, heads[:, None], cols], o, mask=real_heads[:, None])
-  plgpu.store(m_part_ref.at[split, heads], m, mask=real_heads)
-  plgpu.store(l_part_ref.at[split, heads], l, mask=real_heads)
-  # The last split of this (sequence, kv head) to finish merges all of them, as
-  # CUTLASS's split-K semaphore does: every thread's stores, a CTA barrier, then one
-  # release/acquire ticket at GPU scope. The merge's reads are volatile, so they come
-  # from L2, past this SM's L1 (JAX 0.11.2's Triton lowering rejects ".cg").
-  if not interpret:  # Interpret mode runs the programs one after another.
-    plgpu.debug_barrier()
-  ticket = plgpu.atomic_add(ticket_ref, jnp.int32(0), jnp.int32(1))
-
-  @pl.when(ticket == num_splits - 1)
-  def _merge():
+  def merge_states(active, o_part_ref, m_part_ref, l_part_ref, out_ref):
+    """Merges the first `active` splits' states into the output."""
     # Only the real heads: no dot here wants 16 rows, and the padded [splits, 16,
     # head_dim] f32 states would not fit the registers.
     splits = jnp.arange(pl.next_power_of_2(num_splits))
     heads = jnp.arange(pl.next_power_of_2(group))
     real_heads = heads < group
-    state_mask = (splits < num_splits)[:, None] & real_heads[None, :]
+    state_mask = (splits < active)[:, None] & real_heads[None, :]
     m_all = plgpu.load(m_part_ref.at[splits[:, None], heads[None, :]],
                        mask=state_mask, other=-jnp.inf, volatile=True)
     l_all = plgpu.load(l_part_ref.at[splits[:, None], heads[None, :]],
@@ -174,6 +161,43 @@ def _decode_kernel(seq_lens_ref, block_tables_ref, q_ref, k_cache_ref,
     l_sum = (weight * l_all).sum(axis=0)
     o_sum = (weight[:, :, None] * o_all).sum(axis=0)
     write_output(out_ref, o_sum, l_sum, heads)
+
+  if num_splits == 1:
+    [o_ref] = out_refs
+    o, _, l = attend()
+    write_output(o_ref, o, l, heads)
+    return
+  # The zeroed tickets come in aliased to the first output: the same buffer.
+  _, ticket_ref, o_part_ref, m_part_ref, l_part_ref, out_ref = out_refs
+  # Only the splits that get a kv block work: a short sequence (or a padding row) in a
+  # grid split for long ones costs its idle splits a launch, not a state, a ticket and
+  # a share of the merge. The engine sizes the grid for its page table's full width and
+  # its bucket's smallest batch (InputBatchBuilder.decode_splits), so most of a short
+  # or padded batch's splits are idle.
+  active = jnp.minimum(jnp.maximum(num_blocks, 1), num_splits)
+
+  @pl.when((active == 1) & (split == 0))
+  def _alone():  # One split holds every block (or none): no merge.
+    o, _, l = attend()
+    write_output(out_ref, o, l, heads)
+
+  @pl.when((active > 1) & (split < active))
+  def _shared():
+    o, m, l = attend()
+    plgpu.store(o_part_ref.at[split, heads[:, None], cols], o, mask=real_heads[:, None])
+    plgpu.store(m_part_ref.at[split, heads], m, mask=real_heads)
+    plgpu.store(l_part_ref.at[split, heads], l, mask=real_heads)
+    # The last split of this (sequence, kv head) to finish merges all of them, as
+    # CUTLASS's split-K semaphore does: every thread's stores, a CTA barrier, then one
+    # release/acquire ticket at GPU scope. The merge's reads are volatile, so they come
+    # from L2, past this SM's L1 (JAX 0.11.2's Triton lowering rejects ".cg").
+    if not interpret:  # Interpret mode runs the programs one after another.
+      plgpu.debug_barrier()
+    ticket = plgpu.atomic_add(ticket_ref, jnp.int32(0), jnp.int32(1))
+
+    @pl.when(ticket == active - 1)
+    def _merge():
+      merge_states(active, o_part_ref, m_part_ref, l_part_ref, out_ref)
 
 
 @functools.partial(
