@@ -1,7 +1,8 @@
 """Pallas (Triton backend) GPU kernels for jllm, each next to its plain-jnp reference."""
 from pallas_kernels.kv_write import write_kv, write_kv_reference
 from pallas_kernels.paged_decode_attention import (
-    decode_num_splits,
+    DecodeConfig,
+    decode_config,
     paged_decode_attention,
     paged_decode_attention_reference,
 )
@@ -11,7 +12,8 @@ from pallas_kernels.ragged_paged_attention import (
 )
 
 __all__ = [
-    "decode_num_splits",
+    "DecodeConfig",
+    "decode_config",
     "paged_decode_attention",
     "paged_decode_attention_reference",
     "ragged_paged_attention",

@@ -12,6 +12,7 @@ the cache.
 from __future__ import annotations
 
 import bisect
+import dataclasses
 import functools
 import math
 
@@ -25,7 +26,21 @@ from jax.experimental.pallas import triton as plgpu
 MASK_VALUE = -0.7 * float(jnp.finfo(jnp.float32).max)
 _LOG2E = math.log2(math.e)
 
-# Kv splits by (batch, context), from scripts/bench_kernels.py's sweep of 1-32 splits
+@dataclasses.dataclass(frozen=True)
+class DecodeConfig:
+  """How the decode kernel runs on one (batch, context) shape: kv splits per (sequence,
+  kv head), keys per inner step (a power of two >= 16), and the Triton launch settings.
+  Frozen and hashable: the engine hands it to the jitted step as static metadata."""
+  num_splits: int
+  block_kv: int = 64
+  num_warps: int = 4
+  # Three stages ran 7-12 % faster than two at batch 64 on the H100 under the first
+  # (looped) timing (scripts/results/kernels_nvidia-h100-80gb-hbm3_2026-11-26_
+  # decode_params.json); under chained timing the two are within noise there.
+  num_stages: int = 3
+
+
+# Decode configs by (batch, context), from scripts/bench_kernels.py's sweep of 1-32 splits
 # on the H100 (2026-11-26, jax 0.11.2, chained timing, interleaved splits, in-kernel
 # merge; scripts/results/kernels_nvidia-h100-80gb-hbm3_2026-11-26_
 # 083721.json and _084719.json): per cell the count whose worst slowdown over
@@ -34,21 +49,22 @@ _LOG2E = math.log2(math.e)
 # fills the SMs. At 1 x 512 that run's d64 timings were noise (4 and 8 splits 1.6x
 # slower than 2 and than 1, where the run before had 8 splits 1.7x faster than 2), so
 # the cell keeps 8, d128's best.
-_SPLIT_BATCHES = (1, 8, 64, 256)
-_SPLIT_CONTEXTS = (512, 2048, 8192, 32768)
-_SPLIT_TABLE = (
-    (8, 16, 32, 32),  # batch 1
-    (4, 4, 4, 32),  # batch <= 8
-    (1, 1, 1, 1),  # batch <= 64
-    (1, 1, 2, 2),  # batch <= 256 and beyond
+_C = DecodeConfig
+_TABLE_BATCHES = (1, 8, 64, 256)
+_TABLE_CONTEXTS = (512, 2048, 8192, 32768)
+_DECODE_TABLE = (
+    (_C(8), _C(16), _C(32), _C(32)),  # batch 1
+    (_C(4), _C(4), _C(4), _C(32)),  # batch <= 8
+    (_C(1), _C(1), _C(1), _C(1)),  # batch <= 64
+    (_C(1), _C(1), _C(2), _C(2)),  # batch <= 256 and beyond
 )
 
 
-def decode_num_splits(batch: int, context: int) -> int:
-  """The kv split count for a (batch, max context) shape, from the table."""
-  row = min(bisect.bisect_left(_SPLIT_BATCHES, batch), len(_SPLIT_BATCHES) - 1)
-  col = min(bisect.bisect_left(_SPLIT_CONTEXTS, context), len(_SPLIT_CONTEXTS) - 1)
-  return _SPLIT_TABLE[row][col]
+def decode_config(batch: int, context: int) -> DecodeConfig:
+  """The decode config for a (batch, max context) shape, from the table."""
+  row = min(bisect.bisect_left(_TABLE_BATCHES, batch), len(_TABLE_BATCHES) - 1)
+  col = min(bisect.bisect_left(_TABLE_CONTEXTS, context), len(_TABLE_CONTEXTS) - 1)
+  return _DECODE_TABLE[row][col]
 
 
 def flatten_pages(cache: jax.Array) -> jax.Array:
@@ -202,7 +218,7 @@ def _decode_kernel(seq_lens_ref, block_tables_ref, q_ref, k_cache_ref,
 
 @functools.partial(
     jax.jit,
-    static_argnames=("scale", "soft_cap", "sliding_window", "num_splits",
+    static_argnames=("scale", "soft_cap", "sliding_window", "config", "num_splits",
                      "block_kv", "num_warps", "num_stages", "interpret"))
 def paged_decode_attention(
     q: jax.Array,  # [S, num_q_heads, head_dim]
@@ -214,29 +230,30 @@ def paged_decode_attention(
     scale: float,
     soft_cap: float | None = None,
     sliding_window: int | None = None,
+    config: DecodeConfig | None = None,
     num_splits: int | None = None,
-    block_kv: int = 64,
-    num_warps: int = 4,
-    num_stages: int = 3,
+    block_kv: int | None = None,
+    num_warps: int | None = None,
+    num_stages: int | None = None,
     interpret: bool = False,
 ) -> jax.Array:
   """Attention of each sequence's one query token over its cached keys.
 
   Returns [S, num_q_heads, head_dim] in q's dtype; rows with seq_len 0 are zeros.
-  `num_splits` defaults to the (batch, context) table, context being
-  max_blocks_per_seq * block_size. `block_kv` (keys per inner step) must be a
-  power of two >= 16. Three pipeline stages: 7-12 % faster than two at batch 64 on
-  the H100 under the first (looped) timing
-  (scripts/results/kernels_nvidia-h100-80gb-hbm3_2026-11-26_decode_params.json); under
-  chained timing the two are within noise at batch <= 64 and context <= 2048.
+  `config` defaults to the table's for (S, max_blocks_per_seq * block_size); the
+  engine passes the one for the smallest batch of its bucket. `num_splits`,
+  `block_kv`, `num_warps` and `num_stages`, where given, override its fields.
   """
   num_seqs, num_q_heads, head_dim = q.shape
   num_kv_heads, num_blocks, block_size, _ = k_cache.shape
   max_blocks = block_tables.shape[1]
   group = num_q_heads // num_kv_heads
   group_padded = max(16, pl.next_power_of_2(group))  # tl.dot wants M >= 16.
-  if num_splits is None:
-    num_splits = decode_num_splits(num_seqs, max_blocks * block_size)
+  config = config or decode_config(num_seqs, max_blocks * block_size)
+  overrides = dict(num_splits=num_splits, block_kv=block_kv, num_warps=num_warps,
+                   num_stages=num_stages)
+  config = dataclasses.replace(config, **{k: v for k, v in overrides.items() if v is not None})
+  num_splits, block_kv = config.num_splits, config.block_kv
 
   num_slots = num_blocks * block_size
   k_flat, v_flat = flatten_pages(k_cache), flatten_pages(v_cache)
@@ -290,7 +307,7 @@ def paged_decode_attention(
       out_shape=out_shape,
       input_output_aliases=aliases,
       compiler_params=plgpu.CompilerParams(
-          num_warps=num_warps, num_stages=num_stages),
+          num_warps=config.num_warps, num_stages=config.num_stages),
       interpret=interpret,
       name="jllm_paged_decode_attention",
   )(*operands)

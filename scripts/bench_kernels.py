@@ -10,8 +10,9 @@ Sections (`--only` picks some): the device's copy bandwidth; `kv_write` (jllm's 
 against the XLA scatter, and an HLO check that the donated cache is not copied); `prefill`
 (causal TFLOP/s of the ragged kernel, one sequence, with and without a cached prefix, next
 to JAX's Pallas `attention.mha` and cuDNN); `decode` (TB/s of the paged decode kernel over
-a num_splits sweep, the split table's choice, JAX's Pallas `paged_attention` at its best
-sweep settings and the jitted XLA gather reference), ending with a suggested `_SPLIT_TABLE`.
+a num_splits sweep, the config table's choice, JAX's Pallas `paged_attention` at its best
+sweep settings and the jitted XLA gather reference), ending with a suggested `_DECODE_TABLE`;
+`--decode-param-sweep` adds block sizes, warps and stages at the best split counts.
 
 Every kernel's output is compared with the reference on the device (max |out - ref| /
 max |ref|, on a few rows: the references gather every key of every row).
@@ -27,9 +28,11 @@ between programs and the host sync is paid once per sample. The figure is the me
 over `--iters` samples (at least 3, fewer once a kernel's samples have taken 3 s),
 divided by programs and reps. `--reps 1` times single jitted calls.
 
-Decode rows also carry `kernel_ms`: the picked variants' device time per call from a
-profiler trace (bench_utils.kernel_seconds), which leaves out the launch gaps between
-kernels; at the smallest shapes those gaps move the wall time from run to run.
+Decode rows and sweep entries also carry `kernel_ms`: each variant's device time per call
+from one profiler trace per shape (bench_utils.kernel_seconds_each), which leaves out the
+launch gaps between kernels; at the smallest shapes those gaps move the wall time from run
+to run. The picked rows add `best_kernel_ms`, the least kernel time of any of that
+kernel's variants, and the table suggestion ranks configs by kernel time.
 
 Shapes whose data would not fit print "skipped (memory)"; shapes past `--budget-s` print
 "skipped (time budget)", so the run ends before the 10-minute cap. The JSON record under
@@ -52,7 +55,7 @@ import numpy as np  # noqa: E402
 
 from scripts.bench_utils import Results, bandwidth_tbps, device_memory_bytes, log  # noqa: E402
 from scripts.kernel_bench.common import LLAMA_1B, LLAMA_8B, PLANS, Bench, Plan  # noqa: E402
-from scripts.kernel_bench.decode import bench_decode, suggested_split_table  # noqa: E402
+from scripts.kernel_bench.decode import bench_decode, suggested_decode_table  # noqa: E402
 from scripts.kernel_bench.kv_write import bench_kv_write  # noqa: E402
 from scripts.kernel_bench.prefill import bench_prefill  # noqa: E402
 from scripts.kernel_bench.summary import summary  # noqa: E402
@@ -82,7 +85,7 @@ def parse_args(argv=None):
     parser.add_argument("--budget-s", type=float, default=None,
                         help="start no shape after this many seconds (default 450; quick 100)")
     parser.add_argument("--decode-param-sweep", action="store_true",
-                        help="also time the decode kernel's block_kv / warps / stages at the table's splits")
+                        help="also time the decode kernel's block_kv / warps / stages at the best and the table's splits")
     parser.add_argument("--compile-threads", type=int, default=8,
                         help="threads compiling a shape's variants; 1 compiles one at a time")
     return parser.parse_args(argv)
@@ -148,9 +151,9 @@ def main(argv=None) -> None:
         bench_prefill(bench)
     if "decode" in sections:
         bench_decode(bench, rng)
-        table = suggested_split_table(results.record["sweeps"])
-        results.record["suggested_split_table"] = table
-        log("\nSuggested split table (pallas_kernels/paged_decode_attention.py):\n" + table)
+        table = suggested_decode_table(results.record["sweeps"])
+        results.record["suggested_decode_table"] = table
+        log("\nSuggested config table (pallas_kernels/paged_decode_attention.py):\n" + table)
     results.record["wall_s"] = round(time.time() - start, 1)
     results.write()
     log("\n" + summary(results))

@@ -99,36 +99,67 @@ def median_seconds(call: Callable[[], Any], iters: int, warmup: int = 1,
     return statistics.median(times)
 
 
-def gpu_busy_ns(profile) -> int | None:
-    """Summed durations of the events on a `jax.profiler.ProfileData`'s GPU stream lines
-    (kernels, memsets and copies as the device ran them), or None with no GPU plane."""
-    total, found = 0, False
+def gpu_events(profile) -> list[tuple[int, int]] | None:
+    """(start_ns, duration_ns) of the events on a `jax.profiler.ProfileData`'s GPU stream
+    lines (kernels, memsets and copies as the device ran them), in start order; None
+    with no GPU plane."""
+    events, found = [], False
     for plane in profile.planes:
         if not plane.name.startswith("/device:GPU"):
             continue
         for line in plane.lines:
             if "stream" in line.name.lower():
                 found = True
-                total += sum(event.duration_ns for event in line.events)
-    return total if found else None
+                events += [(event.start_ns, event.duration_ns) for event in line.events]
+    return sorted(events) if found else None
+
+
+def busy_ns_per_burst(events: list[tuple[int, int]], min_gap_ns: int) -> list[int]:
+    """Summed event durations of each burst: a burst ends where the device then idles
+    for at least `min_gap_ns`."""
+    bursts, end = [], None
+    for start, duration in events:
+        if end is None or start - end >= min_gap_ns:
+            bursts.append(0)
+        bursts[-1] += duration
+        end = start + duration if end is None else max(end, start + duration)
+    return bursts
+
+
+# The pause between two profiled variants, and the idle time that separates their bursts
+# of events: a variant's programs go out back to back, so its device gaps are launch
+# gaps (tens of microseconds at most).
+_PAUSE_S, _MIN_GAP_NS = 5e-3, 1_000_000
+
+
+def kernel_seconds_each(runs: list[tuple[Callable[[], Any], int, int]]) -> list[float | None]:
+    """Device time per call of each (call, programs, calls_per_program): `programs` runs
+    of `call()` (each `calls_per_program` chained calls), all under one profiler trace
+    (starting and reading a trace takes seconds, a variant's programs a few ms) with a
+    pause after each, the GPU events of each burst summed, / programs / calls. Unlike the
+    wall time it leaves out the gaps between kernels, so it does not move with the
+    host's launch speed, which at a few microseconds a call can dominate the wall time.
+    Nones off the GPU, or if the bursts do not match the runs one to one."""
+    if not runs:
+        return []
+    with tempfile.TemporaryDirectory() as folder:
+        with jax.profiler.trace(folder):
+            for call, programs, _ in runs:
+                for _ in range(programs):
+                    out = call()
+                jax.block_until_ready(out)
+                time.sleep(_PAUSE_S)
+        traces = glob.glob(os.path.join(folder, "**", "*.xplane.pb"), recursive=True)
+        events = gpu_events(jax.profiler.ProfileData.from_file(traces[0])) if traces else None
+    bursts = busy_ns_per_burst(events, _MIN_GAP_NS) if events else []
+    if len(bursts) != len(runs):
+        return [None] * len(runs)
+    return [busy / 1e9 / (programs * calls) for busy, (_, programs, calls) in zip(bursts, runs)]
 
 
 def kernel_seconds(call: Callable[[], Any], programs: int, calls_per_program: int) -> float | None:
-    """Device time per call: `programs` runs of `call()` (each `calls_per_program` chained
-    calls) under the profiler, their GPU events summed, / programs / calls. Unlike the
-    wall time it leaves out the gaps between kernels, so it does not move with the host's
-    launch speed, which at a few microseconds a call can dominate the wall time. None
-    off the GPU."""
-    with tempfile.TemporaryDirectory() as folder:
-        with jax.profiler.trace(folder):
-            for _ in range(programs):
-                out = call()
-            jax.block_until_ready(out)
-        traces = glob.glob(os.path.join(folder, "**", "*.xplane.pb"), recursive=True)
-        if not traces:
-            return None
-        busy = gpu_busy_ns(jax.profiler.ProfileData.from_file(traces[0]))
-    return None if busy is None else busy / 1e9 / (programs * calls_per_program)
+    """kernel_seconds_each of one run."""
+    return kernel_seconds_each([(call, programs, calls_per_program)])[0]
 
 
 @dataclasses.dataclass

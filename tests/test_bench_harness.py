@@ -1,6 +1,7 @@
 """The kernel benchmark's timing harness (scripts/bench_utils.py, scripts/kernel_bench/):
 what each timed program computes, the page sets decode rotates over, and a tiny CPU run
 of the script end to end (Pallas interpret mode)."""
+import dataclasses
 import json
 import types
 
@@ -11,13 +12,15 @@ import numpy as np
 from scripts import bench_kernels
 from scripts.bench_utils import (
     chained,
+    busy_ns_per_burst,
     first_alternative,
-    gpu_busy_ns,
+    gpu_events,
     kernel_seconds,
     programs_per_sample,
     reps_for,
 )
 from scripts.kernel_bench import decode
+from pallas_kernels import DecodeConfig
 from scripts.kernel_bench.common import LLAMA_8B
 
 
@@ -70,14 +73,40 @@ def test_decode_tables_rotate_over_disjoint_pages_spanning_twice_the_l2():
     assert all(t.shape == (4, 32) for t in few)
 
 
-def test_split_table_suggestion_ignores_launch_setting_sweeps():
-    sweeps = [dict(kernel="jllm_decode", batch=1, context=512, head_dim=128, num_splits=s, ms=ms)
-              for s, ms in ((4, 2.0), (8, 1.0))]
-    # A faster launch-setting variant at 4 splits must not make 4 look best.
-    sweeps.append(dict(kernel="jllm_decode", batch=1, context=512, head_dim=128, num_splits=4,
-                       num_stages=2, ms=0.5))
-    table = decode.suggested_split_table(sweeps)
-    assert table.splitlines()[1].strip().startswith("(8,")
+def _sweep(head_dim, splits, ms, kernel_ms=None, **launch):
+    config = dataclasses.asdict(DecodeConfig(splits, **launch))
+    return dict(kernel="jllm_decode", batch=1, context=512, head_dim=head_dim, **config, ms=ms,
+                kernel_ms=kernel_ms)
+
+
+def test_decode_table_suggestion_takes_the_least_worst_slowdown_over_models():
+    sweeps = [_sweep(128, 4, 2.0), _sweep(128, 8, 1.0), _sweep(64, 8, 1.5), _sweep(64, 4, 1.4),
+              # Best for d128, 3x slower than the best for d64: not a good compromise.
+              _sweep(128, 16, 0.9, num_warps=2), _sweep(64, 16, 4.2, num_warps=2)]
+    table = decode.suggested_decode_table(sweeps)
+    assert table.splitlines()[1].strip().startswith("(_C(8), ")
+    assert table.splitlines()[2].strip().startswith("(_C(4)?")  # Not measured: kept.
+    assert "_DECODE_TABLE = (" in table
+
+
+def test_decode_table_suggestion_ranks_by_kernel_time_when_every_variant_has_one():
+    sweeps = [_sweep(64, 8, 1.0, kernel_ms=0.9), _sweep(64, 16, 1.1, kernel_ms=0.5, block_kv=32,
+                                                          num_warps=2, num_stages=2)]
+    assert decode.suggested_decode_table(sweeps).splitlines()[1].strip().startswith("(_C(16, 32, 2, 2), ")
+    sweeps[0]["kernel_ms"] = None  # Then the wall time decides.
+    assert decode.suggested_decode_table(sweeps).splitlines()[1].strip().startswith("(_C(8), ")
+
+
+def test_config_code_leaves_out_trailing_defaults():
+    assert decode.config_code(DecodeConfig(8)) == "_C(8)"
+    assert decode.config_code(DecodeConfig(8, num_warps=2)) == "_C(8, 64, 2)"
+    assert decode.config_code(DecodeConfig(2, 32, 4, 1)) == "_C(2, 32, 4, 1)"
+
+
+def test_kernel_time_bursts_split_at_idle_gaps():
+    events = [(0, 10), (15, 10), (5_000_000, 7), (5_000_020, 3), (9_000_000, 1)]
+    assert busy_ns_per_burst(events, 1_000_000) == [20, 10, 1]
+    assert busy_ns_per_burst([], 1_000_000) == []
 
 
 def test_kv_write_section_runs_end_to_end_in_interpret_mode(tmp_path):
@@ -106,19 +135,19 @@ def _profile(planes):
     ns = types.SimpleNamespace
 
     def line(name, durations):
-        return ns(name=name, events=[ns(duration_ns=d) for d in durations])
+        return ns(name=name, events=[ns(start_ns=100 * i, duration_ns=d) for i, d in enumerate(durations)])
 
     return ns(planes=[ns(name=name, lines=[line(*spec) for spec in lines]) for name, lines in planes])
 
 
-def test_gpu_busy_time_sums_the_gpu_stream_events_only():
+def test_gpu_events_are_the_gpu_stream_events_only_in_start_order():
     profile = _profile([
         ("/host:CPU", [("python", [10_000])]),
         ("/device:GPU:0", [("Stream #13(Compute)", [1_000, 2_500]), ("XLA Ops", [9_999]),
                            ("Stream #14(MemcpyD2D)", [500])]),
     ])
-    assert gpu_busy_ns(profile) == 4_000
-    assert gpu_busy_ns(_profile([("/host:CPU", [("python", [10_000])])])) is None
+    assert gpu_events(profile) == [(0, 500), (0, 1_000), (100, 2_500)]
+    assert gpu_events(_profile([("/host:CPU", [("python", [10_000])])])) is None
 
 
 def test_kernel_seconds_traces_the_calls_and_finds_no_gpu_on_the_cpu():
@@ -144,5 +173,19 @@ def test_decode_section_runs_end_to_end_in_interpret_mode(tmp_path):
         assert len(picked) == 2 and all(r["ms"] > 0 for r in picked)
         assert all(r["kernel_ms"] is None for r in picked)  # No GPU to profile.
     assert all(r["max_rel_err"] < 2e-2 for r in rows)
-    assert "_SPLIT_TABLE = (" in record["suggested_split_table"]
+    assert "_DECODE_TABLE = (" in record["suggested_decode_table"]
+    sweeps = [s for s in record["sweeps"] if s["kernel"] == "jllm_decode"]
+    assert sweeps and all(s["num_warps"] and "kernel_ms" in s for s in sweeps)
     assert "xla_flags" in record
+
+
+def test_decode_summary_compares_each_kernels_least_kernel_time():
+    from scripts.kernel_bench.summary import decode_summary
+
+    shape = dict(model="m", batch=1, context=512)
+    rows = [dict(shape, kernel="jllm_decode", ms=0.010, kernel_ms=0.006, best_kernel_ms=0.004,
+                 tbps=0.2, num_splits=8),
+            dict(shape, kernel="jax_paged_attention", ms=0.012, kernel_ms=0.005, best_kernel_ms=0.005,
+                 tbps=0.17, k_splits=8, pages_per_compute_block=4)]
+    line = decode_summary(rows)[-1]
+    assert line.endswith("| 1.20x | 1.25x |")  # Wall 12/10; kernel 5/4, not 5/6.

@@ -14,7 +14,7 @@ from jllm.engine.request import Request, RequestStatus
 from jllm.sampling_params import SamplingParams
 from jllm.worker.buckets import pow2_buckets
 from jllm.worker.input_batch import InputBatchBuilder, pack, unpack
-from pallas_kernels import decode_num_splits
+from pallas_kernels import decode_config
 
 BLOCK_SIZE = 4
 MAX_MODEL_LEN = 64
@@ -110,9 +110,10 @@ def test_decode_steps_split_for_the_smallest_batch_of_their_bucket():
                                 page_buckets=(pages,), max_logprobs=0, vocab_size=VOCAB_SIZE, decode_kernel=True)
     # A lone sequence decodes in the 16-row bucket: it gets batch 1's splits, not the
     # padded batch's (one split, one program per kv head over the whole context).
-    assert builder.decode_splits(16, pages) == decode_num_splits(1, 8192) > decode_num_splits(16, 8192)
-    assert builder.decode_splits(32, pages) == decode_num_splits(17, 8192)
-    assert builder.decode_splits(256, pages) == decode_num_splits(129, 8192)
+    assert builder.decode_config(16, pages) == decode_config(1, 8192)
+    assert decode_config(1, 8192).num_splits > decode_config(16, 8192).num_splits
+    assert builder.decode_config(32, pages) == decode_config(17, 8192)
+    assert builder.decode_config(256, pages) == decode_config(129, 8192)
 
     # Through build(): a prompt's step is not decode-only; the next step is, and carries
     # its bucket's split count as static metadata.
@@ -123,7 +124,7 @@ def test_decode_steps_split_for_the_smallest_batch_of_their_bucket():
         rows = sched.scheduled_requests
         shape, inputs, _ = builder.build(rows, [[]] * len(rows))
         assert inputs.attn.decode_only == expect_decode
-        want = builder.decode_splits(shape.num_tokens, shape.num_pages) if expect_decode else None
-        assert inputs.attn.decode_num_splits == want
+        want = builder.decode_config(shape.num_tokens, shape.num_pages) if expect_decode else None
+        assert inputs.attn.decode_config == want
         builder.record_sampled(np.zeros(shape.num_seqs, np.int32))
         scheduler.update_from_output(sched, {"r": 7})

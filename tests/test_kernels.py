@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import itertools
 import os
 import re
 import subprocess
@@ -20,8 +21,10 @@ import numpy as np
 import pytest
 
 from jllm.layers.attention_metadata import AttentionMetadata
+from pallas_kernels.paged_decode_attention import _DECODE_TABLE
 from pallas_kernels import (
-    decode_num_splits,
+    DecodeConfig,
+    decode_config,
     paged_decode_attention,
     paged_decode_attention_reference,
     ragged_paged_attention,
@@ -250,10 +253,23 @@ def test_paged_decode_attention_matches_reference(
   np.testing.assert_array_equal(np.asarray(got)[[2, 6]], 0)
 
 
-def test_decode_num_splits_grows_with_context_and_shrinks_with_batch():
-  assert decode_num_splits(1, 32768) > decode_num_splits(1, 512)
-  assert decode_num_splits(256, 2048) <= decode_num_splits(8, 2048)
-  assert decode_num_splits(1024, 10**6) >= 1  # Beyond the table: its last cell.
+def test_decode_splits_grow_with_context_and_shrink_with_batch():
+  assert decode_config(1, 32768).num_splits > decode_config(1, 512).num_splits
+  assert decode_config(256, 2048).num_splits <= decode_config(8, 2048).num_splits
+  assert decode_config(1024, 10**6).num_splits >= 1  # Beyond the table: its last cell.
+
+
+def test_decode_config_fields_override_one_by_one(rng):
+  # The table's config at this shape, one field changed, gives the same answer as the
+  # whole config written out: the launcher merges the two.
+  batch = decode_batch(rng, [40, 7, 0], group=4, head_dim=32, block_size=16)
+  kw = dict(scale=32**-0.5, interpret=True)
+  custom = DecodeConfig(num_splits=3, block_kv=16, num_warps=2, num_stages=2)
+  got = paged_decode_attention(*decode_inputs(batch), config=custom, **kw)
+  overridden = paged_decode_attention(*decode_inputs(batch), config=custom, num_splits=2, **kw)
+  want = paged_decode_attention_reference(*decode_inputs(batch), scale=32**-0.5)
+  assert_close(got, want, jnp.float32)
+  assert_close(overridden, want, jnp.float32)
 
 
 # ------------------------------------------------------------ ragged kernel
@@ -351,11 +367,13 @@ def _h100_kernels():
   for head_dim, block_size in [(64, 16), (128, 16), (128, 32)]:
     cache = spec((8, 4096, block_size, head_dim), jnp.bfloat16)
     tokens = spec((2048, 32, head_dim), jnp.bfloat16)
-    for splits in (1, 4):
-      name = f"decode-d{head_dim}-p{block_size}-k{splits}"
+    # Every config of the table (splits, block, warps, stages), with a window.
+    configs = sorted(set(itertools.chain(*_DECODE_TABLE)), key=dataclasses.astuple)
+    for config in configs:
+      name = f"decode-d{head_dim}-p{block_size}-" + "-".join(map(str, dataclasses.astuple(config)))
       yield pytest.param(
           name, functools.partial(paged_decode_attention, scale=0.1,
-                                  num_splits=splits, sliding_window=512),
+                                  config=config, sliding_window=512),
           (spec((64, 32, head_dim), jnp.bfloat16), cache, cache,
            spec((64,), i32), spec((64, 256), i32)), id=name)
     name = f"ragged-d{head_dim}-p{block_size}"

@@ -58,7 +58,7 @@ def paged_attention(
         # Token i is sequence i's query (S <= T); the tokens past S are padding.
         num_seqs = md.seq_lens.shape[0]
         out = paged_decode_attention(q[:num_seqs], k_cache, v_cache, md.seq_lens, md.block_tables,
-                                     num_splits=md.decode_num_splits, **kwargs)
+                                     config=md.decode_config, **kwargs)
         out = jnp.pad(out, ((0, q.shape[0] - num_seqs), (0, 0), (0, 0)))
     else:
         out = ragged_paged_attention(

@@ -11,6 +11,8 @@ import dataclasses
 
 import jax
 
+from pallas_kernels import DecodeConfig
+
 
 @jax.tree_util.register_dataclass
 @dataclasses.dataclass(frozen=True)
@@ -37,7 +39,7 @@ class AttentionMetadata:
     # else scheduled), so its attention is plain causal self-attention over this step's
     # own K/V, which cuDNN's flash attention runs faster than the paged kernel.
     fresh_prefill: bool = dataclasses.field(default=False, metadata=dict(static=True))
-    # Static: the decode kernel's kv split count for a decode-only step, chosen on the
-    # host (InputBatchBuilder.decode_splits) for the smallest batch its bucket holds;
-    # None: the kernel's table by the padded batch.
-    decode_num_splits: int | None = dataclasses.field(default=None, metadata=dict(static=True))
+    # Static: the decode kernel's config (kv splits, launch settings) for a decode-only
+    # step, chosen on the host (InputBatchBuilder.decode_config) for the smallest batch
+    # its bucket holds; None: the kernel's table by the padded batch.
+    decode_config: DecodeConfig | None = dataclasses.field(default=None, metadata=dict(static=True))

@@ -21,7 +21,7 @@ from jllm.core.scheduler import ScheduledRequest
 from jllm.layers.attention_metadata import AttentionMetadata
 from jllm.layers.sampler import SamplingMetadata
 from jllm.worker.buckets import pick_bucket, pow2_buckets
-from pallas_kernels import decode_num_splits
+from pallas_kernels import DecodeConfig, decode_config
 
 _UINT32 = (1 << 32) - 1
 # A row's logprobs setting when it asked for none.
@@ -293,10 +293,10 @@ class InputBatchBuilder:
         largest = pick_bucket(self.token_buckets, min(self.max_num_seqs, self.token_buckets[-1]))
         return tuple(t for t in self.token_buckets if t <= largest)
 
-    def decode_splits(self, num_tokens: int, num_pages: int) -> int:
-        """The decode kernel's kv split count for a decode-only step of token bucket
-        `num_tokens` and page-table width `num_pages`: the kernel's table at the smallest
-        batch that lands in the bucket, and the width's context.
+    def decode_config(self, num_tokens: int, num_pages: int) -> DecodeConfig:
+        """The decode kernel's config (kv splits, launch settings) for a decode-only step
+        of token bucket `num_tokens` and page-table width `num_pages`: the kernel's table
+        at the smallest batch that lands in the bucket, and the width's context.
 
         The padded batch would mislead the table: a lone sequence decodes in the
         smallest bucket (16 rows by default), whose table row gives 1 split, and one
@@ -308,7 +308,7 @@ class InputBatchBuilder:
         buckets = self.decode_token_buckets()
         smaller = [t for t in buckets if t < num_tokens]
         smallest_batch = min(smaller[-1] + 1 if smaller else 1, self.num_seqs_for(num_tokens))
-        return decode_num_splits(smallest_batch, num_pages * self.block_size)
+        return decode_config(smallest_batch, num_pages * self.block_size)
 
     def fresh_prefill_token_buckets(self) -> tuple[int, ...]:
         """The token buckets a fresh-prefill step can land in."""
@@ -359,7 +359,7 @@ class InputBatchBuilder:
             query_start_loc=_rows_then_pad(starts, S + 1, num_tokens),
             decode_only=decode_only,
             fresh_prefill=fresh_prefill,
-            decode_num_splits=self.decode_splits(T, P) if decode_only else None,
+            decode_config=self.decode_config(T, P) if decode_only else None,
         )
         prompt_len = self.rows.prompt_len[row_idx]
         # Prompt logprobs are asked of rows still in their prompt.

@@ -183,7 +183,7 @@ class ModelRunner:
         u32 = lambda *s: np.zeros(s, np.uint32)  # noqa: E731
         # Slot -1 drops the writes: warm-up must not touch pages a request may own.
         attn = AttentionMetadata(i32(T), np.full((T,), -1, np.int32), i32(S, P), i32(S), i32(S + 1), decode_only,
-                                 fresh_prefill, self.builder.decode_splits(T, P) if decode_only else None)
+                                 fresh_prefill, self.builder.decode_config(T, P) if decode_only else None)
         inputs = ModelInputs(i32(T), attn, i32(S), i32(0))
         md = SamplingMetadata(f32(S), i32(S), f32(S), f32(S), u32(S), u32(S), i32(S), f32(S), f32(S), f32(S),
                               i32(S, 0), i32(S, 0), i32(S, 0), f32(S, 0), i32(S, 0), i32(S, 0),

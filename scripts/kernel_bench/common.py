@@ -21,7 +21,7 @@ from scripts.bench_utils import (  # noqa: E402
     compile_all,
     first_alternative,
     first_line,
-    kernel_seconds,
+    kernel_seconds_each,
     log,
     median_seconds,
     programs_per_sample,
@@ -112,6 +112,7 @@ class Variant:
     ms: float | None = None
     max_rel_err: float | None = None
     error: str | None = None
+    kernel_ms: float | None = None  # Profiled device time per call (profile_kernel_ms).
     # The timed program, its arguments, calls per program and programs per sample, kept
     # after timing so that the picked variants can be profiled (kernel_ms).
     program: tuple | None = None
@@ -151,16 +152,19 @@ def run_variants(bench: Bench, variants: list[Variant], seconds_per_call: float,
             log(f"  {v.label:<60} failed: {v.error}")
 
 
-def kernel_ms(bench: Bench, variant: Variant | None) -> float | None:
-    """Device time per call of a timed variant (bench_utils.kernel_seconds), or None in
-    interpret mode or when it was not timed."""
-    if bench.interpret or variant is None or variant.program is None:
-        return None
-    exe, args, reps, back_to_back = variant.program
-    seconds = kernel_seconds(lambda: exe(*args), back_to_back, reps)
-    return None if seconds is None else 1e3 * seconds
+def profile_kernel_ms(bench: Bench, variants: list[Variant]) -> None:
+    """Sets each timed variant's `kernel_ms`, its device time per call, all from one
+    profiler trace (bench_utils.kernel_seconds_each). Nothing in interpret mode."""
+    timed = [v for v in variants if v.program is not None]
+    if bench.interpret or not timed:
+        return
+    runs = [(lambda exe=exe, args=args: exe(*args), back_to_back, reps)
+            for exe, args, reps, back_to_back in (v.program for v in timed)]
+    for v, seconds in zip(timed, kernel_seconds_each(runs)):
+        v.kernel_ms = None if seconds is None else 1e3 * seconds
 
 
-def fastest(variants: list[Variant]) -> Variant | None:
-    timed = [v for v in variants if v.ms is not None]
-    return min(timed, key=lambda v: v.ms) if timed else None
+def fastest(variants: list[Variant], by: str = "ms") -> Variant | None:
+    """The variant with the least `by` ("ms": wall time, or "kernel_ms")."""
+    timed = [v for v in variants if getattr(v, by) is not None]
+    return min(timed, key=lambda v: getattr(v, by)) if timed else None

@@ -3,14 +3,15 @@ num_splits sweep, the split table's choice, JAX's Pallas `paged_attention` at it
 settings and the jitted XLA gather reference; and the split table the sweep suggests."""
 from __future__ import annotations
 
+import dataclasses
 import functools
 
 import jax
 import jax.numpy as jnp
 from jax.experimental.pallas.ops.gpu import paged_attention as jax_paged
 
-from pallas_kernels import decode_num_splits, paged_decode_attention, paged_decode_attention_reference
-from pallas_kernels.paged_decode_attention import _SPLIT_BATCHES, _SPLIT_CONTEXTS, _SPLIT_TABLE
+from pallas_kernels import DecodeConfig, decode_config, paged_decode_attention, paged_decode_attention_reference
+from pallas_kernels.paged_decode_attention import _DECODE_TABLE, _TABLE_BATCHES, _TABLE_CONTEXTS
 from scripts.bench_utils import log, rel_err
 from scripts.kernel_bench.common import (
     CHECK_ROWS,
@@ -19,7 +20,7 @@ from scripts.kernel_bench.common import (
     Heads,
     Variant,
     fastest,
-    kernel_ms,
+    profile_kernel_ms,
     random_normal,
     run_variants,
 )
@@ -36,16 +37,19 @@ SPLIT_CANDIDATES = (1, 2, 4, 8, 16, 32)
 # A split count is timed only while half of it gives fewer programs (batch x kv heads x
 # splits) than this many per SM: past that, more splits only add merge work.
 PROGRAMS_PER_SM_ENOUGH = 16
-JLLM_DECODE_BLOCK_KV = 64  # paged_decode_attention's default keys per inner step.
+JLLM_DECODE_BLOCK_KV = DecodeConfig(1).block_kv  # The split sweep's keys per inner step.
 JAX_PAGES_PER_COMPUTE_BLOCK = (8, 4, 16)
 # Launch settings of JAX's kernel tried against its defaults (8 warps, 2 stages) at its
 # best split count and block: jllm's decode defaults, and each change alone.
 JAX_LAUNCH_SETTINGS = ({"num_warps": 4}, {"num_stages": 3}, {"num_warps": 4, "num_stages": 3})
-# Launch settings of the decode kernel tried against its defaults (block_kv 64, 4 warps,
-# 3 stages) at the table's split count, with --decode-param-sweep.
+# Launch settings of the decode kernel tried against DecodeConfig's defaults (block_kv 64,
+# 4 warps, 3 stages) with --decode-param-sweep, at the split sweep's best count and the
+# table's; settings of 32-key blocks also at twice the splits (the same keys per split).
 DECODE_PARAM_SETTINGS = (
     {"block_kv": 128}, {"block_kv": 32}, {"num_stages": 1}, {"num_stages": 2}, {"num_stages": 4},
     {"num_warps": 8}, {"block_kv": 128, "num_warps": 8}, {"block_kv": 128, "num_stages": 2},
+    {"num_warps": 2}, {"num_warps": 2, "num_stages": 2}, {"num_warps": 2, "num_stages": 1},
+    {"block_kv": 32, "num_warps": 2, "num_stages": 2}, {"block_kv": 32, "num_stages": 2},
 )
 
 
@@ -124,18 +128,17 @@ def bench_decode_shape(bench, rng, heads, batch, context, k_cache, v_cache, cach
 
     args = (q, k_cache, v_cache, seq_lens, tables)
     rotating = (4,)  # The tables.
-    table_splits = decode_num_splits(batch, context)
+    table = decode_config(batch, context)
     most_splits = -(-context // JLLM_DECODE_BLOCK_KV)
-    splits = sorted({*useful_splits(batch, heads, bench.num_sms, most_splits), table_splits})
-    jllm = [Variant("jllm_decode", {"num_splits": s},
-                    functools.partial(paged_decode_attention, scale=scale, num_splits=s,
-                                      interpret=bench.interpret), args, rotating)
-            for s in splits]
-    if bench.decode_params:
-        jllm += [Variant("jllm_decode", {"num_splits": table_splits, **p},
-                         functools.partial(paged_decode_attention, scale=scale, num_splits=table_splits,
-                                           interpret=bench.interpret, **p), args, rotating)
-                 for p in DECODE_PARAM_SETTINGS]
+    splits = useful_splits(batch, heads, bench.num_sms, most_splits)
+
+    def jllm_variant(config: DecodeConfig) -> Variant:
+        return Variant("jllm_decode", dataclasses.asdict(config),
+                       functools.partial(paged_decode_attention, scale=scale, config=config,
+                                         interpret=bench.interpret), args, rotating)
+
+    configs = [DecodeConfig(s) for s in splits]
+    jllm = [jllm_variant(c) for c in configs + ([table] if table not in configs else [])]
     # JAX's kernel takes no softmax scale: q is scaled beforehand, outside the timing.
     jax_args = (q * jnp.asarray(scale, q.dtype), k_cache, v_cache, tables, seq_lens)
     pages = context // page_size
@@ -149,6 +152,20 @@ def bench_decode_shape(bench, rng, heads, batch, context, k_cache, v_cache, cach
     else:
         log("  xla_reference: skipped (memory)")
     run_variants(bench, jllm + jax_variants + xla, guess, check, figure)
+    if bench.decode_params:  # Launch settings at the best split count and the table's.
+        best = fastest(jllm) or jllm[0]
+        tried = {DecodeConfig(**v.params) for v in jllm}
+        more = []
+        for base in (DecodeConfig(best.params["num_splits"]), DecodeConfig(table.num_splits)):
+            for setting in DECODE_PARAM_SETTINGS:
+                config = dataclasses.replace(base, **setting)
+                doubled = dataclasses.replace(config, num_splits=2 * config.num_splits)
+                for c in (config, doubled) if config.block_kv == 32 else (config,):
+                    if c not in tried and c.num_splits * c.block_kv <= 2 * context:
+                        tried.add(c)
+                        more.append(jllm_variant(c))
+        run_variants(bench, more, guess, check, figure)
+        jllm += more
 
     best_jax = fastest(jax_variants)
     if best_jax is not None:  # Then its compute block size, at its best split count,
@@ -161,7 +178,7 @@ def bench_decode_shape(bench, rng, heads, batch, context, k_cache, v_cache, cach
                 for launch in JAX_LAUNCH_SETTINGS]
         run_variants(bench, more, guess, check, figure)
         jax_variants += more
-    record_decode(bench, heads, batch, context, nbytes, jllm, table_splits, jax_variants, xla)
+    record_decode(bench, heads, batch, context, nbytes, jllm, table, jax_variants, xla)
 
 
 def jax_paged_variant(bench, jax_args, k_splits, pages_per_compute_block, **launch) -> Variant:
@@ -206,67 +223,82 @@ def decode_row(kernel, heads, batch, context, page_size, variant=None, nbytes=No
     return row
 
 
-def record_decode(bench, heads, batch, context, nbytes, jllm, table_splits, jax_variants, xla):
+def record_decode(bench, heads, batch, context, nbytes, jllm, table, jax_variants, xla):
     page_size, results = bench.plan.page_size, bench.results
+    # Kernel time of every variant, from one profiler trace: at the smallest shapes the
+    # wall time per call also holds the launch gaps, which move with the host.
+    profile_kernel_ms(bench, jllm + jax_variants + xla)
     for v in jllm + jax_variants + xla:
         results.add_sweep(kernel=v.kernel, model=heads.model, batch=batch, context=context,
-                          head_dim=heads.head_dim, **v.params, ms=v.ms, max_rel_err=v.max_rel_err,
-                          error=v.error)
-    table = next(v for v in jllm if v.params["num_splits"] == table_splits)
-    best, best_jax = fastest(jllm) or jllm[0], fastest(jax_variants)
-    picks = [("jllm_decode", best), ("jllm_decode_table", table),
-             ("jax_paged_attention", best_jax or (jax_variants or [None])[0]),
-             ("xla_reference", xla[0] if xla else None)]
-    if best.ms and table.ms:
-        versus = f"; jax paged's best takes {best_jax.ms / best.ms:.2f}x" if best_jax else ""
-        log(f"  -> best num_splits={best.params['num_splits']}; the table's {table_splits} takes "
-            f"{table.ms / best.ms:.2f}x its time{versus}")
-    # Kernel time of the picks, from the profiler: at the smallest shapes the wall time
-    # per call also holds the launch gaps, which move with the host.
-    kernel_times = {}
-    for _, v in picks:
-        if v is not None and id(v) not in kernel_times:
-            kernel_times[id(v)] = kernel_ms(bench, v)
-    for v in jllm + jax_variants + xla:
+                          head_dim=heads.head_dim, **v.params, ms=v.ms, kernel_ms=v.kernel_ms,
+                          max_rel_err=v.max_rel_err, error=v.error)
         v.program = None  # Done with the compiled programs.
-    for kernel, variant in picks:
+    table_variant = next(v for v in jllm if v.params == dataclasses.asdict(table))
+    best, best_jax = fastest(jllm) or jllm[0], fastest(jax_variants)
+    picks = [("jllm_decode", best, jllm), ("jllm_decode_table", table_variant, [table_variant]),
+             ("jax_paged_attention", best_jax or (jax_variants or [None])[0], jax_variants),
+             ("xla_reference", xla[0] if xla else None, xla)]
+    if best.ms and table_variant.ms:
+        versus = f"; jax paged's best takes {best_jax.ms / best.ms:.2f}x" if best_jax else ""
+        log(f"  -> best {best.label}; the table's takes {table_variant.ms / best.ms:.2f}x its "
+            f"time{versus}")
+    for kernel, variant, pool in picks:
         if variant is None:
             skipped = "memory" if kernel == "xla_reference" else "no valid settings"
             results.add_row(**decode_row(kernel, heads, batch, context, page_size, skipped=skipped))
-        else:
-            results.add_row(**decode_row(kernel, heads, batch, context, page_size, variant, nbytes,
-                                         bench.copy_tbps, kernel_ms=kernel_times[id(variant)]))
+            continue
+        # The least kernel time of any of this kernel's variants: the fastest by wall
+        # time need not be the fastest on the device.
+        by_kernel = fastest(pool, by="kernel_ms")
+        results.add_row(**decode_row(
+            kernel, heads, batch, context, page_size, variant, nbytes, bench.copy_tbps,
+            kernel_ms=variant.kernel_ms, best_kernel_ms=by_kernel and by_kernel.kernel_ms,
+            best_kernel_params=by_kernel and by_kernel.params))
 
 
-def suggested_split_table(sweeps: list[dict]) -> str:
-    """`_SPLIT_TABLE` with each measured cell set to the split count whose worst slowdown
-    over the measured models (time / that model's best time) is least."""
-    timings: dict[tuple[int, int], dict[int, dict[int, float]]] = {}  # cell -> split -> {d: ms}
+def suggested_decode_table(sweeps: list[dict]) -> str:
+    """`_DECODE_TABLE` with each measured cell set to the config whose worst slowdown over
+    the measured models (time / that model's best time) is least. Times are the
+    profiled kernel times where every variant of the cell has one, else wall times."""
+    entries: dict[tuple[int, int], list[dict]] = {}
     for s in sweeps:
-        launch_sweep = any(k in s for k in ("block_kv", "num_warps", "num_stages"))
-        if s["kernel"] == "jllm_decode" and s["ms"] is not None and not launch_sweep:
-            cell = timings.setdefault((s["batch"], s["context"]), {})
-            cell.setdefault(s["num_splits"], {})[s["head_dim"]] = s["ms"]
-    lines, kept = ["_SPLIT_TABLE = ("], False
-    for i, batch in enumerate(_SPLIT_BATCHES):
+        if s["kernel"] == "jllm_decode" and s["ms"] is not None:
+            entries.setdefault((s["batch"], s["context"]), []).append(s)
+    lines, kept = ["_DECODE_TABLE = ("], False
+    for i, batch in enumerate(_TABLE_BATCHES):
         cells = []
-        for j, context in enumerate(_SPLIT_CONTEXTS):
-            cell = timings.get((batch, context))
+        for j, context in enumerate(_TABLE_CONTEXTS):
+            cell = entries.get((batch, context))
             kept |= not cell
-            cells.append(str(_best_split(cell)) if cell else f"{_SPLIT_TABLE[i][j]}?")
+            cells.append(config_code(_best_config(cell)) if cell
+                         else config_code(_DECODE_TABLE[i][j]) + "?")
         bound = "" if i == 0 else "<= "
         lines.append(f"    ({', '.join(cells)}),  # batch {bound}{batch}")
     lines.append(")  # '?': not measured, kept from the current table" if kept else ")")
     return "\n".join(lines)
 
 
-def _best_split(cell: dict[int, dict[int, float]]) -> int:
-    head_dims = set().union(*(ms.keys() for ms in cell.values()))
-    best = {d: min(ms[d] for ms in cell.values() if d in ms) for d in head_dims}
+def config_code(config: DecodeConfig) -> str:
+    """`_C(...)` as the table writes it: the fields past the last non-default one left out."""
+    values = dataclasses.astuple(config)
+    defaults = dataclasses.astuple(DecodeConfig(config.num_splits))
+    while len(values) > 1 and values[-1] == defaults[len(values) - 1]:
+        values = values[:-1]
+    return f"_C({', '.join(map(str, values))})"
 
-    def rank(split):
-        ms = cell[split]
-        # A split that some model has no time for ranks after those all models have.
-        return ms.keys() != head_dims, max(ms[d] / best[d] for d in ms), split
 
-    return min(cell, key=rank)
+def _best_config(entries: list[dict]) -> DecodeConfig:
+    key = "kernel_ms" if all(e.get("kernel_ms") is not None for e in entries) else "ms"
+    times: dict[DecodeConfig, dict[int, float]] = {}
+    for e in entries:
+        config = DecodeConfig(**{f.name: e[f.name] for f in dataclasses.fields(DecodeConfig)})
+        times.setdefault(config, {})[e["head_dim"]] = e[key]
+    head_dims = set().union(*(t.keys() for t in times.values()))
+    best = {d: min(t[d] for t in times.values() if d in t) for d in head_dims}
+
+    def rank(config):
+        t = times[config]
+        # A config that some model has no time for ranks after those all models have.
+        return t.keys() != head_dims, max(t[d] / best[d] for d in t), dataclasses.astuple(config)
+
+    return min(times, key=rank)
