@@ -40,31 +40,43 @@ class DecodeConfig:
   num_stages: int = 3
 
 
-# Decode configs by (batch, context), from scripts/bench_kernels.py's sweep of 1-32 splits
-# on the H100 (2026-11-26, jax 0.11.2, chained timing, interleaved splits, in-kernel
-# merge; scripts/results/kernels_nvidia-h100-80gb-hbm3_2026-11-26_
-# 083721.json and _084719.json): per cell the count whose worst slowdown over
-# Llama-3.1-8B (d 128) and Llama-3.2-1B (d 64) heads, 32 q / 8 kv, page 16, is least.
-# Rows: batch up to; columns: context (tokens) up to. From batch 64 the batch alone
-# fills the SMs. At 1 x 512 that run's d64 timings were noise (4 and 8 splits 1.6x
-# slower than 2 and than 1, where the run before had 8 splits 1.7x faster than 2), so
-# the cell keeps 8, d128's best.
+# Decode configs by head_dim, then (batch, context). Rows: batch up to; columns: context
+# (tokens) up to; a head_dim takes the table of the next listed one up (the last past
+# them). Batch 1 and 8 from scripts/bench_kernels.py's split and launch-setting sweeps on
+# the H100 (2026-11-26, session 5, jax 0.11.2; --decode-param-sweep --reps 8, ranked by
+# profiled kernel time, BUILD_NOTES.md), Llama-3.2-1B (d 64) and Llama-3.1-8B (d 128)
+# heads, 32 q / 8 kv, page 16: per cell the fastest config, or the default launch
+# settings where they came within 1 %. The head dims differ where it matters most: at
+# 1 x 512 d64 ran fastest with 2 warps over 16 splits of 32 keys (4.11 us; d128 there
+# 4.98) and d128 with 4 warps (4.74 us; d64 there 4.40). Batch 64 and 256 from the
+# split sweeps of session 4 (scripts/results/kernels_nvidia-h100-80gb-hbm3_2026-11-26_
+# 083721.json and _084719.json, wall time); from batch 64 the batch alone fills the SMs.
 _C = DecodeConfig
 _TABLE_BATCHES = (1, 8, 64, 256)
 _TABLE_CONTEXTS = (512, 2048, 8192, 32768)
-_DECODE_TABLE = (
-    (_C(8), _C(16), _C(32), _C(32)),  # batch 1
-    (_C(4), _C(4), _C(4), _C(32)),  # batch <= 8
-    (_C(1), _C(1), _C(1), _C(1)),  # batch <= 64
-    (_C(1), _C(1), _C(2), _C(2)),  # batch <= 256 and beyond
-)
+_DECODE_TABLES = {
+    64: (
+        (_C(16, 32, 2, 2), _C(32), _C(32), _C(32)),  # batch 1
+        (_C(4, 64, 2), _C(4), _C(4), _C(8, 64, 2)),  # batch <= 8
+        (_C(1), _C(1), _C(1), _C(1)),  # batch <= 64
+        (_C(1), _C(1), _C(2), _C(2)),  # batch <= 256 and beyond
+    ),
+    128: (
+        (_C(16, 32), _C(16, 128, 4, 2), _C(32), _C(32)),  # batch 1
+        (_C(4, 64, 2), _C(4, 64, 2), _C(4, 64, 2), _C(4, 64, 2)),  # batch <= 8
+        (_C(1), _C(1), _C(1), _C(1)),  # batch <= 64
+        (_C(1), _C(1), _C(2), _C(2)),  # batch <= 256 and beyond
+    ),
+}
 
 
-def decode_config(batch: int, context: int) -> DecodeConfig:
-  """The decode config for a (batch, max context) shape, from the table."""
+def decode_config(batch: int, context: int, head_dim: int) -> DecodeConfig:
+  """The decode config for a (batch, max context) shape of `head_dim`, from the tables."""
+  dims = sorted(_DECODE_TABLES)
+  table = _DECODE_TABLES[dims[min(bisect.bisect_left(dims, head_dim), len(dims) - 1)]]
   row = min(bisect.bisect_left(_TABLE_BATCHES, batch), len(_TABLE_BATCHES) - 1)
   col = min(bisect.bisect_left(_TABLE_CONTEXTS, context), len(_TABLE_CONTEXTS) - 1)
-  return _DECODE_TABLE[row][col]
+  return table[row][col]
 
 
 def flatten_pages(cache: jax.Array) -> jax.Array:
@@ -249,7 +261,7 @@ def paged_decode_attention(
   max_blocks = block_tables.shape[1]
   group = num_q_heads // num_kv_heads
   group_padded = max(16, pl.next_power_of_2(group))  # tl.dot wants M >= 16.
-  config = config or decode_config(num_seqs, max_blocks * block_size)
+  config = config or decode_config(num_seqs, max_blocks * block_size, head_dim)
   overrides = dict(num_splits=num_splits, block_kv=block_kv, num_warps=num_warps,
                    num_stages=num_stages)
   config = dataclasses.replace(config, **{k: v for k, v in overrides.items() if v is not None})

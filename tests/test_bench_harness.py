@@ -79,22 +79,32 @@ def _sweep(head_dim, splits, ms, kernel_ms=None, **launch):
                 kernel_ms=kernel_ms)
 
 
-def test_decode_table_suggestion_takes_the_least_worst_slowdown_over_models():
+def test_decode_table_suggestion_takes_each_head_dims_fastest_config():
     sweeps = [_sweep(128, 4, 2.0), _sweep(128, 8, 1.0), _sweep(64, 8, 1.5), _sweep(64, 4, 1.4),
-              # Best for d128, 3x slower than the best for d64: not a good compromise.
               _sweep(128, 16, 0.9, num_warps=2), _sweep(64, 16, 4.2, num_warps=2)]
-    table = decode.suggested_decode_table(sweeps)
-    assert table.splitlines()[1].strip().startswith("(_C(8), ")
-    assert table.splitlines()[2].strip().startswith("(_C(4)?")  # Not measured: kept.
-    assert "_DECODE_TABLE = (" in table
+    lines = [line.strip() for line in decode.suggested_decode_table(sweeps).splitlines()]
+    assert lines[0] == "_DECODE_TABLES = {"
+    d64, d128 = lines.index("64: ("), lines.index("128: (")
+    assert lines[d64 + 1].startswith("(_C(4), ")
+    assert lines[d64 + 2].startswith("(_C(4, 64, 2)?, ")  # Not measured: kept.
+    assert lines[d128 + 1].startswith("(_C(16, 64, 2), ")
+
+
+def test_decode_table_suggestion_prefers_default_settings_within_the_tie_margin():
+    sweeps = [_sweep(64, 8, 1.0, kernel_ms=1.000), _sweep(64, 8, 1.0, kernel_ms=0.995, num_stages=2)]
+    first_row = decode.suggested_decode_table(sweeps).splitlines()[2].strip()
+    assert first_row.startswith("(_C(8), ")
+    sweeps[1]["kernel_ms"] = 0.9  # Clearly faster: taken.
+    first_row = decode.suggested_decode_table(sweeps).splitlines()[2].strip()
+    assert first_row.startswith("(_C(8, 64, 4, 2), ")
 
 
 def test_decode_table_suggestion_ranks_by_kernel_time_when_every_variant_has_one():
     sweeps = [_sweep(64, 8, 1.0, kernel_ms=0.9), _sweep(64, 16, 1.1, kernel_ms=0.5, block_kv=32,
                                                           num_warps=2, num_stages=2)]
-    assert decode.suggested_decode_table(sweeps).splitlines()[1].strip().startswith("(_C(16, 32, 2, 2), ")
+    assert decode.suggested_decode_table(sweeps).splitlines()[2].strip().startswith("(_C(16, 32, 2, 2), ")
     sweeps[0]["kernel_ms"] = None  # Then the wall time decides.
-    assert decode.suggested_decode_table(sweeps).splitlines()[1].strip().startswith("(_C(8), ")
+    assert decode.suggested_decode_table(sweeps).splitlines()[2].strip().startswith("(_C(8), ")
 
 
 def test_config_code_leaves_out_trailing_defaults():
@@ -173,7 +183,7 @@ def test_decode_section_runs_end_to_end_in_interpret_mode(tmp_path):
         assert len(picked) == 2 and all(r["ms"] > 0 for r in picked)
         assert all(r["kernel_ms"] is None for r in picked)  # No GPU to profile.
     assert all(r["max_rel_err"] < 2e-2 for r in rows)
-    assert "_DECODE_TABLE = (" in record["suggested_decode_table"]
+    assert "_DECODE_TABLES = {" in record["suggested_decode_table"]
     sweeps = [s for s in record["sweeps"] if s["kernel"] == "jllm_decode"]
     assert sweeps and all(s["num_warps"] and "kernel_ms" in s for s in sweeps)
     assert "xla_flags" in record

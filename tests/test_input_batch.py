@@ -107,13 +107,14 @@ def test_pack_carries_every_array_bit_for_bit_through_jit():
 def test_decode_steps_split_for_the_smallest_batch_of_their_bucket():
     block_size, pages = 16, 512  # 8192-token page tables.
     builder = InputBatchBuilder(block_size=block_size, token_buckets=pow2_buckets(16, 512), max_num_seqs=256,
-                                page_buckets=(pages,), max_logprobs=0, vocab_size=VOCAB_SIZE, decode_kernel=True)
+                                page_buckets=(pages,), max_logprobs=0, vocab_size=VOCAB_SIZE, decode_kernel=True,
+                                head_dim=64)
     # A lone sequence decodes in the 16-row bucket: it gets batch 1's splits, not the
     # padded batch's (one split, one program per kv head over the whole context).
-    assert builder.decode_config(16, pages) == decode_config(1, 8192)
-    assert decode_config(1, 8192).num_splits > decode_config(16, 8192).num_splits
-    assert builder.decode_config(32, pages) == decode_config(17, 8192)
-    assert builder.decode_config(256, pages) == decode_config(129, 8192)
+    assert builder.decode_config(16, pages) == decode_config(1, 8192, 64)
+    assert decode_config(1, 8192, 64).num_splits > decode_config(16, 8192, 64).num_splits
+    assert builder.decode_config(32, pages) == decode_config(17, 8192, 64)
+    assert builder.decode_config(256, pages) == decode_config(129, 8192, 64)
 
     # Through build(): a prompt's step is not decode-only; the next step is, and carries
     # its bucket's split count as static metadata.

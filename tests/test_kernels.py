@@ -21,7 +21,7 @@ import numpy as np
 import pytest
 
 from jllm.layers.attention_metadata import AttentionMetadata
-from pallas_kernels.paged_decode_attention import _DECODE_TABLE
+from pallas_kernels.paged_decode_attention import _DECODE_TABLES
 from pallas_kernels import (
     DecodeConfig,
     decode_config,
@@ -253,10 +253,18 @@ def test_paged_decode_attention_matches_reference(
   np.testing.assert_array_equal(np.asarray(got)[[2, 6]], 0)
 
 
-def test_decode_splits_grow_with_context_and_shrink_with_batch():
-  assert decode_config(1, 32768).num_splits > decode_config(1, 512).num_splits
-  assert decode_config(256, 2048).num_splits <= decode_config(8, 2048).num_splits
-  assert decode_config(1024, 10**6).num_splits >= 1  # Beyond the table: its last cell.
+@pytest.mark.parametrize("head_dim", [64, 128])
+def test_decode_splits_grow_with_context_and_shrink_with_batch(head_dim):
+  assert decode_config(1, 32768, head_dim).num_splits > decode_config(1, 512, head_dim).num_splits
+  assert decode_config(256, 2048, head_dim).num_splits <= decode_config(8, 2048, head_dim).num_splits
+  # Beyond the table: its last cell.
+  assert decode_config(1024, 10**6, head_dim) == _DECODE_TABLES[head_dim][-1][-1]
+
+
+def test_decode_config_takes_the_next_listed_head_dim_up():
+  assert decode_config(1, 512, 32) == decode_config(1, 512, 64)
+  assert decode_config(1, 512, 80) == decode_config(1, 512, 128)
+  assert decode_config(1, 512, 256) == decode_config(1, 512, 128)
 
 
 def test_decode_config_fields_override_one_by_one(rng):
@@ -368,7 +376,7 @@ def _h100_kernels():
     cache = spec((8, 4096, block_size, head_dim), jnp.bfloat16)
     tokens = spec((2048, 32, head_dim), jnp.bfloat16)
     # Every config of the table (splits, block, warps, stages), with a window.
-    configs = sorted(set(itertools.chain(*_DECODE_TABLE)), key=dataclasses.astuple)
+    configs = sorted(set(itertools.chain(*_DECODE_TABLES[head_dim])), key=dataclasses.astuple)
     for config in configs:
       name = f"decode-d{head_dim}-p{block_size}-" + "-".join(map(str, dataclasses.astuple(config)))
       yield pytest.param(

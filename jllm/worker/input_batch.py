@@ -263,8 +263,10 @@ _sample = operator.attrgetter("sample")
 
 class InputBatchBuilder:
     def __init__(self, *, block_size: int, token_buckets, max_num_seqs: int, page_buckets, max_logprobs: int,
-                 vocab_size: int, decode_kernel: bool = False, fresh_prefill_min_tokens: int | None = None):
+                 vocab_size: int, decode_kernel: bool = False, fresh_prefill_min_tokens: int | None = None,
+                 head_dim: int = 128):
         self.block_size = block_size
+        self.head_dim = head_dim  # The decode kernel's configs are tuned per head_dim.
         # Whether steps whose every row has one query token are marked decode-only,
         # for the attention backend's split-K decode kernel.
         self.decode_kernel = decode_kernel
@@ -308,7 +310,7 @@ class InputBatchBuilder:
         buckets = self.decode_token_buckets()
         smaller = [t for t in buckets if t < num_tokens]
         smallest_batch = min(smaller[-1] + 1 if smaller else 1, self.num_seqs_for(num_tokens))
-        return decode_config(smallest_batch, num_pages * self.block_size)
+        return decode_config(smallest_batch, num_pages * self.block_size, self.head_dim)
 
     def fresh_prefill_token_buckets(self) -> tuple[int, ...]:
         """The token buckets a fresh-prefill step can land in."""

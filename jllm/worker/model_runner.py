@@ -88,6 +88,7 @@ class ModelRunner:
             block_size=block_size, token_buckets=token_buckets, max_num_seqs=max_num_seqs,
             page_buckets=page_buckets, max_logprobs=max_logprobs, vocab_size=spec.vocab_size,
             decode_kernel=decode_kernel, fresh_prefill_min_tokens=fresh_prefill_min_tokens,
+            head_dim=spec.head_dim,
         )
         table = cos_sin_cache(spec.head_dim, rope_parameters(hf_config),
                               getattr(hf_config, "max_position_embeddings", max_model_len), max_model_len)

@@ -127,8 +127,9 @@ def random_normal(seed: int, shape, dtype=jnp.bfloat16) -> jax.Array:
 
 
 def run_variants(bench: Bench, variants: list[Variant], seconds_per_call: float, check,
-                 figure) -> None:
-    """Compiles every variant (in parallel), then checks and times them one at a time.
+                 figure, profile: bool = False) -> None:
+    """Compiles every variant (in parallel), then checks and times them one at a time;
+    with `profile`, then sets their kernel times from one profiler trace.
 
     seconds_per_call: a rough guess, to size the timed programs; check(output of one
     call) -> max relative error; figure(ms) -> text for the progress line.
@@ -150,12 +151,15 @@ def run_variants(bench: Bench, variants: list[Variant], seconds_per_call: float,
         except Exception as error:  # noqa: BLE001 - one kernel's failure must not end the run.
             v.error = first_line(error)
             log(f"  {v.label:<60} failed: {v.error}")
+    if profile:
+        profile_kernel_ms(bench, variants)
 
 
 def profile_kernel_ms(bench: Bench, variants: list[Variant]) -> None:
-    """Sets each timed variant's `kernel_ms`, its device time per call, all from one
-    profiler trace (bench_utils.kernel_seconds_each). Nothing in interpret mode."""
-    timed = [v for v in variants if v.program is not None]
+    """Sets each timed variant's `kernel_ms` (where not yet set), its device time per call,
+    all from one profiler trace (bench_utils.kernel_seconds_each). Nothing in interpret
+    mode."""
+    timed = [v for v in variants if v.program is not None and v.kernel_ms is None]
     if bench.interpret or not timed:
         return
     runs = [(lambda exe=exe, args=args: exe(*args), back_to_back, reps)
@@ -168,3 +172,9 @@ def fastest(variants: list[Variant], by: str = "ms") -> Variant | None:
     """The variant with the least `by` ("ms": wall time, or "kernel_ms")."""
     timed = [v for v in variants if getattr(v, by) is not None]
     return min(timed, key=lambda v: getattr(v, by)) if timed else None
+
+
+def fastest_on_device(variants: list[Variant]) -> Variant | None:
+    """The variant with the least kernel time, or wall time where none was profiled: what
+    a sweep builds on, since at small shapes the wall time's launch gaps are noise."""
+    return fastest(variants, by="kernel_ms") or fastest(variants)

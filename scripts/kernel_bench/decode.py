@@ -11,7 +11,7 @@ import jax.numpy as jnp
 from jax.experimental.pallas.ops.gpu import paged_attention as jax_paged
 
 from pallas_kernels import DecodeConfig, decode_config, paged_decode_attention, paged_decode_attention_reference
-from pallas_kernels.paged_decode_attention import _DECODE_TABLE, _TABLE_BATCHES, _TABLE_CONTEXTS
+from pallas_kernels.paged_decode_attention import _DECODE_TABLES, _TABLE_BATCHES, _TABLE_CONTEXTS
 from scripts.bench_utils import log, rel_err
 from scripts.kernel_bench.common import (
     CHECK_ROWS,
@@ -20,6 +20,7 @@ from scripts.kernel_bench.common import (
     Heads,
     Variant,
     fastest,
+    fastest_on_device,
     profile_kernel_ms,
     random_normal,
     run_variants,
@@ -128,7 +129,7 @@ def bench_decode_shape(bench, rng, heads, batch, context, k_cache, v_cache, cach
 
     args = (q, k_cache, v_cache, seq_lens, tables)
     rotating = (4,)  # The tables.
-    table = decode_config(batch, context)
+    table = decode_config(batch, context, heads.head_dim)
     most_splits = -(-context // JLLM_DECODE_BLOCK_KV)
     splits = useful_splits(batch, heads, bench.num_sms, most_splits)
 
@@ -151,9 +152,9 @@ def bench_decode_shape(bench, rng, heads, batch, context, k_cache, v_cache, cach
         xla = [Variant("xla_reference", {}, reference, args, rotating)]
     else:
         log("  xla_reference: skipped (memory)")
-    run_variants(bench, jllm + jax_variants + xla, guess, check, figure)
+    run_variants(bench, jllm + jax_variants + xla, guess, check, figure, profile=True)
     if bench.decode_params:  # Launch settings at the best split count and the table's.
-        best = fastest(jllm) or jllm[0]
+        best = fastest_on_device(jllm) or jllm[0]
         tried = {DecodeConfig(**v.params) for v in jllm}
         more = []
         for base in (DecodeConfig(best.params["num_splits"]), DecodeConfig(table.num_splits)):
@@ -164,19 +165,21 @@ def bench_decode_shape(bench, rng, heads, batch, context, k_cache, v_cache, cach
                     if c not in tried and c.num_splits * c.block_kv <= 2 * context:
                         tried.add(c)
                         more.append(jllm_variant(c))
-        run_variants(bench, more, guess, check, figure)
+        run_variants(bench, more, guess, check, figure, profile=True)
         jllm += more
 
-    best_jax = fastest(jax_variants)
-    if best_jax is not None:  # Then its compute block size, at its best split count,
+    # JAX's kernel: then its compute block size at its best split count, then its launch
+    # settings at its best of those ("best" by kernel time where profiled).
+    best_jax = fastest_on_device(jax_variants)
+    if best_jax is not None:
         more = jax_block_variants(bench, jax_args, pages, best_jax.params["k_splits"])
-        run_variants(bench, more, guess, check, figure)
+        run_variants(bench, more, guess, check, figure, profile=True)
         jax_variants += more
-        best_jax = fastest(jax_variants)  # then its launch settings, at its best of those.
+        best_jax = fastest_on_device(jax_variants)
         more = [jax_paged_variant(bench, jax_args, best_jax.params["k_splits"],
                                   best_jax.params["pages_per_compute_block"], **launch)
                 for launch in JAX_LAUNCH_SETTINGS]
-        run_variants(bench, more, guess, check, figure)
+        run_variants(bench, more, guess, check, figure, profile=True)
         jax_variants += more
     record_decode(bench, heads, batch, context, nbytes, jllm, table, jax_variants, xla)
 
@@ -225,8 +228,8 @@ def decode_row(kernel, heads, batch, context, page_size, variant=None, nbytes=No
 
 def record_decode(bench, heads, batch, context, nbytes, jllm, table, jax_variants, xla):
     page_size, results = bench.plan.page_size, bench.results
-    # Kernel time of every variant, from one profiler trace: at the smallest shapes the
-    # wall time per call also holds the launch gaps, which move with the host.
+    # Kernel time of every variant (run_variants profiled most): at the smallest shapes
+    # the wall time per call also holds the launch gaps, which move with the host.
     profile_kernel_ms(bench, jllm + jax_variants + xla)
     for v in jllm + jax_variants + xla:
         results.add_sweep(kernel=v.kernel, model=heads.model, batch=batch, context=context,
@@ -256,25 +259,34 @@ def record_decode(bench, heads, batch, context, nbytes, jllm, table, jax_variant
             best_kernel_params=by_kernel and by_kernel.params))
 
 
+# Within this share of a cell's fastest time, a config with fewer launch settings changed
+# from the defaults is preferred: closer than that, one run's order is noise.
+TABLE_TIE = 0.01
+
+
 def suggested_decode_table(sweeps: list[dict]) -> str:
-    """`_DECODE_TABLE` with each measured cell set to the config whose worst slowdown over
-    the measured models (time / that model's best time) is least. Times are the
-    profiled kernel times where every variant of the cell has one, else wall times."""
-    entries: dict[tuple[int, int], list[dict]] = {}
+    """`_DECODE_TABLES` with each measured cell set to its head_dim's fastest config (or,
+    within TABLE_TIE of it, the one closest to the defaults). Times are the profiled
+    kernel times where every variant of the cell has one, else wall times."""
+    entries: dict[tuple[int, int, int], list[dict]] = {}
     for s in sweeps:
         if s["kernel"] == "jllm_decode" and s["ms"] is not None:
-            entries.setdefault((s["batch"], s["context"]), []).append(s)
-    lines, kept = ["_DECODE_TABLE = ("], False
-    for i, batch in enumerate(_TABLE_BATCHES):
-        cells = []
-        for j, context in enumerate(_TABLE_CONTEXTS):
-            cell = entries.get((batch, context))
-            kept |= not cell
-            cells.append(config_code(_best_config(cell)) if cell
-                         else config_code(_DECODE_TABLE[i][j]) + "?")
-        bound = "" if i == 0 else "<= "
-        lines.append(f"    ({', '.join(cells)}),  # batch {bound}{batch}")
-    lines.append(")  # '?': not measured, kept from the current table" if kept else ")")
+            entries.setdefault((s["head_dim"], s["batch"], s["context"]), []).append(s)
+    lines, kept = ["_DECODE_TABLES = {"], False
+    for head_dim in sorted({*_DECODE_TABLES, *(d for d, _, _ in entries)}):
+        current = _DECODE_TABLES.get(head_dim) or _DECODE_TABLES[max(_DECODE_TABLES)]
+        lines.append(f"    {head_dim}: (")
+        for i, batch in enumerate(_TABLE_BATCHES):
+            cells = []
+            for j, context in enumerate(_TABLE_CONTEXTS):
+                cell = entries.get((head_dim, batch, context))
+                kept |= not cell
+                cells.append(config_code(_best_config(cell)) if cell
+                             else config_code(current[i][j]) + "?")
+            bound = "" if i == 0 else "<= "
+            lines.append(f"        ({', '.join(cells)}),  # batch {bound}{batch}")
+        lines.append("    ),")
+    lines.append("}  # '?': not measured, kept from the current table" if kept else "}")
     return "\n".join(lines)
 
 
@@ -289,16 +301,13 @@ def config_code(config: DecodeConfig) -> str:
 
 def _best_config(entries: list[dict]) -> DecodeConfig:
     key = "kernel_ms" if all(e.get("kernel_ms") is not None for e in entries) else "ms"
-    times: dict[DecodeConfig, dict[int, float]] = {}
-    for e in entries:
-        config = DecodeConfig(**{f.name: e[f.name] for f in dataclasses.fields(DecodeConfig)})
-        times.setdefault(config, {})[e["head_dim"]] = e[key]
-    head_dims = set().union(*(t.keys() for t in times.values()))
-    best = {d: min(t[d] for t in times.values() if d in t) for d in head_dims}
+    times = {DecodeConfig(**{f.name: e[f.name] for f in dataclasses.fields(DecodeConfig)}): e[key]
+             for e in entries}
+    fastest_time = min(times.values())
+    close = [c for c, t in times.items() if t <= fastest_time * (1 + TABLE_TIE)]
 
-    def rank(config):
-        t = times[config]
-        # A config that some model has no time for ranks after those all models have.
-        return t.keys() != head_dims, max(t[d] / best[d] for d in t), dataclasses.astuple(config)
+    def changed(config):  # Launch settings off the defaults.
+        return sum(a != b for a, b in zip(dataclasses.astuple(config)[1:],
+                                          dataclasses.astuple(DecodeConfig(1))[1:]))
 
-    return min(times, key=rank)
+    return min(close, key=lambda c: (changed(c), times[c]))
