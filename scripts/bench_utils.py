@@ -114,32 +114,41 @@ def gpu_events(profile) -> list[tuple[int, int]] | None:
     return sorted(events) if found else None
 
 
-def busy_ns_per_burst(events: list[tuple[int, int]], min_gap_ns: int) -> list[int]:
-    """Summed event durations of each burst: a burst ends where the device then idles
-    for at least `min_gap_ns`."""
-    bursts, end = [], None
-    for start, duration in events:
-        if end is None or start - end >= min_gap_ns:
-            bursts.append(0)
-        bursts[-1] += duration
+def busy_ns_per_burst(events: list[tuple[int, int]], count: int, min_gap_ns: int) -> list[int] | None:
+    """Summed event durations of each of `count` bursts, split at the `count - 1` longest
+    idle gaps of the device; None if one of those gaps is shorter than `min_gap_ns` (then
+    the bursts are not told apart) or there are fewer events than bursts. Splitting at
+    the longest gaps, not at every long one, keeps a burst whole when the host stalls
+    mid-burst (profiler buffer flushes do) for less than the pause between bursts."""
+    if count < 1 or len(events) < count:
+        return None
+    gaps, end = [], None  # (idle ns before event i, i)
+    for i, (start, duration) in enumerate(events):
+        if end is not None:
+            gaps.append((start - end, i))
         end = start + duration if end is None else max(end, start + duration)
-    return bursts
+    cuts = sorted(gaps, reverse=True)[: count - 1]
+    if any(gap < min_gap_ns for gap, _ in cuts):
+        return None
+    bounds = [0, *sorted(i for _, i in cuts), len(events)]
+    return [sum(d for _, d in events[a:b]) for a, b in zip(bounds, bounds[1:])]
 
 
-# The pause between two profiled variants, and the idle time that separates their bursts
-# of events: a variant's programs go out back to back, so its device gaps are launch
-# gaps (tens of microseconds at most).
-_PAUSE_S, _MIN_GAP_NS = 5e-3, 1_000_000
+# The pause between two profiled variants, and the least idle time that tells their bursts
+# of events apart: a variant's programs go out back to back, so its device gaps are launch
+# gaps (tens of microseconds) or the odd host stall.
+_PAUSE_S, _MIN_GAP_NS = 10e-3, 2_000_000
 
 
 def kernel_seconds_each(runs: list[tuple[Callable[[], Any], int, int]]) -> list[float | None]:
     """Device time per call of each (call, programs, calls_per_program): `programs` runs
     of `call()` (each `calls_per_program` chained calls), all under one profiler trace
     (starting and reading a trace takes seconds, a variant's programs a few ms) with a
-    pause after each, the GPU events of each burst summed, / programs / calls. Unlike the
+    pause after each, the GPU events of each burst (busy_ns_per_burst) summed, / programs
+    / calls. Unlike the
     wall time it leaves out the gaps between kernels, so it does not move with the
     host's launch speed, which at a few microseconds a call can dominate the wall time.
-    Nones off the GPU, or if the bursts do not match the runs one to one."""
+    Nones off the GPU, or if the bursts cannot be told apart."""
     if not runs:
         return []
     with tempfile.TemporaryDirectory() as folder:
@@ -151,8 +160,8 @@ def kernel_seconds_each(runs: list[tuple[Callable[[], Any], int, int]]) -> list[
                 time.sleep(_PAUSE_S)
         traces = glob.glob(os.path.join(folder, "**", "*.xplane.pb"), recursive=True)
         events = gpu_events(jax.profiler.ProfileData.from_file(traces[0])) if traces else None
-    bursts = busy_ns_per_burst(events, _MIN_GAP_NS) if events else []
-    if len(bursts) != len(runs):
+    bursts = busy_ns_per_burst(events or [], len(runs), _MIN_GAP_NS)
+    if bursts is None:
         return [None] * len(runs)
     return [busy / 1e9 / (programs * calls) for busy, (_, programs, calls) in zip(bursts, runs)]
 

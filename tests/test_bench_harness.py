@@ -113,10 +113,14 @@ def test_config_code_leaves_out_trailing_defaults():
     assert decode.config_code(DecodeConfig(2, 32, 4, 1)) == "_C(2, 32, 4, 1)"
 
 
-def test_kernel_time_bursts_split_at_idle_gaps():
-    events = [(0, 10), (15, 10), (5_000_000, 7), (5_000_020, 3), (9_000_000, 1)]
-    assert busy_ns_per_burst(events, 1_000_000) == [20, 10, 1]
-    assert busy_ns_per_burst([], 1_000_000) == []
+def test_kernel_time_bursts_split_at_the_longest_idle_gaps():
+    # A 1.5 ms host stall inside the first burst; 5 and 4 ms pauses between bursts.
+    events = [(0, 10), (1_500_010, 10), (6_500_000, 7), (6_500_020, 3), (10_500_000, 1)]
+    assert busy_ns_per_burst(events, 3, 1_000_000) == [20, 10, 1]
+    assert busy_ns_per_burst(events, 1, 1_000_000) == [31]
+    assert busy_ns_per_burst(events, 4, 1_000_000) == [10, 10, 10, 1]  # The stall passes.
+    assert busy_ns_per_burst(events, 4, 2_000_000) is None  # It does not.
+    assert busy_ns_per_burst([], 1, 1_000_000) is None
 
 
 def test_kv_write_section_runs_end_to_end_in_interpret_mode(tmp_path):
