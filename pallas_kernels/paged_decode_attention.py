@@ -5,7 +5,9 @@ head at once (GQA), so each K/V page is read once per step. A sequence's kv bloc
 are dealt out to `num_splits` splits in turn; the last split of a (sequence, kv
 head) to finish merges the partial softmax states, in the same kernel: one launch
 (plus a tiny memset), where an XLA merge after the kernel cost 0-2.5 µs more per call
-at batch 1-8 on the H100 (BUILD_NOTES.md, 2026-11-26, session 3). The query of
+at batch 1-8 on the H100 (BUILD_NOTES.md, 2026-11-26, session 3). The memset is not
+worth threading state to avoid: tickets handed zeroed from call to call instead
+measured the same kernel and wall time at 1 x 512 (session 5). The query of
 sequence s sits at position seq_lens[s] - 1, after its own K/V has been written to
 the cache.
 """
@@ -25,6 +27,7 @@ from jax.experimental.pallas import triton as plgpu
 # update into exp2(-inf - -inf) = NaN.
 MASK_VALUE = -0.7 * float(jnp.finfo(jnp.float32).max)
 _LOG2E = math.log2(math.e)
+
 
 @dataclasses.dataclass(frozen=True)
 class DecodeConfig:
