@@ -107,6 +107,16 @@ def test_decode_table_suggestion_ranks_by_kernel_time_when_every_variant_has_one
     assert decode.suggested_decode_table(sweeps).splitlines()[2].strip().startswith("(_C(8), ")
 
 
+def test_launch_setting_sweep_covers_each_split_count_once_and_skips_idle_splits():
+    configs = decode.launch_setting_configs((8, 8, 16), 512, tried={DecodeConfig(8)})
+    assert len(configs) == len(set(configs)) and DecodeConfig(8) not in configs
+    assert DecodeConfig(8, num_warps=2, num_stages=2) in configs
+    assert DecodeConfig(16, 32, 2, 2) in configs  # 32-key blocks at twice the splits too.
+    assert DecodeConfig(32, 32, 2, 2) in configs
+    assert DecodeConfig(16, 128) not in configs  # 2048 keys of blocks for 512: idle splits.
+    assert all(c.num_splits * c.block_kv <= 1024 for c in configs)
+
+
 def test_config_code_leaves_out_trailing_defaults():
     assert decode.config_code(DecodeConfig(8)) == "_C(8)"
     assert decode.config_code(DecodeConfig(8, num_warps=2)) == "_C(8, 64, 2)"

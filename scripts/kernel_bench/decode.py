@@ -155,16 +155,9 @@ def bench_decode_shape(bench, rng, heads, batch, context, k_cache, v_cache, cach
     run_variants(bench, jllm + jax_variants + xla, guess, check, figure, profile=True)
     if bench.decode_params:  # Launch settings at the best split count and the table's.
         best = fastest_on_device(jllm) or jllm[0]
-        tried = {DecodeConfig(**v.params) for v in jllm}
-        more = []
-        for base in (DecodeConfig(best.params["num_splits"]), DecodeConfig(table.num_splits)):
-            for setting in DECODE_PARAM_SETTINGS:
-                config = dataclasses.replace(base, **setting)
-                doubled = dataclasses.replace(config, num_splits=2 * config.num_splits)
-                for c in (config, doubled) if config.block_kv == 32 else (config,):
-                    if c not in tried and c.num_splits * c.block_kv <= 2 * context:
-                        tried.add(c)
-                        more.append(jllm_variant(c))
+        more = [jllm_variant(c) for c in launch_setting_configs(
+            (best.params["num_splits"], table.num_splits), context,
+            tried={DecodeConfig(**v.params) for v in jllm})]
         run_variants(bench, more, guess, check, figure, profile=True)
         jllm += more
 
@@ -182,6 +175,22 @@ def bench_decode_shape(bench, rng, heads, batch, context, k_cache, v_cache, cach
         run_variants(bench, more, guess, check, figure, profile=True)
         jax_variants += more
     record_decode(bench, heads, batch, context, nbytes, jllm, table, jax_variants, xla)
+
+
+def launch_setting_configs(split_counts, context: int, tried=frozenset()) -> list[DecodeConfig]:
+    """DECODE_PARAM_SETTINGS at each of `split_counts` (32-key blocks also at twice the
+    splits: the same keys per split), leaving out the configs in `tried` and those whose
+    splits would leave more than half idle on `context` keys."""
+    seen, configs = set(tried), []
+    for splits in dict.fromkeys(split_counts):
+        for setting in DECODE_PARAM_SETTINGS:
+            config = dataclasses.replace(DecodeConfig(splits), **setting)
+            doubled = dataclasses.replace(config, num_splits=2 * splits)
+            for c in (config, doubled) if config.block_kv == 32 else (config,):
+                if c not in seen and c.num_splits * c.block_kv <= 2 * context:
+                    seen.add(c)
+                    configs.append(c)
+    return configs
 
 
 def jax_paged_variant(bench, jax_args, k_splits, pages_per_compute_block, **launch) -> Variant:
