@@ -203,7 +203,7 @@ def _decode_kernel(seq_lens_ref, block_tables_ref, q_ref, k_cache_ref,
   # Only the splits that get a kv block work: a short sequence (or a padding row) in a
   # grid split for long ones costs its idle splits a launch, not a state, a ticket and
   # a share of the merge. The engine sizes the grid for its page table's full width and
-  # its bucket's smallest batch (InputBatchBuilder.decode_splits), so most of a short
+  # its bucket's smallest batch (InputBatchBuilder.decode_config), so most of a short
   # or padded batch's splits are idle.
   active = jnp.minimum(jnp.maximum(num_blocks, 1), num_splits)
 

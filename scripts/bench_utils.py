@@ -166,11 +166,6 @@ def kernel_seconds_each(runs: list[tuple[Callable[[], Any], int, int]]) -> list[
     return [busy / 1e9 / (programs * calls) for busy, (_, programs, calls) in zip(bursts, runs)]
 
 
-def kernel_seconds(call: Callable[[], Any], programs: int, calls_per_program: int) -> float | None:
-    """kernel_seconds_each of one run."""
-    return kernel_seconds_each([(call, programs, calls_per_program)])[0]
-
-
 @dataclasses.dataclass
 class Job:
     """One function to compile ahead of timing, with example arguments."""

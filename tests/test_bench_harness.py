@@ -15,7 +15,7 @@ from scripts.bench_utils import (
     busy_ns_per_burst,
     first_alternative,
     gpu_events,
-    kernel_seconds,
+    kernel_seconds_each,
     programs_per_sample,
     reps_for,
 )
@@ -181,8 +181,8 @@ def test_kernel_seconds_traces_the_calls_and_finds_no_gpu_on_the_cpu():
         calls.append(1)
         return jnp.ones(4) + len(calls)
 
-    assert kernel_seconds(call, programs=3, calls_per_program=2) is None
-    assert len(calls) == 3
+    assert kernel_seconds_each([(call, 3, 2), (call, 1, 2)]) == [None, None]
+    assert len(calls) == 4
 
 
 def test_decode_section_runs_end_to_end_in_interpret_mode(tmp_path):
