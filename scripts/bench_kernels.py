@@ -11,7 +11,7 @@ against the XLA scatter, and an HLO check that the donated cache is not copied);
 (causal TFLOP/s of the ragged kernel, one sequence, with and without a cached prefix, next
 to JAX's Pallas `attention.mha` and cuDNN); `decode` (TB/s of the paged decode kernel over
 a num_splits sweep, the config table's choice, JAX's Pallas `paged_attention` at its best
-sweep settings and the jitted XLA gather reference), ending with a suggested `_DECODE_TABLE`;
+sweep settings and the jitted XLA gather reference), ending with a suggested `_DECODE_TABLES`;
 `--decode-param-sweep` adds block sizes, warps and stages at the best split counts.
 
 Every kernel's output is compared with the reference on the device (max |out - ref| /
@@ -29,7 +29,7 @@ over `--iters` samples (at least 3, fewer once a kernel's samples have taken 3 s
 divided by programs and reps. `--reps 1` times single jitted calls.
 
 Decode rows and sweep entries also carry `kernel_ms`: each variant's device time per call
-from one profiler trace per shape (bench_utils.kernel_seconds_each), which leaves out the
+from one profiler trace per batch of variants timed together (bench_utils.kernel_seconds_each), which leaves out the
 launch gaps between kernels; at the smallest shapes those gaps move the wall time from run
 to run. The picked rows add `best_kernel_ms`, the least kernel time of any of that
 kernel's variants, and the table suggestion ranks configs by kernel time.

@@ -145,9 +145,9 @@ def kernel_seconds_each(runs: list[tuple[Callable[[], Any], int, int]]) -> list[
     of `call()` (each `calls_per_program` chained calls), all under one profiler trace
     (starting and reading a trace takes seconds, a variant's programs a few ms) with a
     pause after each, the GPU events of each burst (busy_ns_per_burst) summed, / programs
-    / calls. Unlike the
-    wall time it leaves out the gaps between kernels, so it does not move with the
-    host's launch speed, which at a few microseconds a call can dominate the wall time.
+    / calls. Unlike the wall time it leaves out the gaps between kernels, so it does not
+    move with the host's launch speed, which at a few microseconds a call can dominate
+    the wall time.
     Nones off the GPU, or if the bursts cannot be told apart."""
     if not runs:
         return []

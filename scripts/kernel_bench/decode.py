@@ -1,6 +1,7 @@
 """Decode section of the kernel benchmark: TB/s of the paged decode kernel over a
-num_splits sweep, the split table's choice, JAX's Pallas `paged_attention` at its best
-settings and the jitted XLA gather reference; and the split table the sweep suggests."""
+num_splits sweep (and launch settings, with --decode-param-sweep), the config table's
+choice, JAX's Pallas `paged_attention` at its best settings and the jitted XLA gather
+reference; and the per-head_dim config tables the sweep suggests."""
 from __future__ import annotations
 
 import dataclasses
@@ -237,8 +238,9 @@ def decode_row(kernel, heads, batch, context, page_size, variant=None, nbytes=No
 
 def record_decode(bench, heads, batch, context, nbytes, jllm, table, jax_variants, xla):
     page_size, results = bench.plan.page_size, bench.results
-    # Kernel time of every variant (run_variants profiled most): at the smallest shapes
-    # the wall time per call also holds the launch gaps, which move with the host.
+    # run_variants profiled every variant; a second trace for any that one left without a
+    # kernel time (bursts not told apart). At the smallest shapes the wall time per call
+    # also holds the launch gaps, which move with the host.
     profile_kernel_ms(bench, jllm + jax_variants + xla)
     for v in jllm + jax_variants + xla:
         results.add_sweep(kernel=v.kernel, model=heads.model, batch=batch, context=context,
