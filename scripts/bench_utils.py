@@ -99,10 +99,10 @@ def median_seconds(call: Callable[[], Any], iters: int, warmup: int = 1,
     return statistics.median(times)
 
 
-def gpu_events(profile) -> list[tuple[int, int]] | None:
+def gpu_events(profile, names: bool = False) -> list[tuple] | None:
     """(start_ns, duration_ns) of the events on a `jax.profiler.ProfileData`'s GPU stream
-    lines (kernels, memsets and copies as the device ran them), in start order; None
-    with no GPU plane."""
+    lines (kernels, memsets and copies as the device ran them), in start order, with
+    each event's name third if `names`; None with no GPU plane."""
     events, found = [], False
     for plane in profile.planes:
         if not plane.name.startswith("/device:GPU"):
@@ -110,7 +110,8 @@ def gpu_events(profile) -> list[tuple[int, int]] | None:
         for line in plane.lines:
             if "stream" in line.name.lower():
                 found = True
-                events += [(event.start_ns, event.duration_ns) for event in line.events]
+                events += [(event.start_ns, event.duration_ns, *([event.name] if names else []))
+                           for event in line.events]
     return sorted(events) if found else None
 
 

@@ -1,0 +1,103 @@
+"""On the GPU: what one decode-attention call costs on the device, event by event, for
+jllm's kernel (at its table config) and JAX's paged_attention (at given settings).
+
+    python scripts/decode_call_breakdown.py [--head-dim 64] [--batch 1] [--context 512]
+        [--jax 8,4 --jax 4,8]
+
+Each call is its own jitted program, as a model layer sees it: no neighbour to fuse
+with. That is the difference from bench_kernels.py's kernel time, which chains calls in
+one program so that dispatch does not swamp the small shapes; there XLA fuses one call's
+epilogue (JAX's split merge) with the next call's prologue (its q padding) and hoists
+constants (jllm's zeroed merge tickets), which the layers of a model, with projections
+between their attention calls, do not allow. The table lists every device event of a
+call (median over --calls calls on rotating block tables, K/V past the L2) and their sum.
+"""
+from __future__ import annotations
+
+import argparse
+import collections
+import functools
+import glob
+import os
+import statistics
+import sys
+import tempfile
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+import numpy as np  # noqa: E402
+from jax.experimental.pallas.ops.gpu import paged_attention as jax_paged  # noqa: E402
+
+from pallas_kernels import decode_config, paged_decode_attention  # noqa: E402
+from scripts.bench_utils import gpu_events  # noqa: E402
+
+NUM_Q_HEADS, NUM_KV_HEADS, PAGE = 32, 8, 16  # Llama-3.x heads, as bench_kernels.py.
+
+
+def events_per_call(call, tables, calls: int) -> dict[str, list[int]]:
+    """Durations (ns) of each named device event over `calls` calls, one per table in turn."""
+    for table in tables[:2]:
+        jax.block_until_ready(call(table))
+    with tempfile.TemporaryDirectory() as folder:
+        with jax.profiler.trace(folder):
+            for i in range(calls):
+                out = call(tables[i % len(tables)])
+            jax.block_until_ready(out)
+        trace = glob.glob(os.path.join(folder, "**", "*.xplane.pb"), recursive=True)[0]
+        events = gpu_events(jax.profiler.ProfileData.from_file(trace), names=True) or []
+    durations = collections.defaultdict(list)
+    for _, duration, name in events:
+        durations[name].append(duration)
+    return durations
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--head-dim", type=int, default=64)
+    parser.add_argument("--batch", type=int, default=1)
+    parser.add_argument("--context", type=int, default=512)
+    parser.add_argument("--jax", action="append", default=None,
+                        help="JAX's k_splits,pages_per_compute_block (repeatable; 4 warps); "
+                             "default 8,4 and 4,8, its fastest at 1 x 512 in bench_kernels.py")
+    parser.add_argument("--calls", type=int, default=200)
+    args = parser.parse_args(argv)
+    if jax.default_backend() != "gpu":
+        sys.exit("decode_call_breakdown.py profiles GPU kernels: run it on the GPU")
+    d, batch, context = args.head_dim, args.batch, args.context
+    pages = context // PAGE
+    pool = max(4096, 2 * 16 * batch * pages)  # Rotating tables past the L2.
+    k_cache = jax.random.normal(jax.random.key(1), (NUM_KV_HEADS, pool, PAGE, d), jnp.bfloat16)
+    v_cache = jax.random.normal(jax.random.key(2), (NUM_KV_HEADS, pool, PAGE, d), jnp.bfloat16)
+    q = jax.random.normal(jax.random.key(3), (batch, NUM_Q_HEADS, d), jnp.bfloat16)
+    lens = jnp.full((batch,), context, jnp.int32)
+    drawn = np.random.default_rng(0).permutation(pool)[: (pool // (batch * pages)) * batch * pages]
+    tables = [jnp.asarray(t, jnp.int32) for t in drawn.reshape(-1, batch, pages)]
+    scale = d ** -0.5
+    config = decode_config(batch, context, d)
+    ours = jax.jit(functools.partial(paged_decode_attention, scale=scale, config=config))
+    variants = {f"jllm_decode {config}": lambda t: ours(q, k_cache, v_cache, lens, t)}
+    q_scaled = q * jnp.asarray(scale, q.dtype)  # JAX's kernel takes no scale.
+    for setting in args.jax or ["8,4", "4,8"]:
+        k_splits, per_block = map(int, setting.split(","))
+        theirs = jax.jit(functools.partial(jax_paged.paged_attention, k_splits=k_splits,
+                                           pages_per_compute_block=per_block, num_warps=4))
+        variants[f"jax_paged_attention k_splits={k_splits} pages_per_compute_block={per_block}"] = (
+            lambda t, f=theirs: f(q_scaled, k_cache, v_cache, t, lens))
+    print(f"{jax.devices()[0].device_kind}, jax {jax.__version__}: d {d}, batch {batch}, "
+          f"context {context}, {NUM_Q_HEADS} q / {NUM_KV_HEADS} kv heads, page {PAGE}")
+    print("| variant | device event | per call | median us |")
+    print("|---|---|---|---|")
+    for label, call in variants.items():
+        total = 0.0
+        for name, durations in events_per_call(call, tables, args.calls).items():
+            per_call = len(durations) / args.calls
+            median_us = statistics.median(durations) / 1e3
+            total += per_call * median_us
+            print(f"| {label} | {name[:60]} | {per_call:.2f} | {median_us:.2f} |")
+        print(f"| {label} | **sum** | | **{total:.2f}** |")
+
+
+if __name__ == "__main__":
+    main()
