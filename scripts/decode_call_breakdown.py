@@ -32,8 +32,10 @@ from jax.experimental.pallas.ops.gpu import paged_attention as jax_paged  # noqa
 
 from pallas_kernels import decode_config, paged_decode_attention  # noqa: E402
 from scripts.bench_utils import gpu_events  # noqa: E402
+from scripts.kernel_bench.common import LLAMA_1B, LLAMA_8B, random_normal  # noqa: E402
+from scripts.kernel_bench.decode import L2_BYTES, decode_batch, kv_bytes  # noqa: E402
 
-NUM_Q_HEADS, NUM_KV_HEADS, PAGE = 32, 8, 16  # Llama-3.x heads, as bench_kernels.py.
+PAGE = 16  # As bench_kernels.py.
 
 
 def events_per_call(call, tables, calls: int) -> dict[str, list[int]]:
@@ -55,7 +57,8 @@ def events_per_call(call, tables, calls: int) -> dict[str, list[int]]:
 
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--head-dim", type=int, default=64)
+    parser.add_argument("--head-dim", type=int, default=64, choices=(64, 128),
+                        help="Llama-3.2-1B's heads (64) or Llama-3.1-8B's (128)")
     parser.add_argument("--batch", type=int, default=1)
     parser.add_argument("--context", type=int, default=512)
     parser.add_argument("--jax", action="append", default=None,
@@ -65,15 +68,14 @@ def main(argv=None) -> None:
     args = parser.parse_args(argv)
     if jax.default_backend() != "gpu":
         sys.exit("decode_call_breakdown.py profiles GPU kernels: run it on the GPU")
-    d, batch, context = args.head_dim, args.batch, args.context
-    pages = context // PAGE
-    pool = max(4096, 2 * 16 * batch * pages)  # Rotating tables past the L2.
-    k_cache = jax.random.normal(jax.random.key(1), (NUM_KV_HEADS, pool, PAGE, d), jnp.bfloat16)
-    v_cache = jax.random.normal(jax.random.key(2), (NUM_KV_HEADS, pool, PAGE, d), jnp.bfloat16)
-    q = jax.random.normal(jax.random.key(3), (batch, NUM_Q_HEADS, d), jnp.bfloat16)
-    lens = jnp.full((batch,), context, jnp.int32)
-    drawn = np.random.default_rng(0).permutation(pool)[: (pool // (batch * pages)) * batch * pages]
-    tables = [jnp.asarray(t, jnp.int32) for t in drawn.reshape(-1, batch, pages)]
+    heads = {64: LLAMA_1B, 128: LLAMA_8B}[args.head_dim]
+    d, batch, context = heads.head_dim, args.batch, args.context
+    # Pages for tables whose K/V together span twice the L2, as bench_kernels.py's.
+    tables_past_l2 = -(-2 * L2_BYTES // kv_bytes(heads, batch, context))
+    pool = batch * (context // PAGE) * max(2, tables_past_l2)
+    cache_shape = (heads.num_kv_heads, pool, PAGE, d)
+    k_cache, v_cache = random_normal(1, cache_shape), random_normal(2, cache_shape)
+    q, lens, tables = decode_batch(np.random.default_rng(0), heads, batch, context, pool, PAGE)
     scale = d ** -0.5
     config = decode_config(batch, context, d)
     ours = jax.jit(functools.partial(paged_decode_attention, scale=scale, config=config))
@@ -86,7 +88,7 @@ def main(argv=None) -> None:
         variants[f"jax_paged_attention k_splits={k_splits} pages_per_compute_block={per_block}"] = (
             lambda t, f=theirs: f(q_scaled, k_cache, v_cache, t, lens))
     print(f"{jax.devices()[0].device_kind}, jax {jax.__version__}: d {d}, batch {batch}, "
-          f"context {context}, {NUM_Q_HEADS} q / {NUM_KV_HEADS} kv heads, page {PAGE}")
+          f"context {context}, {heads.num_q_heads} q / {heads.num_kv_heads} kv heads, page {PAGE}")
     print("| variant | device event | per call | median us |")
     print("|---|---|---|---|")
     for label, call in variants.items():

@@ -159,7 +159,8 @@ def _profile(planes):
     ns = types.SimpleNamespace
 
     def line(name, durations):
-        return ns(name=name, events=[ns(start_ns=100 * i, duration_ns=d) for i, d in enumerate(durations)])
+        return ns(name=name, events=[ns(start_ns=100 * i, duration_ns=d, name=f"op{d}")
+                                     for i, d in enumerate(durations)])
 
     return ns(planes=[ns(name=name, lines=[line(*spec) for spec in lines]) for name, lines in planes])
 
@@ -171,6 +172,8 @@ def test_gpu_events_are_the_gpu_stream_events_only_in_start_order():
                            ("Stream #14(MemcpyD2D)", [500])]),
     ])
     assert gpu_events(profile) == [(0, 500), (0, 1_000), (100, 2_500)]
+    assert gpu_events(profile, names=True) == [(0, 500, "op500"), (0, 1_000, "op1000"),
+                                               (100, 2_500, "op2500")]
     assert gpu_events(_profile([("/host:CPU", [("python", [10_000])])])) is None
 
 
