@@ -135,6 +135,16 @@ def busy_ns_per_burst(events: list[tuple[int, int]], count: int, min_gap_ns: int
     return [sum(d for _, d in events[a:b]) for a, b in zip(bounds, bounds[1:])]
 
 
+def traced_gpu_events(work: Callable[[], Any], names: bool = False) -> list[tuple] | None:
+    """gpu_events of a profiler trace of `work()` (which should wait for its results);
+    None without a trace or a GPU plane in it."""
+    with tempfile.TemporaryDirectory() as folder:
+        with jax.profiler.trace(folder):
+            work()
+        traces = glob.glob(os.path.join(folder, "**", "*.xplane.pb"), recursive=True)
+        return gpu_events(jax.profiler.ProfileData.from_file(traces[0]), names) if traces else None
+
+
 # The pause between two profiled variants, and the least idle time that tells their bursts
 # of events apart: a variant's programs go out back to back, so its device gaps are launch
 # gaps (tens of microseconds) or the odd host stall.
@@ -152,16 +162,15 @@ def kernel_seconds_each(runs: list[tuple[Callable[[], Any], int, int]]) -> list[
     Nones off the GPU, or if the bursts cannot be told apart."""
     if not runs:
         return []
-    with tempfile.TemporaryDirectory() as folder:
-        with jax.profiler.trace(folder):
-            for call, programs, _ in runs:
-                for _ in range(programs):
-                    out = call()
-                jax.block_until_ready(out)
-                time.sleep(_PAUSE_S)
-        traces = glob.glob(os.path.join(folder, "**", "*.xplane.pb"), recursive=True)
-        events = gpu_events(jax.profiler.ProfileData.from_file(traces[0])) if traces else None
-    bursts = busy_ns_per_burst(events or [], len(runs), _MIN_GAP_NS)
+
+    def run_all():
+        for call, programs, _ in runs:
+            for _ in range(programs):
+                out = call()
+            jax.block_until_ready(out)
+            time.sleep(_PAUSE_S)
+
+    bursts = busy_ns_per_burst(traced_gpu_events(run_all) or [], len(runs), _MIN_GAP_NS)
     if bursts is None:
         return [None] * len(runs)
     return [busy / 1e9 / (programs * calls) for busy, (_, programs, calls) in zip(bursts, runs)]

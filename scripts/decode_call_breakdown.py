@@ -17,11 +17,9 @@ from __future__ import annotations
 import argparse
 import collections
 import functools
-import glob
 import os
 import statistics
 import sys
-import tempfile
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
@@ -31,7 +29,7 @@ import numpy as np  # noqa: E402
 from jax.experimental.pallas.ops.gpu import paged_attention as jax_paged  # noqa: E402
 
 from pallas_kernels import decode_config, paged_decode_attention  # noqa: E402
-from scripts.bench_utils import gpu_events  # noqa: E402
+from scripts.bench_utils import traced_gpu_events  # noqa: E402
 from scripts.kernel_bench.common import LLAMA_1B, LLAMA_8B, random_normal  # noqa: E402
 from scripts.kernel_bench.decode import L2_BYTES, decode_batch, kv_bytes  # noqa: E402
 
@@ -42,15 +40,14 @@ def events_per_call(call, tables, calls: int) -> dict[str, list[int]]:
     """Durations (ns) of each named device event over `calls` calls, one per table in turn."""
     for table in tables[:2]:
         jax.block_until_ready(call(table))
-    with tempfile.TemporaryDirectory() as folder:
-        with jax.profiler.trace(folder):
-            for i in range(calls):
-                out = call(tables[i % len(tables)])
-            jax.block_until_ready(out)
-        trace = glob.glob(os.path.join(folder, "**", "*.xplane.pb"), recursive=True)[0]
-        events = gpu_events(jax.profiler.ProfileData.from_file(trace), names=True) or []
+
+    def run_calls():
+        for i in range(calls):
+            out = call(tables[i % len(tables)])
+        jax.block_until_ready(out)
+
     durations = collections.defaultdict(list)
-    for _, duration, name in events:
+    for _, duration, name in traced_gpu_events(run_calls, names=True) or []:
         durations[name].append(duration)
     return durations
 
