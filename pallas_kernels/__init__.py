@@ -3,6 +3,7 @@ from pallas_kernels.kv_write import write_kv, write_kv_reference
 from pallas_kernels.paged_decode_attention import (
     DecodeConfig,
     decode_config,
+    new_decode_tickets,
     paged_decode_attention,
     paged_decode_attention_reference,
 )
@@ -14,6 +15,7 @@ from pallas_kernels.ragged_paged_attention import (
 __all__ = [
     "DecodeConfig",
     "decode_config",
+    "new_decode_tickets",
     "paged_decode_attention",
     "paged_decode_attention_reference",
     "ragged_paged_attention",

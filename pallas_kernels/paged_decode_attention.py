@@ -3,13 +3,14 @@
 One program per (sequence, kv head, kv split) handles all the query heads of its kv
 head at once (GQA), so each K/V page is read once per step. A sequence's kv blocks
 are dealt out to `num_splits` splits in turn; the last split of a (sequence, kv
-head) to finish merges the partial softmax states, in the same kernel: one launch
-(plus a tiny memset), where an XLA merge after the kernel cost 0-2.5 µs more per call
-at batch 1-8 on the H100 (BUILD_NOTES.md, 2026-11-26, session 3). The memset is not
-worth threading state to avoid: tickets handed zeroed from call to call instead
-measured the same kernel and wall time at 1 x 512 (session 5). The query of
-sequence s sits at position seq_lens[s] - 1, after its own K/V has been written to
-the cache.
+head) to finish merges the partial softmax states, in the same kernel: one launch,
+where an XLA merge after the kernel cost 0-2.5 µs more per call at batch 1-8 on the H100
+(BUILD_NOTES.md, 2026-11-26, session 3). The splits count themselves on a ticket per
+(sequence, kv head) that starts at zero; the merging split puts it back to zero, so a
+caller that threads the tickets from call to call (the engine keeps them in each
+layer's cache) needs no memset: that memset ran as its own 0.9 µs kernel per call on
+the H100, 16 % of a 1 x 512 call (session 6). The query of sequence s sits at position
+seq_lens[s] - 1, after its own K/V has been written to the cache.
 """
 from __future__ import annotations
 
@@ -198,7 +199,7 @@ def _decode_kernel(seq_lens_ref, block_tables_ref, q_ref, k_cache_ref,
     o, _, l = attend()
     write_output(o_ref, o, l, heads)
     return
-  # The zeroed tickets come in aliased to the first output: the same buffer.
+  # The tickets come in aliased to the first output: the same buffer.
   _, ticket_ref, o_part_ref, m_part_ref, l_part_ref, out_ref = out_refs
   # Only the splits that get a kv block work: a short sequence (or a padding row) in a
   # grid split for long ones costs its idle splits a launch, not a state, a ticket and
@@ -229,12 +230,16 @@ def _decode_kernel(seq_lens_ref, block_tables_ref, q_ref, k_cache_ref,
     @pl.when(ticket == active - 1)
     def _merge():
       merge_states(active, o_part_ref, m_part_ref, l_part_ref, out_ref)
+      # Every active split has taken its ticket, so none is left to race this store;
+      # the next call, a later launch on the stream, finds the ticket back at zero.
+      ticket_ref[0] = jnp.int32(0)
 
 
 @functools.partial(
     jax.jit,
     static_argnames=("scale", "soft_cap", "sliding_window", "config", "num_splits",
-                     "block_kv", "num_warps", "num_stages", "interpret"))
+                     "block_kv", "num_warps", "num_stages", "interpret"),
+    donate_argnames=("decode_tickets",))
 def paged_decode_attention(
     q: jax.Array,  # [S, num_q_heads, head_dim]
     k_cache: jax.Array,  # [num_kv_heads, num_blocks, block_size, head_dim]
@@ -251,16 +256,27 @@ def paged_decode_attention(
     num_warps: int | None = None,
     num_stages: int | None = None,
     interpret: bool = False,
-) -> jax.Array:
+    decode_tickets: jax.Array | None = None,  # [num_kv_heads, >= S] int32, all zero
+):
   """Attention of each sequence's one query token over its cached keys.
 
   Returns [S, num_q_heads, head_dim] in q's dtype; rows with seq_len 0 are zeros.
   `config` defaults to the table's for (S, max_blocks_per_seq * block_size); the
   engine passes the one for the smallest batch of its bucket. `num_splits`,
   `block_kv`, `num_warps` and `num_stages`, where given, override its fields.
+
+  With `decode_tickets` (donated; `new_decode_tickets` makes them) the kernel counts
+  its splits on them instead of on tickets zeroed for the call, and returns
+  (output, tickets), the tickets all zero again for the next call.
   """
   num_seqs, num_q_heads, head_dim = q.shape
   num_kv_heads, num_blocks, block_size, _ = k_cache.shape
+  if decode_tickets is not None and (
+      decode_tickets.dtype != jnp.int32 or decode_tickets.ndim != 2
+      or decode_tickets.shape[0] != num_kv_heads or decode_tickets.shape[1] < num_seqs):
+    raise ValueError(
+        f"decode_tickets must be int32 [num_kv_heads={num_kv_heads}, rows >= "
+        f"{num_seqs}], got {decode_tickets.dtype} {list(decode_tickets.shape)}")
   max_blocks = block_tables.shape[1]
   group = num_q_heads // num_kv_heads
   group_padded = max(16, pl.next_power_of_2(group))  # tl.dot wants M >= 16.
@@ -292,15 +308,19 @@ def paged_decode_attention(
   out_shape = [jax.ShapeDtypeStruct(q4.shape, q.dtype)]
   out_specs = [out_spec]
   if num_splits > 1:
-    # Each (sequence, kv head) takes tickets from 0 (a memset; it aliases the first
-    # output), and its splits' softmax states (unnormalised o, running max m, sum l,
-    # f32) sit side by side for the last split to merge.
-    operands.append(jnp.zeros((num_seqs, num_kv_heads), jnp.int32))
-    ticket_spec = pl.BlockSpec((None, 1), lambda s, h, k: (s, h))
+    # Each (sequence, kv head) takes tickets from 0 (the caller's, or a memset; they
+    # alias the first output), and its splits' softmax states (unnormalised o, running
+    # max m, sum l, f32) sit side by side for the last split to merge. The caller's
+    # tickets go in whole (rows past S untouched): a slice would be a copy.
+    tickets = decode_tickets
+    if tickets is None:
+      tickets = new_decode_tickets(num_kv_heads, num_seqs)
+    operands.append(tickets)
+    ticket_spec = pl.BlockSpec((None, 1), lambda s, h, k: (h, s))
     in_specs.append(ticket_spec)
     aliases = {len(operands) - 1: 0}
     part = (num_splits, num_seqs, num_kv_heads, group)
-    out_shape = [jax.ShapeDtypeStruct((num_seqs, num_kv_heads), jnp.int32),
+    out_shape = [jax.ShapeDtypeStruct(tickets.shape, jnp.int32),
                  jax.ShapeDtypeStruct((*part, head_dim), jnp.float32),
                  jax.ShapeDtypeStruct(part, jnp.float32),
                  jax.ShapeDtypeStruct(part, jnp.float32),
@@ -326,7 +346,17 @@ def paged_decode_attention(
       interpret=interpret,
       name="jllm_paged_decode_attention",
   )(*operands)
-  return outs[-1].reshape(q.shape)
+  out = outs[-1].reshape(q.shape)
+  if decode_tickets is None:
+    return out
+  return out, (outs[0] if num_splits > 1 else decode_tickets)
+
+
+def new_decode_tickets(num_kv_heads: int, max_num_seqs: int) -> jax.Array:
+  """Zeroed split tickets for `paged_decode_attention` calls of up to `max_num_seqs`
+  sequences, to thread from call to call: [num_kv_heads, max_num_seqs] int32, kv heads
+  first, as in the cache, so that a sharding of the cache's kv heads shards them too."""
+  return jnp.zeros((num_kv_heads, max_num_seqs), jnp.int32)
 
 
 def gather_pages(cache: jax.Array, block_tables: jax.Array) -> jax.Array:

@@ -7,10 +7,12 @@ jllm's kernel (at its table config) and JAX's paged_attention (at given settings
 Each call is its own jitted program, as a model layer sees it: no neighbour to fuse
 with. That is the difference from bench_kernels.py's kernel time, which chains calls in
 one program so that dispatch does not swamp the small shapes; there XLA fuses one call's
-epilogue (JAX's split merge) with the next call's prologue (its q padding) and hoists
-constants (jllm's zeroed merge tickets), which the layers of a model, with projections
-between their attention calls, do not allow. The table lists every device event of a
-call (median over --calls calls on rotating block tables, K/V past the L2) and their sum.
+epilogue (JAX's split merge) with the next call's prologue (its q padding), which the
+layers of a model, with projections between their attention calls, do not allow. jllm's
+kernel runs twice: on split tickets threaded from call to call, as the engine runs it,
+and on tickets zeroed for each call (a memset), as a caller without them does. The
+table lists every device event of a call (median over --calls calls on rotating block
+tables, K/V past the L2) and their sum.
 """
 from __future__ import annotations
 
@@ -28,7 +30,7 @@ import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 from jax.experimental.pallas.ops.gpu import paged_attention as jax_paged  # noqa: E402
 
-from pallas_kernels import decode_config, paged_decode_attention  # noqa: E402
+from pallas_kernels import decode_config, new_decode_tickets, paged_decode_attention  # noqa: E402
 from scripts.bench_utils import traced_gpu_events  # noqa: E402
 from scripts.kernel_bench.common import LLAMA_1B, LLAMA_8B, random_normal  # noqa: E402
 from scripts.kernel_bench.decode import L2_BYTES, decode_batch, kv_bytes  # noqa: E402
@@ -75,8 +77,16 @@ def main(argv=None) -> None:
     q, lens, tables = decode_batch(np.random.default_rng(0), heads, batch, context, pool, PAGE)
     scale = d ** -0.5
     config = decode_config(batch, context, d)
-    ours = jax.jit(functools.partial(paged_decode_attention, scale=scale, config=config))
-    variants = {f"jllm_decode {config}": lambda t: ours(q, k_cache, v_cache, lens, t)}
+    ours = functools.partial(paged_decode_attention, scale=scale, config=config)
+    tickets = [new_decode_tickets(heads.num_kv_heads, batch)]
+
+    def ours_threaded(table):  # The tickets are donated and come back zeroed.
+        out, tickets[0] = ours(q, k_cache, v_cache, lens, table, decode_tickets=tickets[0])
+        return out
+
+    variants = {f"jllm_decode {config}, threaded tickets": ours_threaded,
+                f"jllm_decode {config}, tickets zeroed per call":
+                    lambda t: ours(q, k_cache, v_cache, lens, t)}
     q_scaled = q * jnp.asarray(scale, q.dtype)  # JAX's kernel takes no scale.
     for setting in args.jax or ["8,4", "4,8"]:
         k_splits, per_block = map(int, setting.split(","))

@@ -6,7 +6,10 @@ or a stale read shows up as an error that moves between runs on the same shapes)
 
 Each trial draws new lengths (0, 1, page edges, up to the context), new pages, q, K and
 V; every (head_dim, dtype, splits, window, soft cap) case must stay within the bf16 /
-f32 tolerance on every trial. Prints a table of the worst relative error per case.
+f32 tolerance on every trial. The kernel's split tickets go from trial to trial as the
+engine hands them from step to step, and must come back zero after each (a ticket left
+over would skip or repeat a merge on the next call). Prints a table of the worst
+relative error per case.
 """
 from __future__ import annotations
 
@@ -24,7 +27,11 @@ import numpy as np  # noqa: E402
 
 warnings.filterwarnings("ignore", category=DeprecationWarning)
 
-from pallas_kernels import paged_decode_attention, paged_decode_attention_reference  # noqa: E402
+from pallas_kernels import (  # noqa: E402
+    new_decode_tickets,
+    paged_decode_attention,
+    paged_decode_attention_reference,
+)
 
 # max |out - ref| / max |ref| allowed: bf16 operands round at ~4e-3.
 TOLERANCE = {jnp.bfloat16: 2e-2, jnp.float32: 2e-3}
@@ -65,14 +72,17 @@ def main(argv=None) -> None:
                                              interpret=args.interpret, **kw))
         reference = jax.jit(functools.partial(paged_decode_attention_reference, **kw))
         case = (head_dim, jnp.dtype(dtype).name, splits, window, cap)
+        tickets = new_decode_tickets(NUM_KV_HEADS, args.batch)
         for _ in range(args.trials):
             key, sub = jax.random.split(key)
             batch = draw(rng, sub, args.batch, args.context, head_dim, dtype)
-            out, ref = kernel(*batch), reference(*batch)
+            out, tickets = kernel(*batch, decode_tickets=tickets)
+            ref = reference(*batch)
             err = float(jnp.max(jnp.abs(out.astype(jnp.float32) - ref.astype(jnp.float32)))
                         / jnp.max(jnp.abs(ref.astype(jnp.float32))))
             zero_rows = np.asarray(batch[3]) == 0
-            if not np.isfinite(err) or np.any(np.asarray(out, np.float32)[zero_rows]):
+            if (not np.isfinite(err) or np.any(np.asarray(out, np.float32)[zero_rows])
+                    or np.asarray(tickets).any()):
                 err = float("inf")
             worst[case] = max(worst.get(case, 0.0), err)
         failed += worst[case] > TOLERANCE[dtype]

@@ -4,6 +4,7 @@ decode-only steps, and the same greedy tokens as the plain-jnp reference backend
 """
 import random
 
+import numpy as np
 import pytest
 
 from jllm import LLM, SamplingParams
@@ -44,6 +45,9 @@ def run(path: str, backend: str, prompts, fresh_prefill_min_tokens=None):
     runner.builder.build = recording_build
     outputs = llm.generate(prompts, GREEDY, use_tqdm=False)
     llm.llm_engine.scheduler.block_manager.check_no_leaks()
+    # The decode kernel's tickets go from step to step with no memset: each merge must
+    # have put its ticket back.
+    assert all(not np.asarray(c.decode_tickets).any() for c in runner.kv_caches)
     return [list(o.outputs[0].token_ids) for o in outputs], shapes
 
 

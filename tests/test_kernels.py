@@ -25,6 +25,7 @@ from pallas_kernels.paged_decode_attention import _DECODE_TABLES
 from pallas_kernels import (
     DecodeConfig,
     decode_config,
+    new_decode_tickets,
     paged_decode_attention,
     paged_decode_attention_reference,
     ragged_paged_attention,
@@ -251,6 +252,24 @@ def test_paged_decode_attention_matches_reference(
   assert got.dtype == dtype
   assert_close(got, want, dtype)
   np.testing.assert_array_equal(np.asarray(got)[[2, 6]], 0)
+
+
+def test_threaded_decode_tickets_come_back_zero_for_the_next_call(rng):
+  # The engine hands one layer's tickets from step to step with no memset: the merging
+  # split must leave each it used at zero. Two calls on other rows and lengths (one
+  # that merges 3 splits per row, then one of fewer rows than the buffer holds), each
+  # checked against the reference: a ticket left over would skip or repeat a merge.
+  tickets = new_decode_tickets(NUM_KV_HEADS, 8)
+  kw = dict(scale=32**-0.5)
+  for lens in ([40, 7, 0, 33, 48], [100, 1, 17]):
+    batch = decode_batch(rng, lens, group=4, head_dim=32, block_size=16)
+    got, tickets = paged_decode_attention(*decode_inputs(batch), num_splits=3, block_kv=16,
+                                          interpret=True, decode_tickets=tickets, **kw)
+    assert_close(got, paged_decode_attention_reference(*decode_inputs(batch), **kw), jnp.float32)
+    assert tickets.shape == (NUM_KV_HEADS, 8)
+    np.testing.assert_array_equal(np.asarray(tickets), 0)
+  with pytest.raises(ValueError, match="decode_tickets must be int32"):
+    paged_decode_attention(*decode_inputs(batch), interpret=True, decode_tickets=new_decode_tickets(NUM_KV_HEADS, 2), **kw)
 
 
 @pytest.mark.parametrize("head_dim", [64, 128])

@@ -150,10 +150,10 @@ def build_engine_parts(args: EngineArgs) -> EngineParts:
     )
     cache_config = CacheConfig(block_size=block_size, num_gpu_blocks=num_blocks,
                                enable_prefix_caching=args.enable_prefix_caching)
-    kv_caches = allocate_kv_caches(spec, num_blocks, block_size, jdtype)
+    kv_caches = allocate_kv_caches(spec, num_blocks, block_size, jdtype, scheduler_config.max_num_seqs)
     logger.info("KV cache: %d pages of %d tokens (%d tokens, %.2f GiB).", num_blocks, block_size,
                 num_blocks * block_size,
-                sum(k.nbytes + v.nbytes for k, v in kv_caches) / (1 << 30))
+                sum(c.k.nbytes + c.v.nbytes for c in kv_caches) / (1 << 30))
 
     # The Pallas kernels read only each sequence's real pages, so one page-table width
     # serves every batch; the reference path's cost grows with the width, so it buckets.

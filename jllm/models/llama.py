@@ -15,7 +15,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from jllm.layers.attention import AttentionBackend, paged_attention
+from jllm.layers.attention import AttentionBackend, KVCache, paged_attention
 from jllm.layers.attention_metadata import AttentionMetadata
 from jllm.layers.norm import RMSNorm
 from jllm.layers.rotary import apply_rotary
@@ -63,7 +63,7 @@ class Attention(nn.Module):
     backend: AttentionBackend
 
     @nn.compact
-    def __call__(self, x, cos_sin, k_cache, v_cache, md: AttentionMetadata):
+    def __call__(self, x, cos_sin, cache: KVCache, md: AttentionMetadata):
         s = self.spec
         N, K, H, D = s.num_attention_heads, s.num_key_value_heads, s.head_dim, s.hidden_size
         q = jnp.einsum("TD,DNH->TNH", x, _dense(self, "q_proj", (D, N, H), self.dtype))
@@ -78,14 +78,14 @@ class Attention(nn.Module):
             k = RMSNorm(H, s.rms_norm_eps, self.dtype, name="k_norm")(k)
         q = apply_rotary(q, cos_sin)
         k = apply_rotary(k, cos_sin)
-        out, k_cache, v_cache = paged_attention(
-            q, k, v, k_cache, v_cache, md, scale=H**-0.5, backend=self.backend,
+        out, cache = paged_attention(
+            q, k, v, cache, md, scale=H**-0.5, backend=self.backend,
             sliding_window=s.sliding_window,
         )
         o = jnp.einsum("TNH,NHD->TD", out, _dense(self, "o_proj", (N, H, D), self.dtype))
         if s.o_bias:
             o = o + self.param("o_bias", nn.initializers.zeros, (D,), self.dtype)
-        return o, k_cache, v_cache
+        return o, cache
 
 
 class MLP(nn.Module):
@@ -114,15 +114,13 @@ class DecoderLayer(nn.Module):
     backend: AttentionBackend
 
     @nn.compact
-    def __call__(self, x, cos_sin, k_cache, v_cache, md):
+    def __call__(self, x, cos_sin, cache: KVCache, md):
         s = self.spec
         h = RMSNorm(s.hidden_size, s.rms_norm_eps, self.dtype, name="input_layernorm")(x)
-        h, k_cache, v_cache = Attention(s, self.dtype, self.backend, name="self_attn")(
-            h, cos_sin, k_cache, v_cache, md
-        )
+        h, cache = Attention(s, self.dtype, self.backend, name="self_attn")(h, cos_sin, cache, md)
         x = x + h
         h = RMSNorm(s.hidden_size, s.rms_norm_eps, self.dtype, name="post_attention_layernorm")(x)
-        return x + MLP(s, self.dtype, name="mlp")(h), k_cache, v_cache
+        return x + MLP(s, self.dtype, name="mlp")(h), cache
 
 
 class LlamaForCausalLM(nn.Module):
@@ -145,15 +143,15 @@ class LlamaForCausalLM(nn.Module):
             )
 
     def __call__(self, kv_caches, input_ids, cos_sin, md: AttentionMetadata):
-        """kv_caches: list of (k_cache, v_cache) per layer; cos_sin: [T, head_dim] by position.
+        """kv_caches: a KVCache per layer; cos_sin: [T, head_dim] by position.
 
         Returns (new kv_caches, final hidden states [T, D]).
         """
         x = self.embed_tokens[input_ids]
         new_caches = []
-        for layer, (k_cache, v_cache) in zip(self.layers, kv_caches):
-            x, k_cache, v_cache = layer(x, cos_sin, k_cache, v_cache, md)
-            new_caches.append((k_cache, v_cache))
+        for layer, cache in zip(self.layers, kv_caches):
+            x, cache = layer(x, cos_sin, cache, md)
+            new_caches.append(cache)
         return new_caches, self.norm(x)
 
     def compute_logits(self, hidden):

@@ -5,6 +5,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
+from jllm.layers.attention import allocate_kv_cache
 from jllm.layers.attention_metadata import AttentionMetadata
 from jllm.models.weights import params_from_hf
 
@@ -23,8 +24,8 @@ def resolve_model_source(model: str | None, revision: str | None = None) -> str:
 def param_shapes(model, spec) -> dict:
     """The parameter tree's shapes and dtypes, without allocating anything."""
     t = 1
-    cache = jax.ShapeDtypeStruct((spec.num_key_value_heads, 1, 1, spec.head_dim), model.dtype)
-    caches = [(cache, cache)] * spec.num_hidden_layers
+    cache = jax.eval_shape(lambda: allocate_kv_cache(spec.num_key_value_heads, 1, 1, spec.head_dim, 1, model.dtype))
+    caches = [cache] * spec.num_hidden_layers
     i32 = jax.ShapeDtypeStruct((t,), jnp.int32)
     md = AttentionMetadata(i32, i32, jax.ShapeDtypeStruct((1, 1), jnp.int32), i32, jax.ShapeDtypeStruct((2,), jnp.int32))
     cos_sin = jax.ShapeDtypeStruct((t, spec.head_dim), jnp.float32)

@@ -1,7 +1,8 @@
 """Sizing and allocating the paged KV pool on the device.
 
 Per layer the pool is two arrays [num_kv_heads, num_blocks, block_size, head_dim]
-(JAX's paged-attention layout: one head's page is contiguous). The number of
+(JAX's paged-attention layout: one head's page is contiguous), kept with the decode
+kernel's split tickets in a `KVCache`. The number of
 blocks comes from the memory the device has left once weights and the largest
 step's activations are accounted for (vLLM's gpu_memory_utilization rule), from
 an explicit byte budget, or from an override.
@@ -13,6 +14,7 @@ import logging
 import jax
 import jax.numpy as jnp
 
+from jllm.layers.attention import KVCache, allocate_kv_cache
 from jllm.models.llama import DecoderSpec
 
 logger = logging.getLogger(__name__)
@@ -70,10 +72,10 @@ def determine_num_blocks(
     return int(num_blocks)
 
 
-def allocate_kv_caches(spec: DecoderSpec, num_blocks: int, block_size: int, dtype, sharding=None):
-    shape = (spec.num_key_value_heads, num_blocks, block_size, spec.head_dim)
-
-    def zeros():
-        return jnp.zeros(shape, dtype) if sharding is None else jax.device_put(jnp.zeros(shape, dtype), sharding)
-
-    return [(zeros(), zeros()) for _ in range(spec.num_hidden_layers)]
+def allocate_kv_caches(spec: DecoderSpec, num_blocks: int, block_size: int, dtype,
+                       max_num_seqs: int) -> list[KVCache]:
+    """A zeroed KVCache per layer; its decode tickets serve steps of up to `max_num_seqs`
+    sequences (4 bytes per kv head and sequence, left out of the page budget)."""
+    return [allocate_kv_cache(spec.num_key_value_heads, num_blocks, block_size, spec.head_dim,
+                              max_num_seqs, dtype)
+            for _ in range(spec.num_hidden_layers)]

@@ -109,6 +109,9 @@ class Variant:
     fn: Callable  # (*args) -> output
     args: tuple
     rotating: tuple[int, ...] = ()  # Positions of per-call alternatives (bench_utils.chained).
+    # Leading arguments that fn returns for the next call (bench_utils.chained); the first
+    # is the output that gets checked.
+    carry: int = 1
     ms: float | None = None
     max_rel_err: float | None = None
     error: str | None = None
@@ -136,14 +139,15 @@ def run_variants(bench: Bench, variants: list[Variant], seconds_per_call: float,
     """
     reps = bench.reps_for(seconds_per_call)
     back_to_back = bench.programs_per_sample(reps * seconds_per_call)
-    jobs = {v.label: Job(chained(v.fn, reps, v.rotating), v.args) for v in variants}
+    jobs = {v.label: Job(chained(v.fn, reps, v.rotating, v.carry), v.args) for v in variants}
     compiled = compile_all(jobs, bench.threads)
     for v in variants:
         exe, args = compiled[v.label], jobs[v.label].args
         try:
             if isinstance(exe, Exception):
                 raise exe
-            v.max_rel_err = check(jax.jit(v.fn)(*first_alternative(v.args, v.rotating)))
+            out = jax.jit(v.fn)(*first_alternative(v.args, v.rotating))
+            v.max_rel_err = check(out[0] if v.carry > 1 else out)
             v.ms = 1e3 * median_seconds(lambda: exe(*args), bench.iters,
                                         back_to_back=back_to_back) / reps
             v.program = (exe, args, reps, back_to_back)

@@ -11,7 +11,13 @@ import jax
 import jax.numpy as jnp
 from jax.experimental.pallas.ops.gpu import paged_attention as jax_paged
 
-from pallas_kernels import DecodeConfig, decode_config, paged_decode_attention, paged_decode_attention_reference
+from pallas_kernels import (
+    DecodeConfig,
+    decode_config,
+    new_decode_tickets,
+    paged_decode_attention,
+    paged_decode_attention_reference,
+)
 from pallas_kernels.paged_decode_attention import _DECODE_TABLES, _TABLE_BATCHES, _TABLE_CONTEXTS
 from scripts.bench_utils import log, rel_err
 from scripts.kernel_bench.common import (
@@ -134,10 +140,17 @@ def bench_decode_shape(bench, rng, heads, batch, context, k_cache, v_cache, cach
     most_splits = -(-context // JLLM_DECODE_BLOCK_KV)
     splits = useful_splits(batch, heads, bench.num_sms, most_splits)
 
+    # jllm's kernel runs as the engine runs it: on split tickets handed from call to call
+    # (returned zeroed), so no call pays a memset.
+    jllm_args = (q, new_decode_tickets(heads.num_kv_heads, batch), *args[1:])
+
     def jllm_variant(config: DecodeConfig) -> Variant:
-        return Variant("jllm_decode", dataclasses.asdict(config),
-                       functools.partial(paged_decode_attention, scale=scale, config=config,
-                                         interpret=bench.interpret), args, rotating)
+        def call(q, tickets, k_cache, v_cache, seq_lens, table):
+            return paged_decode_attention(q, k_cache, v_cache, seq_lens, table, scale=scale,
+                                          config=config, interpret=bench.interpret,
+                                          decode_tickets=tickets)
+
+        return Variant("jllm_decode", dataclasses.asdict(config), call, jllm_args, (5,), carry=2)
 
     configs = [DecodeConfig(s) for s in splits]
     jllm = [jllm_variant(c) for c in configs + ([table] if table not in configs else [])]
