@@ -36,8 +36,12 @@ def chained(fn: Callable, reps: int, rotating: tuple[int, ...] = (), carry: int 
     decode kernel runs; in one program that cost comes once per `reps` calls. The chain
     makes every call depend on the one before, as the layers of a model step do, so XLA
     can neither hoist nor drop a call and the timed program holds nothing but the calls
-    themselves (no loop counter, no slicing of per-call inputs). The calls are unrolled,
-    not a `fori_loop`: an XLA while loop adds several microseconds per iteration.
+    themselves (no loop counter, no slicing of per-call inputs). XLA may still fuse one
+    call's last op with the next call's first (JAX's paged_attention: its split merge
+    with the next call's q padding), which a model's projections between calls prevent;
+    scripts/decode_call_breakdown.py times calls one program each. The calls are
+    unrolled, not a `fori_loop`: an XLA while loop adds several microseconds per
+    iteration.
 
     The arguments at positions `rotating` are tuples of alternatives; call i takes
     alternative i % len: decode rotates block tables over disjoint pages, so that calls
@@ -115,65 +119,84 @@ def gpu_events(profile, names: bool = False) -> list[tuple] | None:
     return sorted(events) if found else None
 
 
-def busy_ns_per_burst(events: list[tuple[int, int]], count: int, min_gap_ns: int) -> list[int] | None:
-    """Summed event durations of each of `count` bursts, split at the `count - 1` longest
-    idle gaps of the device; None if one of those gaps is shorter than `min_gap_ns` (then
-    the bursts are not told apart) or there are fewer events than bursts. Splitting at
-    the longest gaps, not at every long one, keeps a burst whole when the host stalls
-    mid-burst (profiler buffer flushes do) for less than the pause between bursts."""
-    if count < 1 or len(events) < count:
-        return None
-    gaps, end = [], None  # (idle ns before event i, i)
-    for i, (start, duration) in enumerate(events):
-        if end is not None:
-            gaps.append((start - end, i))
-        end = start + duration if end is None else max(end, start + duration)
-    cuts = sorted(gaps, reverse=True)[: count - 1]
-    if any(gap < min_gap_ns for gap, _ in cuts):
-        return None
-    bounds = [0, *sorted(i for _, i in cuts), len(events)]
-    return [sum(d for _, d in events[a:b]) for a, b in zip(bounds, bounds[1:])]
+def host_spans(profile, names) -> dict[str, tuple[int, int]]:
+    """(start_ns, end_ns) of the host events (jax.profiler.TraceAnnotation) named one of
+    `names` in a `jax.profiler.ProfileData`, the last of each name."""
+    spans = {}
+    for plane in profile.planes:
+        if plane.name.startswith("/host:"):
+            for line in plane.lines:
+                for event in line.events:
+                    if event.name in names:
+                        spans[event.name] = (event.start_ns, event.start_ns + event.duration_ns)
+    return spans
+
+
+def busy_ns_per_window(events: list[tuple[int, int]], windows: list[tuple[int, int]]) -> list[int | None]:
+    """Summed durations of the (start_ns, duration_ns) events that start within each
+    [start, end) window; None for a window that holds none."""
+    busy = []
+    for lo, hi in windows:
+        inside = [d for start, d in events if lo <= start < hi]
+        busy.append(sum(inside) if inside else None)
+    return busy
+
+
+def traced_profile(work: Callable[[], Any]):
+    """The `jax.profiler.ProfileData` of a trace of `work()` (which should wait for its
+    results), or None if the trace wrote none."""
+    with tempfile.TemporaryDirectory() as folder:
+        with jax.profiler.trace(folder):
+            work()
+        traces = glob.glob(os.path.join(folder, "**", "*.xplane.pb"), recursive=True)
+        return jax.profiler.ProfileData.from_file(traces[0]) if traces else None
 
 
 def traced_gpu_events(work: Callable[[], Any], names: bool = False) -> list[tuple] | None:
     """gpu_events of a profiler trace of `work()` (which should wait for its results);
     None without a trace or a GPU plane in it."""
-    with tempfile.TemporaryDirectory() as folder:
-        with jax.profiler.trace(folder):
-            work()
-        traces = glob.glob(os.path.join(folder, "**", "*.xplane.pb"), recursive=True)
-        return gpu_events(jax.profiler.ProfileData.from_file(traces[0]), names) if traces else None
+    profile = traced_profile(work)
+    return gpu_events(profile, names) if profile is not None else None
 
 
-# The pause between two profiled variants, and the least idle time that tells their bursts
-# of events apart: a variant's programs go out back to back, so its device gaps are launch
-# gaps (tens of microseconds) or the odd host stall.
-_PAUSE_S, _MIN_GAP_NS = 10e-3, 2_000_000
+# An idle pause between two profiled variants, so that no device event lies near the edge
+# of two variants' host spans.
+_PAUSE_S = 1e-3
 
 
 def kernel_seconds_each(runs: list[tuple[Callable[[], Any], int, int]]) -> list[float | None]:
     """Device time per call of each (call, programs, calls_per_program): `programs` runs
     of `call()` (each `calls_per_program` chained calls), all under one profiler trace
-    (starting and reading a trace takes seconds, a variant's programs a few ms) with a
-    pause after each, the GPU events of each burst (busy_ns_per_burst) summed, / programs
-    / calls. Unlike the wall time it leaves out the gaps between kernels, so it does not
-    move with the host's launch speed, which at a few microseconds a call can dominate
-    the wall time.
-    Nones off the GPU, or if the bursts cannot be told apart."""
+    (starting and reading a trace takes seconds, a variant's programs a few ms), each
+    variant inside its own host annotation that waits for its results; the GPU events
+    that start within a variant's annotation are its own (a variant launches nothing
+    before its annotation opens, and its last program ends before the annotation
+    closes), summed, / programs / calls. Unlike the wall time this leaves out the gaps
+    between kernels, so it does not move with the host's launch speed, which at a few
+    microseconds a call can dominate the wall time. (It replaces splitting the trace at
+    its longest idle gaps, which a host stall inside a variant could fool: a 1 x 512 run
+    on 2026-11-26 got a JAX kernel time of 0.39 us and an XLA one above its wall time.)
+    Nones off the GPU, or where a variant's annotation or events are missing."""
     if not runs:
         return []
+    labels = [f"kernel_seconds_each {i}" for i in range(len(runs))]
 
     def run_all():
-        for call, programs, _ in runs:
-            for _ in range(programs):
-                out = call()
-            jax.block_until_ready(out)
+        for label, (call, programs, _) in zip(labels, runs):
+            with jax.profiler.TraceAnnotation(label):
+                for _ in range(programs):
+                    out = call()
+                jax.block_until_ready(out)
             time.sleep(_PAUSE_S)
 
-    bursts = busy_ns_per_burst(traced_gpu_events(run_all) or [], len(runs), _MIN_GAP_NS)
-    if bursts is None:
+    profile = traced_profile(run_all)
+    events = gpu_events(profile) if profile is not None else None
+    spans = host_spans(profile, labels) if events else {}
+    if len(spans) < len(labels):
         return [None] * len(runs)
-    return [busy / 1e9 / (programs * calls) for busy, (_, programs, calls) in zip(bursts, runs)]
+    busy = busy_ns_per_window(events, [spans[label] for label in labels])
+    return [None if b is None else b / 1e9 / (programs * calls)
+            for b, (_, programs, calls) in zip(busy, runs)]
 
 
 @dataclasses.dataclass

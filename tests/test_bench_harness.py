@@ -12,9 +12,10 @@ import numpy as np
 from scripts import bench_kernels
 from scripts.bench_utils import (
     chained,
-    busy_ns_per_burst,
+    busy_ns_per_window,
     first_alternative,
     gpu_events,
+    host_spans,
     kernel_seconds_each,
     programs_per_sample,
     reps_for,
@@ -123,14 +124,22 @@ def test_config_code_leaves_out_trailing_defaults():
     assert decode.config_code(DecodeConfig(2, 32, 4, 1)) == "_C(2, 32, 4, 1)"
 
 
-def test_kernel_time_bursts_split_at_the_longest_idle_gaps():
-    # A 1.5 ms host stall inside the first burst; 5 and 4 ms pauses between bursts.
-    events = [(0, 10), (1_500_010, 10), (6_500_000, 7), (6_500_020, 3), (10_500_000, 1)]
-    assert busy_ns_per_burst(events, 3, 1_000_000) == [20, 10, 1]
-    assert busy_ns_per_burst(events, 1, 1_000_000) == [31]
-    assert busy_ns_per_burst(events, 4, 1_000_000) == [10, 10, 10, 1]  # The stall passes.
-    assert busy_ns_per_burst(events, 4, 2_000_000) is None  # It does not.
-    assert busy_ns_per_burst([], 1, 1_000_000) is None
+def test_kernel_time_takes_the_gpu_events_that_start_within_each_variants_host_span():
+    # A long host stall inside the first variant (between its events at 10 and 1_500_010)
+    # does not matter: only the annotations' spans decide.
+    events = [(10, 10), (1_500_010, 10), (6_500_000, 7), (6_500_020, 3), (10_500_000, 1)]
+    windows = [(0, 2_000_000), (6_000_000, 6_600_000), (10_000_000, 11_000_000), (12_000_000, 13_000_000)]
+    assert busy_ns_per_window(events, windows) == [20, 10, 1, None]
+    assert busy_ns_per_window([], [(0, 1)]) == [None]
+
+
+def test_host_spans_are_the_named_host_events():
+    profile = _profile([
+        ("/host:CPU", [("python", [10_000, 20_000])]),
+        ("/device:GPU:0", [("Stream #13(Compute)", [20_000])]),
+    ])
+    # _profile names an event of duration d "op{d}" and starts event i at 100 * i.
+    assert host_spans(profile, ["op20000", "missing"]) == {"op20000": (100, 20_100)}
 
 
 def test_kv_write_section_runs_end_to_end_in_interpret_mode(tmp_path):
