@@ -1,14 +1,17 @@
 """The Pallas attention backend inside the engine, on the CPU in Pallas interpret mode:
 the ragged kernel for prefill and mixed steps, the split-K decode kernel for
-decode-only steps, and the same greedy tokens as the plain-jnp reference backend.
+decode-only steps, flash attention for lone prompt chunks (XLA's implementation here,
+cuDNN's on the GPU), and the same greedy tokens as the plain-jnp reference backend.
 """
 import random
 
+import jax.numpy as jnp
 import numpy as np
 import pytest
 
 from jllm import LLM, SamplingParams
-from jllm.layers.attention import AttentionBackend, default_attention_backend
+from jllm.layers.attention import AttentionBackend, default_attention_backend, prefix_prefill_attention
+from pallas_kernels import ragged_paged_attention_reference, write_kv_reference
 from tiny_model import ENGINE_ARGS
 
 GREEDY = SamplingParams(temperature=0.0, max_tokens=6)
@@ -60,15 +63,42 @@ def test_pallas_backend_matches_the_reference_with_decode_and_mixed_steps(tiny_l
     assert any(s.decode_only for s in shapes) and not all(s.decode_only for s in shapes)
 
 
-def test_a_lone_first_prompt_chunk_runs_fresh_prefill_attention(tiny_llama_path, prompts):
+def test_lone_prompt_chunks_run_fresh_and_prefix_prefill_attention(tiny_llama_path, prompts):
     """One request at a time: each first chunk (no cached prefix) takes the fresh-prefill
     path; the second chunk of a 100-token prompt (64-token budget), on top of its first,
-    does not."""
+    takes the prefix-prefill path (two flash attentions merged); greedy tokens equal the
+    reference backend's."""
     long_prompt = [(7 * i) % 30000 + 100 for i in range(100)]
     for prompt in prompts[1:] + [long_prompt]:
         expected, _ = run(tiny_llama_path, "reference", [prompt])
         got, shapes = run(tiny_llama_path, "pallas", [prompt], fresh_prefill_min_tokens=16)
         assert got == expected
-        assert shapes[0].fresh_prefill
+        assert shapes[0].fresh_prefill and not shapes[0].prefix_prefill
         assert all(not s.fresh_prefill for s in shapes[1:])
-    assert shapes[1].num_tokens == 64 and not shapes[1].decode_only  # the second chunk
+    second = shapes[1]  # The long prompt's second chunk: 36 tokens over 64 cached.
+    assert second.num_tokens == 64 and second.prefix_prefill and not second.decode_only
+    assert not any(s.prefix_prefill for s in shapes[2:])  # Its decode steps.
+
+
+@pytest.mark.parametrize("prefix_len,num_tokens", [(37, 21), (16, 32), (1, 5)])
+def test_prefix_prefill_attention_matches_the_reference(prefix_len, num_tokens):
+    """A chunk over a cached prefix that ends mid-page, on a page boundary, or after one
+    token; GQA 4; shuffled pages; padding tokens after the chunk come back zero."""
+    rng = np.random.default_rng(prefix_len)
+    kv_heads, group, head_dim, block_size, num_blocks, T = 2, 4, 16, 16, 12, 48
+    pages = jnp.asarray(rng.permutation(num_blocks)[:8], jnp.int32)
+    normal = lambda *shape: jnp.asarray(rng.standard_normal(shape), jnp.float32)  # noqa: E731
+    k_cache, v_cache = (normal(kv_heads, num_blocks, block_size, head_dim) for _ in range(2))
+    q = normal(T, kv_heads * group, head_dim)
+    k, v = normal(T, kv_heads, head_dim), normal(T, kv_heads, head_dim)
+    # The step writes its own K/V into the pages first, as paged_attention does.
+    positions = np.arange(prefix_len, prefix_len + num_tokens)
+    slots = np.asarray(pages)[positions // block_size] * block_size + positions % block_size
+    slot_mapping = jnp.asarray(np.concatenate([slots, np.full(T - num_tokens, -1)]), jnp.int32)
+    k_cache, v_cache = write_kv_reference(k_cache, v_cache, k, v, slot_mapping)
+    seq_len = jnp.int32(prefix_len + num_tokens)
+    got = prefix_prefill_attention(q, k, v, k_cache, v_cache, pages, seq_len, jnp.int32(num_tokens), scale=0.25)
+    want = ragged_paged_attention_reference(
+        q, k_cache, v_cache, jnp.array([0, num_tokens], jnp.int32), seq_len.reshape(1), pages[None], scale=0.25)
+    np.testing.assert_allclose(np.asarray(got), np.asarray(want), atol=2e-5, rtol=2e-5)
+    assert not np.asarray(got)[num_tokens:].any()

@@ -84,3 +84,28 @@ def test_a_sequence_longer_than_captured_compiles_its_shape_on_first_use(llm):
     assert len(output.outputs[0].token_ids) == 4
     assert runner.num_compiled_steps > compiled
     llm.llm_engine.scheduler.block_manager.check_no_leaks()
+
+
+def test_warm_up_covers_fresh_and_prefix_prefill_steps(tiny_llama_path, monkeypatch):
+    """Where lone prompt chunks run flash attention (the GPU's kernels in 16-bit), warm-up
+    compiles the fresh- and prefix-prefill programs of those buckets too: a chunked
+    prompt then compiles nothing. The flags are part of the jit key on any backend, so
+    the reference backend shows it on the CPU."""
+    monkeypatch.setattr("jllm.engine.engine_setup._fresh_prefill_min_tokens", lambda *args: 16)
+    llm = LLM(model=tiny_llama_path, enforce_eager=False, max_seq_len_to_capture=MAX_SEQ_LEN_TO_CAPTURE,
+              **ENGINE_ARGS)
+    runner = llm.llm_engine.runner
+    # Per token bucket and captured page width: the plain step and both prefill variants.
+    assert runner.num_compiled_steps == 3 * len(TOKEN_BUCKETS) * len(CAPTURED_PAGE_BUCKETS)
+    shapes, build = [], runner.builder.build
+
+    def recording_build(rows, banned):
+        shape, inputs, md = build(rows, banned)
+        shapes.append(shape)
+        return shape, inputs, md
+
+    runner.builder.build = recording_build
+    prompt = [(7 * i) % 30000 + 100 for i in range(100)]  # Chunks of 64 and 36 tokens.
+    llm.generate([prompt], SamplingParams(temperature=0.0, max_tokens=4), use_tqdm=False)
+    assert shapes[0].fresh_prefill and shapes[1].prefix_prefill
+    assert runner.num_compiled_steps == 3 * len(TOKEN_BUCKETS) * len(CAPTURED_PAGE_BUCKETS)

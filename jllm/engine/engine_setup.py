@@ -173,7 +173,7 @@ def build_engine_parts(args: EngineArgs) -> EngineParts:
                                                           max_model_len) // block_size))
         shapes = [(t, p) for t in compilation_config.token_buckets for p in page_buckets if p <= capture_pages]
         seconds = runner.warmup(shapes)
-        logger.info("Compiled %d step programs (token buckets %s, decode-only %s, fresh-prefill %s, "
+        logger.info("Compiled %d step programs (token buckets %s, decode-only %s, fresh- and prefix-prefill %s, "
                     "page buckets %s) in %.1f s.",
                     runner.num_compiled_steps, list(compilation_config.token_buckets),
                     list(runner.builder.decode_token_buckets()), list(runner.builder.fresh_prefill_token_buckets()),
@@ -184,9 +184,11 @@ def build_engine_parts(args: EngineArgs) -> EngineParts:
 
 
 def _fresh_prefill_min_tokens(backend: AttentionBackend, dtype) -> int | None:
-    """From which token bucket a lone first prompt chunk runs cuDNN's flash attention:
-    on the GPU with the kernels in 16-bit (cuDNN's dtypes). 512 tokens: below it the
-    paged kernel is within a few microseconds (scripts/results/kernels_*.json)."""
+    """From which token bucket a lone prompt chunk runs cuDNN's flash attention (over
+    its cached prefix too, if it has one): on the GPU with the kernels in 16-bit (cuDNN's
+    dtypes). 512 tokens: below it the paged kernel is within a few microseconds of a
+    fresh prefill (scripts/results/kernels_*.json); over a prefix, cuDNN led from 1024
+    tokens on (BUILD_NOTES.md, session 7)."""
     if backend != AttentionBackend.PALLAS or jax.default_backend() != "gpu":
         return None
     return 512 if dtype in (jnp.bfloat16, jnp.float16) else None

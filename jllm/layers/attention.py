@@ -14,6 +14,10 @@ from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
+# jax.nn.dot_product_attention hands cuDNN's softmax statistics back cast to the output
+# dtype; prefix_prefill_attention needs them in float32 (see _attention_with_lse).
+from jax._src.cudnn.fused_attention_stablehlo import MaskType
+from jax._src.cudnn.fused_attention_stablehlo import dot_product_attention as cudnn_dot_product_attention
 
 from jllm.layers.attention_metadata import AttentionMetadata
 from pallas_kernels import (
@@ -73,6 +77,9 @@ def paged_attention(
     kwargs["interpret"] = interpret
     if md.fresh_prefill and soft_cap is None:
         out = fresh_prefill_attention(q, k, v, md.query_start_loc[1], scale=scale, sliding_window=sliding_window)
+    elif md.prefix_prefill and soft_cap is None and sliding_window is None:
+        out = prefix_prefill_attention(q, k, v, k_cache, v_cache, md.block_tables[0], md.seq_lens[0],
+                                       md.query_start_loc[1], scale=scale)
     elif md.decode_only:
         # Token i is sequence i's query (S <= T); the tokens past S are padding.
         num_seqs = md.seq_lens.shape[0]
@@ -100,3 +107,55 @@ def fresh_prefill_attention(q, k, v, num_tokens, *, scale: float, sliding_window
         implementation="cudnn" if use_cudnn else "xla")[0]
     real = jnp.arange(q.shape[0]) < num_tokens
     return jnp.where(real[:, None, None], out, jnp.zeros((), out.dtype))
+
+
+def prefix_prefill_attention(q, k, v, k_cache, v_cache, block_table, seq_len, num_tokens, *, scale: float):
+    """Causal attention of one sequence's prompt chunk (q/k/v [T, heads, H]: its first
+    `num_tokens` tokens, the rest padding) over its cached prefix, the `seq_len -
+    num_tokens` positions before it in the pages of `block_table` [max_blocks], and over
+    itself. Two flash attentions merged by their log-sum-exps: the chunk over the prefix
+    keys gathered from the pages (the whole table width, masked by the prefix length),
+    and over its own keys, causal. On the H100 with cuDNN, at 8k and 32k tokens half of
+    them cached: 399 and 555 TFLOP/s, 1.9-2x the paged kernel (BUILD_NOTES.md, session
+    7). Padding rows come back as zeros."""
+    num_kv_heads, _, _, head_dim = k_cache.shape
+
+    def prefix(cache):  # [KVH, blocks, block_size, H] -> [blocks * block_size, KVH, H]
+        return cache[:, block_table].reshape(num_kv_heads, -1, head_dim).swapaxes(0, 1)
+
+    o_prefix, lse_prefix = _attention_with_lse(q, prefix(k_cache), prefix(v_cache), scale=scale,
+                                               kv_len=(seq_len - num_tokens).reshape(1))
+    o_self, lse_self = _attention_with_lse(q, k, v, scale=scale, causal=True)
+    top = jnp.maximum(lse_prefix, lse_self)
+    w_prefix = jnp.exp(lse_prefix - top)[..., None]
+    w_self = jnp.exp(lse_self - top)[..., None]
+    # An empty prefix (warm-up's zero lengths) has weight 0: its output must not be NaN.
+    o_prefix = jnp.where(w_prefix > 0, o_prefix.astype(jnp.float32), 0.0)
+    out = (o_prefix * w_prefix + o_self.astype(jnp.float32) * w_self) / (w_prefix + w_self)
+    real = jnp.arange(q.shape[0]) < num_tokens
+    return jnp.where(real[:, None, None], out, 0.0).astype(q.dtype)
+
+
+def _attention_with_lse(q, k, v, *, scale: float, causal: bool = False, kv_len=None):
+    """(output [T, N, H], float32 natural-log log-sum-exp of each row's scaled scores
+    [T, N]) of q [T, N, H] over k/v [S, KVH, H]: all keys, the first kv_len [1] of them,
+    or causally (key j for query i <= j). cuDNN on the GPU for 16-bit inputs, XLA's
+    implementation in float32 otherwise."""
+    if jax.default_backend() == "gpu" and q.dtype in (jnp.bfloat16, jnp.float16):
+        # jax.nn.dot_product_attention(return_residual=True) casts the statistics to the
+        # output dtype: in bf16 a log-sum-exp near 20 rounds by up to 0.06, which would
+        # weight the two halves of prefix_prefill_attention 6 % wrong. cuDNN's own are
+        # float32, [B, N, T].
+        lengths = {}
+        mask = MaskType.CAUSAL if causal else MaskType.NO_MASK
+        if kv_len is not None:
+            lengths = dict(q_seqlen=jnp.full((1,), q.shape[0], jnp.int32), kv_seqlen=kv_len)
+            mask = MaskType.PADDING
+        out, lse = cudnn_dot_product_attention(q[None], k[None], v[None], scale=scale, mask_type=mask,
+                                               return_residual=True, **lengths)
+        return out[0], lse[0].T
+    f32 = jnp.float32
+    out, lse = jax.nn.dot_product_attention(
+        q[None].astype(f32), k[None].astype(f32), v[None].astype(f32), scale=scale, is_causal=causal,
+        key_value_seq_lengths=kv_len, implementation="xla", return_residual=True)
+    return out[0], lse[0]

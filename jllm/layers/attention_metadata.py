@@ -39,6 +39,10 @@ class AttentionMetadata:
     # else scheduled), so its attention is plain causal self-attention over this step's
     # own K/V, which cuDNN's flash attention runs faster than the paged kernel.
     fresh_prefill: bool = dataclasses.field(default=False, metadata=dict(static=True))
+    # Static: the step is one sequence's prompt chunk over its cached prefix (nothing else
+    # scheduled): two flash attentions, over the prefix pages and over the chunk itself,
+    # merged (prefix_prefill_attention), run faster than the paged kernel.
+    prefix_prefill: bool = dataclasses.field(default=False, metadata=dict(static=True))
     # Static: the decode kernel's config (kv splits, launch settings) for a decode-only
     # step, chosen on the host (InputBatchBuilder.decode_config) for the smallest batch
     # its bucket holds; None: the kernel's table by the padded batch.

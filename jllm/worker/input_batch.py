@@ -49,6 +49,7 @@ class StepShape:
     num_prompt_logprobs: int
     decode_only: bool = False
     fresh_prefill: bool = False
+    prefix_prefill: bool = False
 
 
 # ----- one transfer per step ----------------------------------------------------------
@@ -270,10 +271,11 @@ class InputBatchBuilder:
         # Whether steps whose every row has one query token are marked decode-only,
         # for the attention backend's split-K decode kernel.
         self.decode_kernel = decode_kernel
-        # Token buckets from which a step that is one sequence's first prompt chunk is
-        # marked fresh-prefill (cuDNN flash attention); None: never. Small buckets keep
-        # the paged kernel: the gain is in long prompts, and each marked bucket is one
-        # more program to compile.
+        # Token buckets from which a step that is one sequence's prompt chunk is marked
+        # fresh-prefill (its first chunk) or prefix-prefill (a later one, or one after a
+        # prefix-cache hit), both run by cuDNN's flash attention; None: never. Small
+        # buckets keep the paged kernel: the gain is in long prompts, and each marked
+        # bucket is two more programs to compile.
         self.fresh_prefill_min_tokens = fresh_prefill_min_tokens
         self.token_buckets = token_buckets
         self.max_num_seqs = max_num_seqs
@@ -313,7 +315,7 @@ class InputBatchBuilder:
         return decode_config(smallest_batch, num_pages * self.block_size, self.head_dim)
 
     def fresh_prefill_token_buckets(self) -> tuple[int, ...]:
-        """The token buckets a fresh-prefill step can land in."""
+        """The token buckets a fresh-prefill or prefix-prefill step can land in."""
         if self.fresh_prefill_min_tokens is None:
             return ()
         return tuple(t for t in self.token_buckets if t >= self.fresh_prefill_min_tokens)
@@ -351,8 +353,12 @@ class InputBatchBuilder:
         samples = np.fromiter(map(_sample, rows), bool, n)
         self._sampled_at = (row_idx[samples], seq_lens[samples], samples)
         decode_only = self.decode_kernel and num_tokens == n
-        fresh_prefill = (self.fresh_prefill_min_tokens is not None and n == 1 and not decode_only
-                         and int(computed[0]) == 0 and T >= self.fresh_prefill_min_tokens)
+        # A lone sequence's prompt chunk in a large enough bucket runs flash attention
+        # (cuDNN): alone if it is the prompt's first, else over its cached prefix too.
+        lone_prefill = (self.fresh_prefill_min_tokens is not None and n == 1 and not decode_only
+                        and T >= self.fresh_prefill_min_tokens)
+        fresh_prefill = lone_prefill and int(computed[0]) == 0
+        prefix_prefill = lone_prefill and int(computed[0]) > 0
         attn = AttentionMetadata(
             positions=_rows_then_pad(positions, T, 0),
             slot_mapping=_rows_then_pad(pages * self.block_size + positions % self.block_size, T, -1),
@@ -361,6 +367,7 @@ class InputBatchBuilder:
             query_start_loc=_rows_then_pad(starts, S + 1, num_tokens),
             decode_only=decode_only,
             fresh_prefill=fresh_prefill,
+            prefix_prefill=prefix_prefill,
             decode_config=self.decode_config(T, P) if decode_only else None,
         )
         prompt_len = self.rows.prompt_len[row_idx]
@@ -377,7 +384,7 @@ class InputBatchBuilder:
         sampling = self._sampling_metadata(rows, row_idx, step, banned, S)
         shape = StepShape(T, S, P, self._logprobs_width(self.rows.logprobs[row_idx]),
                           self._logprobs_width(prompt_lp), decode_only=decode_only,
-                          fresh_prefill=fresh_prefill)
+                          fresh_prefill=fresh_prefill, prefix_prefill=prefix_prefill)
         return shape, inputs, sampling
 
     def _prompt_targets(self, rows: list[ScheduledRequest], wanted: np.ndarray, starts: np.ndarray,

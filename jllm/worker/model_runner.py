@@ -164,8 +164,9 @@ class ModelRunner:
         return result
 
     def warmup(self, shapes: list[tuple[int, int]]) -> float:
-        """Compiles the step for each (tokens, pages) shape, and its decode-only and
-        fresh-prefill variants where such steps can land; returns seconds."""
+        """Compiles the step for each (tokens, pages) shape, and its decode-only,
+        fresh-prefill and prefix-prefill variants where such steps can land; returns
+        seconds."""
         start = time.perf_counter()
         decode_buckets = self.builder.decode_token_buckets()
         fresh_buckets = self.builder.fresh_prefill_token_buckets()
@@ -176,15 +177,18 @@ class ModelRunner:
                 self._compile(num_tokens, S, num_pages, decode_only=True)
             if num_tokens in fresh_buckets:
                 self._compile(num_tokens, S, num_pages, fresh_prefill=True)
+                self._compile(num_tokens, S, num_pages, prefix_prefill=True)
         return time.perf_counter() - start
 
-    def _compile(self, T: int, S: int, P: int, *, decode_only: bool = False, fresh_prefill: bool = False) -> None:
+    def _compile(self, T: int, S: int, P: int, *, decode_only: bool = False, fresh_prefill: bool = False,
+                 prefix_prefill: bool = False) -> None:
         i32 = lambda *s: np.zeros(s, np.int32)  # noqa: E731
         f32 = lambda *s: np.zeros(s, np.float32)  # noqa: E731
         u32 = lambda *s: np.zeros(s, np.uint32)  # noqa: E731
         # Slot -1 drops the writes: warm-up must not touch pages a request may own.
-        attn = AttentionMetadata(i32(T), np.full((T,), -1, np.int32), i32(S, P), i32(S), i32(S + 1), decode_only,
-                                 fresh_prefill, self.builder.decode_config(T, P) if decode_only else None)
+        attn = AttentionMetadata(i32(T), np.full((T,), -1, np.int32), i32(S, P), i32(S), i32(S + 1),
+                                 decode_only=decode_only, fresh_prefill=fresh_prefill, prefix_prefill=prefix_prefill,
+                                 decode_config=self.builder.decode_config(T, P) if decode_only else None)
         inputs = ModelInputs(i32(T), attn, i32(S), i32(0))
         md = SamplingMetadata(f32(S), i32(S), f32(S), f32(S), u32(S), u32(S), i32(S), f32(S), f32(S), f32(S),
                               i32(S, 0), i32(S, 0), i32(S, 0), f32(S, 0), i32(S, 0), i32(S, 0),

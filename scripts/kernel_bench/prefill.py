@@ -1,6 +1,6 @@
 """Prefill section of the kernel benchmark: causal TFLOP/s of the ragged kernel on one
-sequence, with and without a cached prefix, next to the engine's fresh-prefill path,
-JAX's Pallas `attention.mha` and cuDNN on the same K/V."""
+sequence, with and without a cached prefix, next to the engine's fresh-prefill and
+prefix-prefill paths, JAX's Pallas `attention.mha` and cuDNN on the same K/V."""
 from __future__ import annotations
 
 import functools
@@ -10,7 +10,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.experimental.pallas.ops.gpu import attention as jax_attention
 
-from jllm.layers.attention import fresh_prefill_attention
+from jllm.layers.attention import fresh_prefill_attention, prefix_prefill_attention
 from pallas_kernels import ragged_paged_attention, ragged_paged_attention_reference
 from pallas_kernels.paged_decode_attention import gather_pages
 from scripts.bench_utils import log, rel_err
@@ -93,6 +93,16 @@ def bench_prefill_shape(bench: Bench, heads: Heads, tokens: int) -> None:
     prefix = Variant("jllm_prefill_prefix", {"cached_tokens": cached},
                      functools.partial(ragged_paged_attention, scale=scale, interpret=bench.interpret),
                      ragged_args(prefix_q, k_cache, v_cache, block_tables, tokens))
+
+    def chunk(cache):  # The chunk's own K/V [tokens - cached, kv heads, D], as a step has them.
+        return gather_pages(cache, block_tables[:, cached // page_size:])[0].swapaxes(0, 1)
+
+    # The engine's path for a lone chunk over a cached prefix: cuDNN over the prefix pages
+    # and over the chunk, merged.
+    prefix_split = Variant("jllm_prefill_prefix_cudnn", {"cached_tokens": cached},
+                           functools.partial(prefix_prefill_attention, scale=scale),
+                           (prefix_q, chunk(k_cache), chunk(v_cache), k_cache, v_cache,
+                            block_tables[0], jnp.int32(tokens), jnp.int32(tokens - cached)))
     dense = dense_variants(bench, heads, q, k_cache, v_cache, block_tables, scale)
 
     flops = causal_flops(heads, tokens)
@@ -103,14 +113,15 @@ def bench_prefill_shape(bench: Bench, heads: Heads, tokens: int) -> None:
 
     run_variants(bench, full + dense, guess, checker(q, 0), tflops(flops))
     prefix_flops = causal_flops(heads, tokens, cached)
-    run_variants(bench, [prefix], guess * prefix_flops / flops, checker(prefix_q, cached),
-                 tflops(prefix_flops))
+    run_variants(bench, [prefix, prefix_split], guess * prefix_flops / flops,
+                 checker(prefix_q, cached), tflops(prefix_flops))
 
     for v in full:
         bench.results.add_sweep(kernel=v.kernel, context=tokens, head_dim=heads.head_dim,
                                 **v.params, ms=v.ms, max_rel_err=v.max_rel_err, error=v.error)
     picks = [("jllm_prefill", full[0], flops, tokens),
              ("jllm_prefill_prefix", prefix, prefix_flops, tokens - cached),
+             ("jllm_prefill_prefix_cudnn", prefix_split, prefix_flops, tokens - cached),
              *((d.kernel, d, flops, tokens) for d in dense)]
     best = fastest(full)
     if best is not None and best is not full[0]:
