@@ -92,6 +92,8 @@ def test_warm_up_covers_fresh_and_prefix_prefill_steps(tiny_llama_path, monkeypa
     prompt then compiles nothing. The flags are part of the jit key on any backend, so
     the reference backend shows it on the CPU."""
     monkeypatch.setattr("jllm.engine.engine_setup._fresh_prefill_min_tokens", lambda *args: 16)
+    # The tiny chunk would not pay for its gather on a real model (input_batch.py).
+    monkeypatch.setattr("jllm.worker.input_batch.PREFIX_PREFILL_TABLE_TOKENS_PER_PAIR", float("inf"))
     llm = LLM(model=tiny_llama_path, enforce_eager=False, max_seq_len_to_capture=MAX_SEQ_LEN_TO_CAPTURE,
               **ENGINE_ARGS)
     runner = llm.llm_engine.runner

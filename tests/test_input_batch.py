@@ -129,3 +129,18 @@ def test_decode_steps_split_for_the_smallest_batch_of_their_bucket():
         assert inputs.attn.decode_config == want
         builder.record_sampled(np.zeros(shape.num_seqs, np.int32))
         scheduler.update_from_output(sched, {"r": 7})
+
+
+def test_prefix_prefill_is_chosen_only_where_cudnn_saves_more_than_the_gather_costs():
+    # Llama's 4 query heads per kv head, 16-token pages. A 512-token chunk over 512 cached
+    # tokens attends 512 * 768 pairs: its gather pays up to 1.25e-3 * 4 * 393216 = 1966
+    # table tokens.
+    builder = InputBatchBuilder(block_size=16, token_buckets=pow2_buckets(16, 512), max_num_seqs=8,
+                                page_buckets=(256,), max_logprobs=0, vocab_size=VOCAB_SIZE,
+                                fresh_prefill_min_tokens=512, num_queries_per_kv=4)
+    assert builder._prefix_prefill_pays(122, 512, 512)  # 1952 table tokens
+    assert not builder._prefix_prefill_pays(123, 512, 512)  # 1968
+    # A long chunk over a long prefix pays for a 128k-token table.
+    assert builder._prefix_prefill_pays(8192, 8192, 8192)
+    builder.num_queries_per_kv = 1  # Without GQA the gather is 4x larger per pair.
+    assert not builder._prefix_prefill_pays(122, 512, 512)

@@ -262,12 +262,24 @@ _block_ids = operator.attrgetter("block_ids")
 _sample = operator.attrgetter("sample")
 
 
+# A prefix-prefill step gathers K/V over the page table's whole width, per layer (XLA
+# wants a static width), then runs cuDNN at ~450 TFLOP/s where the paged kernel runs at
+# ~240 (H100, BUILD_NOTES.md, session 7). The gather moves 8 * kv_heads * head_dim bytes
+# per table token (K and V in 16 bits, read and written) at ~2.6 TB/s; cuDNN saves
+# 4 * q_heads * head_dim * (1/240e12 - 1/450e12) s per (query, key) pair. So the path
+# pays while the table is narrower than 2.5e-3 * (q_heads / kv_heads) tokens per pair
+# the chunk attends to: a 512-token chunk over 512 cached tokens of a Llama stops paying
+# at a 3.9k-token table, a 2048-token chunk over 2048 at 63k. Half that, for margin.
+PREFIX_PREFILL_TABLE_TOKENS_PER_PAIR = 1.25e-3
+
+
 class InputBatchBuilder:
     def __init__(self, *, block_size: int, token_buckets, max_num_seqs: int, page_buckets, max_logprobs: int,
                  vocab_size: int, decode_kernel: bool = False, fresh_prefill_min_tokens: int | None = None,
-                 head_dim: int = 128):
+                 head_dim: int = 128, num_queries_per_kv: int = 1):
         self.block_size = block_size
         self.head_dim = head_dim  # The decode kernel's configs are tuned per head_dim.
+        self.num_queries_per_kv = num_queries_per_kv  # Sizes what prefix prefill saves.
         # Whether steps whose every row has one query token are marked decode-only,
         # for the attention backend's split-K decode kernel.
         self.decode_kernel = decode_kernel
@@ -314,6 +326,13 @@ class InputBatchBuilder:
         smallest_batch = min(smaller[-1] + 1 if smaller else 1, self.num_seqs_for(num_tokens))
         return decode_config(smallest_batch, num_pages * self.block_size, self.head_dim)
 
+    def _prefix_prefill_pays(self, num_pages: int, cached: int, num_tokens: int) -> bool:
+        """Whether a chunk of `num_tokens` over `cached` tokens gains more from cuDNN than
+        its gather of `num_pages` pages of K/V costs (PREFIX_PREFILL_TABLE_TOKENS_PER_PAIR)."""
+        pairs = num_tokens * (cached + num_tokens / 2)
+        limit = PREFIX_PREFILL_TABLE_TOKENS_PER_PAIR * self.num_queries_per_kv * pairs
+        return num_pages * self.block_size <= limit
+
     def fresh_prefill_token_buckets(self) -> tuple[int, ...]:
         """The token buckets a fresh-prefill or prefix-prefill step can land in."""
         if self.fresh_prefill_min_tokens is None:
@@ -358,7 +377,8 @@ class InputBatchBuilder:
         lone_prefill = (self.fresh_prefill_min_tokens is not None and n == 1 and not decode_only
                         and T >= self.fresh_prefill_min_tokens)
         fresh_prefill = lone_prefill and int(computed[0]) == 0
-        prefix_prefill = lone_prefill and int(computed[0]) > 0
+        prefix_prefill = (lone_prefill and int(computed[0]) > 0
+                          and self._prefix_prefill_pays(P, int(computed[0]), num_tokens))
         attn = AttentionMetadata(
             positions=_rows_then_pad(positions, T, 0),
             slot_mapping=_rows_then_pad(pages * self.block_size + positions % self.block_size, T, -1),

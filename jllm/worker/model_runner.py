@@ -88,7 +88,7 @@ class ModelRunner:
             block_size=block_size, token_buckets=token_buckets, max_num_seqs=max_num_seqs,
             page_buckets=page_buckets, max_logprobs=max_logprobs, vocab_size=spec.vocab_size,
             decode_kernel=decode_kernel, fresh_prefill_min_tokens=fresh_prefill_min_tokens,
-            head_dim=spec.head_dim,
+            head_dim=spec.head_dim, num_queries_per_kv=spec.num_attention_heads // spec.num_key_value_heads,
         )
         table = cos_sin_cache(spec.head_dim, rope_parameters(hf_config),
                               getattr(hf_config, "max_position_embeddings", max_model_len), max_model_len)
