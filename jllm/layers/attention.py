@@ -116,8 +116,8 @@ def prefix_prefill_attention(q, k, v, k_cache, v_cache, block_table, seq_len, nu
     itself. Two flash attentions merged by their log-sum-exps: the chunk over the prefix
     keys gathered from the pages (the whole table width, masked by the prefix length),
     and over its own keys, causal. On the H100 with cuDNN, at 8k and 32k tokens half of
-    them cached: 399 and 555 TFLOP/s, 1.9-2x the paged kernel (BUILD_NOTES.md, session
-    7). Padding rows come back as zeros."""
+    them cached: 453 and 565 TFLOP/s, 1.9-2x the paged kernel (scripts/results/kernels_
+    nvidia-h100-80gb-hbm3_2026-11-26_162254.json). Padding rows come back as zeros."""
     num_kv_heads, _, _, head_dim = k_cache.shape
 
     def prefix(cache):  # [KVH, blocks, block_size, H] -> [blocks * block_size, KVH, H]
