@@ -4,6 +4,7 @@ import argparse
 import dataclasses
 import re
 
+import jax.numpy as jnp
 import pytest
 
 from jllm import LLM, SamplingParams
@@ -224,3 +225,20 @@ def test_a_flag_outside_its_choices_is_a_usage_error(capsys):
     with pytest.raises(SystemExit):
         parse(["--dtype", "int8"])
     assert "invalid choice: 'int8'" in capsys.readouterr().err
+
+
+def test_activation_bound_covers_a_prefix_prefill_steps_gather():
+    """Where lone prompt chunks run cuDNN, the KV budget leaves room for a prefix-prefill
+    step's table-wide K/V gather and its float32 merge, on top of the usual bound."""
+    from jllm.config import SchedulerConfig
+    from jllm.engine.engine_setup import _activation_bytes
+    from jllm.models.llama import DecoderSpec
+
+    spec = DecoderSpec(vocab_size=1000, hidden_size=256, intermediate_size=512, num_hidden_layers=2,
+                       num_attention_heads=8, num_key_value_heads=2, head_dim=32, rms_norm_eps=1e-5,
+                       tie_word_embeddings=True)
+    sched = SchedulerConfig(max_num_batched_tokens=512, max_num_seqs=16, max_model_len=4096)
+    plain = _activation_bytes(spec, sched, jnp.bfloat16)
+    gather = 2 * 4096 * 2 * 32 * 2  # K and V, 4096 tokens, 2 kv heads of 32, bf16
+    merge = 3 * 512 * 8 * 32 * 4  # three float32 [tokens, q heads, head_dim]
+    assert _activation_bytes(spec, sched, jnp.bfloat16, 4096) == plain + 2 * (gather + merge)

@@ -142,7 +142,11 @@ def build_engine_parts(args: EngineArgs) -> EngineParts:
 
     block_size = args.block_size
     max_blocks_per_seq = -(-max_model_len // block_size)
-    activation_bytes = _activation_bytes(spec, scheduler_config, jdtype)
+    # Where lone prompt chunks run cuDNN, one over a cached prefix gathers the page table's
+    # whole width of K/V (prefix_prefill_attention).
+    prefix_gather_tokens = (max_blocks_per_seq * block_size
+                            if _fresh_prefill_min_tokens(backend, jdtype) is not None else 0)
+    activation_bytes = _activation_bytes(spec, scheduler_config, jdtype, prefix_gather_tokens)
     num_blocks = determine_num_blocks(
         spec, block_size=block_size, dtype=jdtype, max_model_len=max_model_len,
         gpu_memory_utilization=args.gpu_memory_utilization, kv_cache_memory_bytes=args.kv_cache_memory_bytes,
@@ -230,14 +234,21 @@ def _compilation_config(args: EngineArgs, sched: SchedulerConfig) -> Compilation
     )
 
 
-def _activation_bytes(spec: DecoderSpec, sched: SchedulerConfig, dtype) -> int:
+def _activation_bytes(spec: DecoderSpec, sched: SchedulerConfig, dtype, prefix_gather_tokens: int = 0) -> int:
     """A bound on the largest step's live activations: the widest intermediate per
-    token plus the float32 logits of every sequence, with 2x headroom for XLA's temps."""
+    token plus the float32 logits of every sequence, with 2x headroom for XLA's temps;
+    with `prefix_gather_tokens`, also a prefix-prefill step's gathered K/V of that many
+    tokens and its three float32 [tokens, q heads, head_dim] outputs to merge."""
     itemsize = jnp.dtype(dtype).itemsize
     per_token = (3 * spec.hidden_size + 2 * spec.intermediate_size
                  + (spec.num_attention_heads + 2 * spec.num_key_value_heads) * spec.head_dim) * itemsize
     logits = min(sched.max_num_seqs, sched.max_num_batched_tokens) * spec.vocab_size * 4 * 3
-    return 2 * (sched.max_num_batched_tokens * per_token + logits)
+    prefix = 0
+    if prefix_gather_tokens:
+        gather = 2 * prefix_gather_tokens * spec.num_key_value_heads * spec.head_dim * itemsize
+        merge = 3 * sched.max_num_batched_tokens * spec.num_attention_heads * spec.head_dim * 4
+        prefix = gather + merge
+    return 2 * (sched.max_num_batched_tokens * per_token + logits + prefix)
 
 
 def _eos_token_id(hf_config, tokenizer, generation_config) -> int | None:
