@@ -28,6 +28,7 @@ from pallas_kernels import (
     write_kv,
     write_kv_reference,
 )
+from pallas_kernels.paged_decode_attention import gather_pages
 
 
 class KVCache(NamedTuple):
@@ -97,14 +98,13 @@ def fresh_prefill_attention(q, k, v, num_tokens, *, scale: float, sliding_window
     """Causal self-attention of one sequence's first `num_tokens` tokens (q/k/v [T, heads,
     H], the rest padding) through `jax.nn.dot_product_attention`: cuDNN's flash attention
     on the GPU for 16-bit inputs, XLA's otherwise. Padding rows come back as zeros."""
-    use_cudnn = jax.default_backend() == "gpu" and q.dtype in (jnp.bfloat16, jnp.float16)
     # The kernels' window (keys > position - W) is cuDNN's left window of W - 1.
     window = None if sliding_window is None else (sliding_window - 1, 0)
     # No sequence lengths: under the causal mask a real token never sees the padding
     # after it, and cuDNN's plain causal mask is faster than its padded one.
     out = jax.nn.dot_product_attention(
         q[None], k[None], v[None], scale=scale, is_causal=True, local_window_size=window,
-        implementation="cudnn" if use_cudnn else "xla")[0]
+        implementation="cudnn" if _use_cudnn(q) else "xla")[0]
     real = jnp.arange(q.shape[0]) < num_tokens
     return jnp.where(real[:, None, None], out, jnp.zeros((), out.dtype))
 
@@ -118,10 +118,8 @@ def prefix_prefill_attention(q, k, v, k_cache, v_cache, block_table, seq_len, nu
     and over its own keys, causal. On the H100 with cuDNN, at 8k and 32k tokens half of
     them cached: 453 and 565 TFLOP/s, 1.9-2x the paged kernel (scripts/results/kernels_
     nvidia-h100-80gb-hbm3_2026-11-26_162254.json). Padding rows come back as zeros."""
-    num_kv_heads, _, _, head_dim = k_cache.shape
-
     def prefix(cache):  # [KVH, blocks, block_size, H] -> [blocks * block_size, KVH, H]
-        return cache[:, block_table].reshape(num_kv_heads, -1, head_dim).swapaxes(0, 1)
+        return gather_pages(cache, block_table[None])[0].swapaxes(0, 1)
 
     o_prefix, lse_prefix = _attention_with_lse(q, prefix(k_cache), prefix(v_cache), scale=scale,
                                                kv_len=(seq_len - num_tokens).reshape(1))
@@ -141,7 +139,7 @@ def _attention_with_lse(q, k, v, *, scale: float, causal: bool = False, kv_len=N
     [T, N]) of q [T, N, H] over k/v [S, KVH, H]: all keys, the first kv_len [1] of them,
     or causally (key j for query i <= j). cuDNN on the GPU for 16-bit inputs, XLA's
     implementation in float32 otherwise."""
-    if jax.default_backend() == "gpu" and q.dtype in (jnp.bfloat16, jnp.float16):
+    if _use_cudnn(q):
         # jax.nn.dot_product_attention(return_residual=True) casts the statistics to the
         # output dtype: in bf16 a log-sum-exp near 20 rounds by up to 0.06, which would
         # weight the two halves of prefix_prefill_attention 6 % wrong. cuDNN's own are
@@ -159,3 +157,8 @@ def _attention_with_lse(q, k, v, *, scale: float, causal: bool = False, kv_len=N
         q[None].astype(f32), k[None].astype(f32), v[None].astype(f32), scale=scale, is_causal=causal,
         key_value_seq_lengths=kv_len, implementation="xla", return_residual=True)
     return out[0], lse[0]
+
+
+def _use_cudnn(q) -> bool:
+    """cuDNN's flash attention runs on the GPU, for 16-bit inputs."""
+    return jax.default_backend() == "gpu" and q.dtype in (jnp.bfloat16, jnp.float16)
