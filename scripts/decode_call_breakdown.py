@@ -1,8 +1,9 @@
 """On the GPU: what one decode-attention call costs on the device, event by event, for
-jllm's kernel (at its table config) and JAX's paged_attention (at given settings).
+jllm's kernel (at its table config), its Mosaic GPU kernel (at given splits) and JAX's
+paged_attention (at given settings).
 
     python scripts/decode_call_breakdown.py [--head-dim 64] [--batch 1] [--context 512]
-        [--jax 8,4 --jax 4,8]
+        [--jax 8,4 --jax 4,8] [--mgpu 4 --mgpu 8]
 
 Each call is its own jitted program, as a model layer sees it: no neighbour to fuse
 with. That is the difference from bench_kernels.py's kernel time, which chains calls in
@@ -31,6 +32,7 @@ import numpy as np  # noqa: E402
 from jax.experimental.pallas.ops.gpu import paged_attention as jax_paged  # noqa: E402
 
 from pallas_kernels import decode_config, new_decode_tickets, paged_decode_attention  # noqa: E402
+from pallas_kernels.paged_decode_attention_mgpu import paged_decode_attention_mgpu  # noqa: E402
 from scripts.bench_utils import traced_gpu_events  # noqa: E402
 from scripts.kernel_bench.common import LLAMA_1B, LLAMA_8B, random_normal  # noqa: E402
 from scripts.kernel_bench.decode import L2_BYTES, decode_batch, kv_bytes  # noqa: E402
@@ -63,6 +65,8 @@ def main(argv=None) -> None:
     parser.add_argument("--jax", action="append", default=None,
                         help="JAX's k_splits,pages_per_compute_block (repeatable; 4 warps); "
                              "default 8,4 and 4,8, its fastest at 1 x 512 in bench_kernels.py")
+    parser.add_argument("--mgpu", action="append", type=int, default=None,
+                        help="splits of the Mosaic GPU kernel to time (repeatable); default 2, 4, 8")
     parser.add_argument("--calls", type=int, default=200)
     args = parser.parse_args(argv)
     if jax.default_backend() != "gpu":
@@ -87,6 +91,10 @@ def main(argv=None) -> None:
     variants = {f"jllm_decode {config}, threaded tickets": ours_threaded,
                 f"jllm_decode {config}, tickets zeroed per call":
                     lambda t: ours(q, k_cache, v_cache, lens, t)}
+    for splits in args.mgpu or [2, 4, 8]:
+        mgpu = functools.partial(paged_decode_attention_mgpu, scale=scale, num_splits=splits)
+        variants[f"jllm_decode_mgpu num_splits={splits}"] = (
+            lambda t, f=mgpu: f(q, k_cache, v_cache, lens, t))
     q_scaled = q * jnp.asarray(scale, q.dtype)  # JAX's kernel takes no scale.
     for setting in args.jax or ["8,4", "4,8"]:
         k_splits, per_block = map(int, setting.split(","))

@@ -1,8 +1,12 @@
-"""On the GPU: the paged decode kernel against its plain-jnp reference on many fresh
+"""On the GPU: a paged decode kernel against its plain-jnp reference on many fresh
 random batches, to catch races in its in-kernel merge of kv splits (a wrong ticket order
 or a stale read shows up as an error that moves between runs on the same shapes).
 
-    PYTHONPATH=. python scripts/stress_decode.py --trials 20
+    PYTHONPATH=. python scripts/stress_decode.py --trials 20 [--kernel mgpu]
+
+--kernel triton (the default) is `paged_decode_attention`, whose splits merge through a
+global-memory ticket; --kernel mgpu is `paged_decode_attention_mgpu`, whose splits merge
+through the leader block's shared memory in a cluster (16-bit dtypes only).
 
 Each trial draws new lengths (0, 1, page edges, up to the context), new pages, q, K and
 V; every (head_dim, dtype, splits, window, soft cap) case must stay within the bf16 /
@@ -32,13 +36,18 @@ from pallas_kernels import (  # noqa: E402
     paged_decode_attention,
     paged_decode_attention_reference,
 )
+from pallas_kernels.paged_decode_attention_mgpu import paged_decode_attention_mgpu  # noqa: E402
 
 # max |out - ref| / max |ref| allowed: bf16 operands round at ~4e-3.
 TOLERANCE = {jnp.bfloat16: 2e-2, jnp.float32: 2e-3}
 PAGE, NUM_KV_HEADS, GROUP = 16, 8, 4
-# (head_dim, dtype, num_splits, sliding_window, soft_cap)
-CASES = [(d, dt, s, w, c) for d in (64, 128) for dt in (jnp.bfloat16, jnp.float32)
-         for s in (2, 3, 8, 32) for w, c in ((None, None), (300, 30.0))]
+# (head_dim, dtype, num_splits, sliding_window, soft_cap), by kernel.
+CASES = {
+    "triton": [(d, dt, s, w, c) for d in (64, 128) for dt in (jnp.bfloat16, jnp.float32)
+               for s in (2, 3, 8, 32) for w, c in ((None, None), (300, 30.0))],
+    "mgpu": [(d, jnp.bfloat16, s, w, c) for d in (64, 128) for s in (1, 2, 4, 8)
+             for w, c in ((None, None), (300, 30.0))],
+}
 
 
 def draw(rng, key, batch, max_context, head_dim, dtype):
@@ -61,22 +70,31 @@ def main(argv=None) -> None:
     parser.add_argument("--trials", type=int, default=20)
     parser.add_argument("--batch", type=int, default=24)
     parser.add_argument("--context", type=int, default=2048)
+    parser.add_argument("--kernel", choices=sorted(CASES), default="triton")
     parser.add_argument("--interpret", action="store_true", help="Pallas interpret mode (CPU)")
     args = parser.parse_args(argv)
     rng = np.random.default_rng(0)
     key = jax.random.key(0)
     worst, failed = {}, 0
-    for head_dim, dtype, splits, window, cap in CASES:
+    cases = CASES[args.kernel]
+    for head_dim, dtype, splits, window, cap in cases:
         kw = dict(scale=head_dim ** -0.5, sliding_window=window, soft_cap=cap)
-        kernel = jax.jit(functools.partial(paged_decode_attention, num_splits=splits,
-                                             interpret=args.interpret, **kw))
+        if args.kernel == "triton":
+            kernel = jax.jit(functools.partial(paged_decode_attention, num_splits=splits,
+                                               interpret=args.interpret, **kw))
+        else:
+            kernel = jax.jit(functools.partial(paged_decode_attention_mgpu, num_splits=splits,
+                                               interpret=args.interpret, **kw))
         reference = jax.jit(functools.partial(paged_decode_attention_reference, **kw))
         case = (head_dim, jnp.dtype(dtype).name, splits, window, cap)
         tickets = new_decode_tickets(NUM_KV_HEADS, args.batch)
         for _ in range(args.trials):
             key, sub = jax.random.split(key)
             batch = draw(rng, sub, args.batch, args.context, head_dim, dtype)
-            out, tickets = kernel(*batch, decode_tickets=tickets)
+            if args.kernel == "triton":
+                out, tickets = kernel(*batch, decode_tickets=tickets)
+            else:  # No tickets: its merge is counted on a cluster barrier.
+                out = kernel(*batch)
             ref = reference(*batch)
             err = float(jnp.max(jnp.abs(out.astype(jnp.float32) - ref.astype(jnp.float32)))
                         / jnp.max(jnp.abs(ref.astype(jnp.float32))))
@@ -87,13 +105,13 @@ def main(argv=None) -> None:
             worst[case] = max(worst.get(case, 0.0), err)
         failed += worst[case] > TOLERANCE[dtype]
         print(f"{case}: worst rel err {worst[case]:.2e}", flush=True)
-    print(f"{jax.devices()[0].device_kind}, jax {jax.__version__}, {args.trials} trials of "
-          f"{args.batch} sequences up to {args.context} tokens per case\n")
+    print(f"{jax.devices()[0].device_kind}, jax {jax.__version__}, {args.kernel} kernel, "
+          f"{args.trials} trials of {args.batch} sequences up to {args.context} tokens per case\n")
     print("| head_dim | dtype | splits | window | soft cap | worst rel err |")
     print("|---|---|---|---|---|---|")
     for (d, dt, s, w, c), err in worst.items():
         print(f"| {d} | {dt} | {s} | {w} | {c} | {err:.2e} |")
-    print(f"\n{failed} of {len(CASES)} cases over tolerance")
+    print(f"\n{failed} of {len(cases)} cases over tolerance")
     sys.exit(1 if failed else 0)
 
 

@@ -224,4 +224,8 @@ def test_decode_summary_compares_each_kernels_least_kernel_time():
             dict(shape, kernel="jax_paged_attention", ms=0.012, kernel_ms=0.005, best_kernel_ms=0.005,
                  tbps=0.17, k_splits=8, pages_per_compute_block=4)]
     line = decode_summary(rows)[-1]
-    assert line.endswith("| 1.20x | 1.25x |")  # Wall 12/10; kernel 5/4, not 5/6.
+    assert line.endswith("| 1.20x | 1.25x | - | - |")  # Wall 12/10; kernel 5/4, not 5/6.
+    rows.append(dict(shape, kernel="jllm_decode_mgpu", ms=0.009, kernel_ms=0.0045,
+                     best_kernel_ms=0.0025, tbps=0.25, num_splits=4))
+    line = decode_summary(rows)[-1]
+    assert line.endswith("| 1.20x | 1.25x | 0.25 (4) | 2.00x |")  # mgpu: kernel 5/2.5

@@ -44,13 +44,6 @@ TOLERANCE = {jnp.float32: dict(atol=2e-5, rtol=2e-5),
              jnp.bfloat16: dict(atol=1.5e-2, rtol=1e-2)}
 
 
-@pytest.fixture
-def rng():
-  seed = np.random.SeedSequence().entropy
-  print(f"numpy seed: {seed}")  # Shown on failure, to replay the inputs.
-  return np.random.default_rng(seed)
-
-
 @dataclasses.dataclass
 class PagedBatch:
   md: AttentionMetadata

@@ -19,6 +19,10 @@ from pallas_kernels import (
     paged_decode_attention_reference,
 )
 from pallas_kernels.paged_decode_attention import _DECODE_TABLES, _TABLE_BATCHES, _TABLE_CONTEXTS
+from pallas_kernels.paged_decode_attention_mgpu import (
+    check_mgpu_decode_args,
+    paged_decode_attention_mgpu,
+)
 from scripts.bench_utils import log, rel_err
 from scripts.kernel_bench.common import (
     CHECK_ROWS,
@@ -59,6 +63,12 @@ DECODE_PARAM_SETTINGS = (
     {"num_warps": 2}, {"num_warps": 2, "num_stages": 2}, {"num_warps": 2, "num_stages": 1},
     {"block_kv": 32, "num_warps": 2, "num_stages": 2}, {"block_kv": 32, "num_stages": 2},
 )
+
+
+# The Mosaic GPU kernel (cluster-merged splits) runs where the merge is a visible share of
+# a call: small batches. Its split counts, where its shared memory holds them.
+MGPU_SPLITS = (1, 2, 4, 8)
+MGPU_MAX_BATCH = 8
 
 
 def kv_bytes(heads: Heads, batch: int, context: int) -> int:
@@ -152,6 +162,7 @@ def bench_decode_shape(bench, rng, heads, batch, context, k_cache, v_cache, cach
 
         return Variant("jllm_decode", dataclasses.asdict(config), call, jllm_args, (5,), carry=2)
 
+    mgpu = mgpu_variants(bench, batch, args, scale)
     configs = [DecodeConfig(s) for s in splits]
     jllm = [jllm_variant(c) for c in configs + ([table] if table not in configs else [])]
     # JAX's kernel takes no softmax scale: q is scaled beforehand, outside the timing.
@@ -166,7 +177,7 @@ def bench_decode_shape(bench, rng, heads, batch, context, k_cache, v_cache, cach
         xla = [Variant("xla_reference", {}, reference, args, rotating)]
     else:
         log("  xla_reference: skipped (memory)")
-    run_variants(bench, jllm + jax_variants + xla, guess, check, figure, profile=True)
+    run_variants(bench, jllm + mgpu + jax_variants + xla, guess, check, figure, profile=True)
     if bench.decode_params:  # Launch settings at the best split count and the table's.
         best = fastest_on_device(jllm) or jllm[0]
         more = [jllm_variant(c) for c in launch_setting_configs(
@@ -188,7 +199,25 @@ def bench_decode_shape(bench, rng, heads, batch, context, k_cache, v_cache, cach
                 for launch in JAX_LAUNCH_SETTINGS]
         run_variants(bench, more, guess, check, figure, profile=True)
         jax_variants += more
-    record_decode(bench, heads, batch, context, nbytes, jllm, table, jax_variants, xla)
+    record_decode(bench, heads, batch, context, nbytes, jllm, table, jax_variants, xla, mgpu)
+
+
+def mgpu_variants(bench, batch: int, args: tuple, scale: float) -> list[Variant]:
+    """The Mosaic GPU kernel at each of MGPU_SPLITS it can run (none in interpret mode:
+    its interpreter run is the tests' job, and slow)."""
+    if bench.interpret or batch > MGPU_MAX_BATCH:
+        return []
+    q, k_cache = args[0], args[1]
+    variants = []
+    for splits in MGPU_SPLITS:
+        try:
+            check_mgpu_decode_args(q.shape, q.dtype, k_cache.shape, splits)
+        except ValueError as e:
+            log(f"  jllm_decode_mgpu num_splits={splits}: skipped ({e})")
+            continue
+        fn = functools.partial(paged_decode_attention_mgpu, scale=scale, num_splits=splits)
+        variants.append(Variant("jllm_decode_mgpu", {"num_splits": splits}, fn, args, (4,)))
+    return variants
 
 
 def launch_setting_configs(split_counts, context: int, tried=frozenset()) -> list[DecodeConfig]:
@@ -249,13 +278,15 @@ def decode_row(kernel, heads, batch, context, page_size, variant=None, nbytes=No
     return row
 
 
-def record_decode(bench, heads, batch, context, nbytes, jllm, table, jax_variants, xla):
+def record_decode(bench, heads, batch, context, nbytes, jllm, table, jax_variants, xla,
+                  mgpu=()):
     page_size, results = bench.plan.page_size, bench.results
+    mgpu = list(mgpu)
     # run_variants profiled every variant; a second trace for any that one left without a
     # kernel time (bursts not told apart). At the smallest shapes the wall time per call
     # also holds the launch gaps, which move with the host.
-    profile_kernel_ms(bench, jllm + jax_variants + xla)
-    for v in jllm + jax_variants + xla:
+    profile_kernel_ms(bench, jllm + mgpu + jax_variants + xla)
+    for v in jllm + mgpu + jax_variants + xla:
         results.add_sweep(kernel=v.kernel, model=heads.model, batch=batch, context=context,
                           head_dim=heads.head_dim, **v.params, ms=v.ms, kernel_ms=v.kernel_ms,
                           max_rel_err=v.max_rel_err, error=v.error)
@@ -265,6 +296,8 @@ def record_decode(bench, heads, batch, context, nbytes, jllm, table, jax_variant
     picks = [("jllm_decode", best, jllm), ("jllm_decode_table", table_variant, [table_variant]),
              ("jax_paged_attention", best_jax or (jax_variants or [None])[0], jax_variants),
              ("xla_reference", xla[0] if xla else None, xla)]
+    if mgpu:
+        picks.append(("jllm_decode_mgpu", fastest(mgpu) or mgpu[0], mgpu))
     if best.ms and table_variant.ms:
         versus = f"; jax paged's best takes {best_jax.ms / best.ms:.2f}x" if best_jax else ""
         log(f"  -> best {best.label}; the table's takes {table_variant.ms / best.ms:.2f}x its "

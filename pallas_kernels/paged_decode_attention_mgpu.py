@@ -1,0 +1,341 @@
+"""Paged decode attention on Mosaic GPU (Hopper): kv splits merged inside a cluster.
+
+The Triton kernel (`paged_decode_attention`) merges its kv splits through global
+memory: each split stores its softmax state, takes a release/acquire ticket, and the
+last one reads the others' states back from L2. At batch 1 x 512 that chain of
+dependent L2 round trips is about a fifth of the call (BUILD_NOTES.md, sessions 6-7),
+and it is what keeps the d64 1 x 512 shape under 1.2x of JAX's kernel. Pallas' Triton
+backend cannot do better: it has no thread-block clusters.
+
+Here the `num_splits` splits of one (sequence, kv head) run as the blocks of one
+cluster. Split s takes the sequence's 64-key tiles s, s + num_splits, ... (a short
+sequence in a wide page table still spreads over every split), TMA-loads each tile's
+pages by the page ids it reads from the block table, and runs QK and PV on wgmma with
+the GQA group's query rows at the top of a 64-row tile (wgmma's M; the rows below are
+never written out). Each split then pushes its state (output normalised by its own
+sum, in the input dtype; running max and sum in f32) into the leader block's shared
+memory and arrives on the leader's cluster barrier; the leader merges and writes the
+group's rows. No global workspace, no atomics, no tickets.
+
+Status: lowered and checked here (CPU: the interpreter runs the algorithm; the Mosaic
+lowering for sm_90a runs in CI); not yet timed on the H100. The engine does not call
+it; `scripts/bench_kernels.py` times it beside the Triton kernel.
+
+Limits (`check_mgpu_decode_args` says which was hit): 16-bit dtypes (wgmma), head_dim a
+multiple of 64 (128-byte swizzle), pages of 8-64 tokens dividing 64, at most 64 query
+heads per kv head, 1-8 splits (the portable cluster size), and shared memory for two
+K/V tiles plus every split's state in the leader.
+"""
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+from jax._src.lib.mlir import ir
+from jax._src.lib.mlir.dialects import gpu as gpu_dialect
+from jax.experimental import pallas as pl
+from jax.experimental.mosaic.gpu import utils as mgpu_utils
+from jax.experimental.pallas import mosaic_gpu as plgpu
+
+from pallas_kernels.paged_decode_attention import (
+    MASK_VALUE,
+    log2_logits,
+    paged_decode_attention_reference,
+)
+
+TILE = 64  # Keys per wgmma step, and the rows of the query tile (wgmma's M).
+NUM_SLOTS = 2  # K/V tiles in flight per split: the next tile loads during this one.
+MAX_SPLITS = 8  # The portable cluster size.
+# Dynamic shared memory per block on the H100 (227 KiB), as Mosaic checks it.
+SMEM_LIMIT_BYTES = 232448
+_SWIZZLE = 128  # Bytes: 64 16-bit elements, the minor tile of every wgmma operand.
+
+# The reference is the Triton kernel's: both compute the same function.
+paged_decode_attention_mgpu_reference = paged_decode_attention_reference
+
+
+def _query_rows(group: int) -> int:
+  """Query rows copied per (sequence, kv head): the group, padded to the tiling's 8."""
+  return -(-group // 8) * 8
+
+
+def smem_bytes(head_dim: int, num_splits: int, group: int) -> int:
+  """Shared memory one block asks for (the leader's, with every split's state)."""
+  del group  # The query tile is 64 rows whatever the group.
+  tile = TILE * head_dim * 2
+  return (tile  # query tile
+          + 2 * NUM_SLOTS * tile  # K and V slots
+          + num_splits * tile  # the splits' outputs
+          + 2 * num_splits * TILE * 4  # their running max and sum
+          # Barriers and alignment: Mosaic's count ran 2.2-2.7 KB over the buffers'
+          # sum at d192-256 (tests/test_decode_mgpu.py checks the bound).
+          + 4096)
+
+
+def check_mgpu_decode_args(q_shape, q_dtype, cache_shape, num_splits: int) -> None:
+  """Raises ValueError naming the first argument this kernel cannot take."""
+  _, num_q_heads, head_dim = q_shape
+  num_kv_heads, _, block_size, cache_head_dim = cache_shape
+  if jnp.dtype(q_dtype) not in (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16)):
+    raise ValueError(f"dtype must be bfloat16 or float16 (wgmma), got {jnp.dtype(q_dtype)}")
+  if cache_head_dim != head_dim or head_dim % 64:
+    raise ValueError(f"head_dim must be a multiple of 64 and match the cache's, got "
+                     f"q {head_dim}, cache {cache_head_dim}")
+  if block_size % 8 or TILE % block_size:
+    raise ValueError(f"block_size must be 8, 16, 32 or 64, got {block_size}")
+  if num_q_heads % num_kv_heads or num_q_heads // num_kv_heads > TILE:
+    raise ValueError(f"num_q_heads ({num_q_heads}) must be a multiple of num_kv_heads "
+                     f"({num_kv_heads}), at most {TILE} per kv head")
+  if not 1 <= num_splits <= MAX_SPLITS:
+    raise ValueError(f"num_splits must be in [1, {MAX_SPLITS}], got {num_splits}")
+  need = smem_bytes(head_dim, num_splits, num_q_heads // num_kv_heads)
+  if need > SMEM_LIMIT_BYTES:
+    raise ValueError(f"num_splits={num_splits} at head_dim={head_dim} needs {need} bytes of "
+                     f"shared memory, more than the {SMEM_LIMIT_BYTES} a block may have")
+
+
+@plgpu.inline_mgpu()
+def _fence_cluster(ctx):
+  """Orders this thread's shared-memory accesses at cluster scope, then syncs the
+  warpgroup. Before the push's arrival: the remote arrive is CTA-scoped and made by
+  one thread, so every thread's stores into the leader must be performed first. After
+  the leader's wait: its loads must see them."""
+  del ctx
+  mgpu_utils.inline_ptx("fence.acq_rel.cluster;", has_side_effects=True)
+  mgpu_utils.warpgroup_barrier()
+
+
+def _push_to_leader(x, ref, layout, interpret: bool):
+  """Stores `x` into `ref`'s copy in the leader block (block 0 of the cluster axis)."""
+  if interpret:  # There `ref` is a global-memory slot: the interpreter has no DSMEM.
+    ref[...] = x
+    return
+
+  # Through Mosaic GPU directly: Pallas' own store rejects a cluster ref's memory space
+  # (and its bank-conflict-free transfer plan does not exist for these layouts); a
+  # plain transfer moves these few KB once per call.
+  @plgpu.inline_mgpu(arg_types=(layout, plgpu.RefType()))
+  def push(ctx, x, ref):
+    del ctx
+    leader = mgpu_utils.get_cluster_ref(
+        ref, gpu_dialect.Dimension.x, mgpu_utils.c(0, ir.IndexType.get()), generic=False)
+    x.store_untiled(leader, optimized=False)
+
+  push(x, ref)
+
+
+def _decode_kernel(seq_lens_ref, block_tables_ref, q_ref, k_ref, v_ref, out_ref, *refs,
+                   num_q_heads: int, group: int, scale: float, soft_cap: float | None,
+                   sliding_window: int | None, num_splits: int, interpret: bool):
+  # q_ref: [S * num_q_heads, D]; k_ref, v_ref: [KVH, num_blocks, block_size, D];
+  # out_ref: [S, KVH, group, D]. One block per (sequence, kv head, split).
+  seq, kv_head, split = lax.axis_index("seq"), lax.axis_index("kv_head"), lax.axis_index("split")
+  if interpret:  # The splits' states go through global-memory slots (extra outputs).
+    o_slots, m_slots, l_slots, *refs = refs
+  (q_smem, k_smem, v_smem, o_state, m_state, l_state, kv_barriers, q_barrier,
+   merge_barrier) = refs
+  block_size = k_ref.shape[2]
+  max_blocks = block_tables_ref.shape[1]
+  pages_per_tile = TILE // block_size
+
+  def state_slots(j):
+    """Where split j's (o, m, l) wait for the leader's merge."""
+    if interpret:
+      return o_slots.at[seq, kv_head, j], m_slots.at[seq, kv_head, j], l_slots.at[seq, kv_head, j]
+    return o_state.at[j], m_state.at[j], l_state.at[j]
+
+  seq_len = seq_lens_ref[seq]
+  kv_lo = 0 if sliding_window is None else jnp.maximum(seq_len - sliding_window, 0)
+  first_tile = kv_lo // TILE
+  num_steps = jnp.maximum(pl.cdiv(pl.cdiv(seq_len, TILE) - first_tile - split, num_splits), 0)
+
+  def tile_of(step):
+    return first_tile + split + step * num_splits
+
+  def tile_pages(step):
+    # Scalar loads from the table. A tile's pages past the table's width (a table not a
+    # whole number of tiles wide) read its last entry: their keys are past the length,
+    # masked, but their V rows meet p = 0 in the PV matmul, and stale shared memory
+    # could hold NaN bits there. Clamped, the loads are always in bounds, so they need
+    # not wait for the length.
+    return [block_tables_ref[seq, jnp.minimum(tile_of(step) * pages_per_tile + j, max_blocks - 1)]
+            for j in range(pages_per_tile)]
+
+  def load_tile(pages, slot):
+    for j, page in enumerate(pages):
+      rows = pl.ds(j * block_size, block_size)
+      plgpu.copy_gmem_to_smem(k_ref.at[kv_head, page], k_smem.at[slot, rows],
+                              kv_barriers.at[2 * (slot * pages_per_tile + j)])
+      plgpu.copy_gmem_to_smem(v_ref.at[kv_head, page], v_smem.at[slot, rows],
+                              kv_barriers.at[2 * (slot * pages_per_tile + j) + 1])
+
+  def wait_tile(slot, which):
+    for j in range(pages_per_tile):
+      plgpu.barrier_wait(kv_barriers.at[2 * (slot * pages_per_tile + j) + which])
+
+  # The group's query rows on top of the tile, the rows below them left unset: wgmma
+  # rows are independent and only the group's are written out. Rows past q's end (the
+  # last group, padded to 8) come in as zeros.
+  q_rows = _query_rows(group)
+  plgpu.copy_gmem_to_smem(q_ref.at[pl.ds(seq * num_q_heads + kv_head * group, q_rows)],
+                          q_smem.at[pl.ds(0, q_rows)], q_barrier,
+                          oob_mode=plgpu.OOBFillMode.ZEROS)
+  # The first tiles' page ids go out beside the length's load (without a window they
+  # do not depend on it); only their copies wait for it.
+  first_pages = [tile_pages(step) for step in range(NUM_SLOTS)]
+  for step in range(NUM_SLOTS):
+    pl.when(step < num_steps)(functools.partial(load_tile, first_pages[step], step))
+  plgpu.barrier_wait(q_barrier)
+
+  row_layout = plgpu.Layout.WGMMA.reduce(1)
+  o = plgpu.layout_cast(jnp.zeros((TILE, q_smem.shape[1]), jnp.float32), plgpu.Layout.WGMMA)
+  m = plgpu.layout_cast(jnp.full((TILE,), -jnp.inf, jnp.float32), row_layout)
+  l = plgpu.layout_cast(jnp.zeros((TILE,), jnp.float32), row_layout)
+
+  def step_fn(step, carry):
+    o, m, l = carry
+    slot = lax.rem(step, NUM_SLOTS)
+    wait_tile(slot, 0)
+    if interpret:  # The interpreter has no wgmma.
+      qk = lax.dot_general(q_smem[...], k_smem.at[slot][...], (((1,), (1,)), ((), ())),
+                           preferred_element_type=jnp.float32)
+    else:
+      def qk_fn(acc_ref):
+        plgpu.wgmma(acc_ref, q_smem, k_smem.at[slot].transpose((1, 0)))
+        return acc_ref[...]
+      qk = pl.run_scoped(qk_fn, plgpu.ACC((TILE, TILE), jnp.float32))
+    keys = tile_of(step) * TILE + plgpu.broadcasted_iota(
+        jnp.int32, (TILE, TILE), 1, layout=plgpu.Layout.WGMMA)
+    # Every tile a split runs holds a visible key, so each row's max is finite.
+    s = jnp.where((keys >= kv_lo) & (keys < seq_len), log2_logits(qk, scale, soft_cap),
+                  MASK_VALUE)
+    m_next = jnp.maximum(m, s.max(axis=1))
+    correction = jnp.exp2(m - m_next)
+    p = jnp.exp2(s - lax.broadcast_in_dim(m_next, s.shape, [0]))
+    l_next = l * correction + p.sum(axis=1)
+    o = o * lax.broadcast_in_dim(correction, o.shape, [0])
+    wait_tile(slot, 1)
+    p16 = p.astype(v_smem.dtype)
+    if interpret:
+      o = o + jnp.dot(p16, v_smem.at[slot][...], preferred_element_type=jnp.float32)
+    else:
+      def pv_fn(acc_ref):
+        plgpu.wgmma(acc_ref, p16, v_smem.at[slot])
+      o = pl.run_state(pv_fn)(plgpu.ACC.init(o))
+    # Reading the accumulator waited for both wgmmas, so the slot is free to refill.
+    @pl.when(step + NUM_SLOTS < num_steps)
+    def _refill():
+      load_tile(tile_pages(step + NUM_SLOTS), slot)
+    return o, m_next, l_next
+
+  o, m, l = lax.fori_loop(0, num_steps, step_fn, (o, m, l))
+
+  # The push: o normalised by this split's own sum and in the input dtype (at d128 and
+  # 8 splits f32 states would not fit the leader's shared memory; the output is
+  # rounded to that dtype anyway); an idle split pushes o = 0, m = -inf, l = 0.
+  o = o / lax.broadcast_in_dim(jnp.where(l == 0, 1.0, l), o.shape, [0])
+  o_slot, m_slot, l_slot = state_slots(split)
+  _push_to_leader(o.astype(o_state.dtype), o_slot, plgpu.Layout.WGMMA, interpret)
+  _push_to_leader(m, m_slot, row_layout, interpret)
+  _push_to_leader(l, l_slot, row_layout, interpret)
+  if not interpret:
+    _fence_cluster()
+  plgpu.barrier_arrive(merge_barrier)
+
+  @pl.when(split == 0)
+  def _merge():
+    plgpu.barrier_wait(merge_barrier)
+    if not interpret:
+      _fence_cluster()
+    ms = [plgpu.load(state_slots(j)[1], layout=row_layout, optimized=False)
+          for j in range(num_splits)]
+    ls = [plgpu.load(state_slots(j)[2], layout=row_layout, optimized=False)
+          for j in range(num_splits)]
+    m_max = functools.reduce(jnp.maximum, ms)
+    # A row no split touched (a padding row) keeps m = -inf: weights 0, not NaN.
+    m_max = jnp.where(m_max == -jnp.inf, 0.0, m_max)
+    weights = [jnp.exp2(mj - m_max) * lj for mj, lj in zip(ms, ls)]
+    total = functools.reduce(lambda a, b: a + b, weights)
+    acc = None
+    for j, w in enumerate(weights):
+      oj = plgpu.load(state_slots(j)[0], layout=plgpu.Layout.WGMMA,
+                      optimized=False).astype(jnp.float32)
+      term = oj * lax.broadcast_in_dim(w, oj.shape, [0])
+      acc = term if acc is None else acc + term
+    acc = acc / lax.broadcast_in_dim(jnp.where(total == 0, 1.0, total), acc.shape, [0])
+    # Out through the leader's own state slot, already read (each thread reads and
+    # writes the same elements of the same layout).
+    staging = o_state.at[0]
+    staging[...] = acc.astype(staging.dtype)
+    plgpu.commit_smem()
+    plgpu.copy_smem_to_gmem(staging.at[pl.ds(0, group)], out_ref.at[seq, kv_head])
+    plgpu.wait_smem_to_gmem(0)
+
+
+@functools.partial(
+    jax.jit,
+    static_argnames=("scale", "soft_cap", "sliding_window", "num_splits", "interpret"))
+def paged_decode_attention_mgpu(
+    q: jax.Array,  # [S, num_q_heads, head_dim]
+    k_cache: jax.Array,  # [num_kv_heads, num_blocks, block_size, head_dim]
+    v_cache: jax.Array,
+    seq_lens: jax.Array,  # [S] int32, 0 for padding rows
+    block_tables: jax.Array,  # [S, max_blocks_per_seq] int32
+    *,
+    scale: float,
+    soft_cap: float | None = None,
+    sliding_window: int | None = None,
+    num_splits: int = 4,
+    interpret: bool = False,
+) -> jax.Array:
+  """`paged_decode_attention`'s function, one cluster of `num_splits` blocks per
+  (sequence, kv head). Returns [S, num_q_heads, head_dim] in q's dtype; rows with
+  seq_len 0 are zeros. `interpret` runs it in the Mosaic GPU interpreter (CPU), with
+  jnp matmuls for wgmma and global-memory slots for the cluster's shared memory."""
+  check_mgpu_decode_args(q.shape, q.dtype, k_cache.shape, num_splits)
+  num_seqs, num_q_heads, head_dim = q.shape
+  num_kv_heads = k_cache.shape[0]
+  group = num_q_heads // num_kv_heads
+  swizzled = dict(transforms=(plgpu.TilingTransform((8, _SWIZZLE // 2)),
+                              plgpu.SwizzleTransform(_SWIZZLE)))
+  dtype = q.dtype
+  pages_per_tile = TILE // k_cache.shape[2]
+  scratch = [
+      plgpu.SMEM((TILE, head_dim), dtype, **swizzled),
+      plgpu.SMEM((NUM_SLOTS, TILE, head_dim), dtype, **swizzled),
+      plgpu.SMEM((NUM_SLOTS, TILE, head_dim), dtype, **swizzled),
+      plgpu.SMEM((num_splits, TILE, head_dim), dtype),
+      plgpu.SMEM((num_splits, TILE), jnp.float32),
+      plgpu.SMEM((num_splits, TILE), jnp.float32),
+      plgpu.Barrier(num_barriers=2 * NUM_SLOTS * pages_per_tile),
+      plgpu.Barrier(),
+      # Leader-tracked: only the leader counts the arrivals, so the other blocks may
+      # exit after theirs. The interpreter lacks that mode (and models no exits): there
+      # every block takes every arrival.
+      plgpu.ClusterBarrier(collective_axes=("split",), leader_tracked=not interpret),
+  ]
+  out_type = [jax.ShapeDtypeStruct((num_seqs, num_kv_heads, group, head_dim), dtype)]
+  if interpret:
+    state = (num_seqs, num_kv_heads, num_splits, TILE)
+    out_type += [jax.ShapeDtypeStruct((*state, head_dim), dtype),
+                 jax.ShapeDtypeStruct(state, jnp.float32),
+                 jax.ShapeDtypeStruct(state, jnp.float32)]
+  kernel = functools.partial(
+      _decode_kernel, num_q_heads=num_q_heads, group=group, scale=scale,
+      soft_cap=soft_cap, sliding_window=sliding_window, num_splits=num_splits,
+      interpret=interpret)
+  out, *_ = plgpu.kernel(
+      kernel,
+      out_type=out_type,
+      grid=(num_seqs, num_kv_heads),
+      grid_names=("seq", "kv_head"),
+      cluster=(num_splits,),
+      cluster_names=("split",),
+      scratch_types=scratch,
+      compiler_params=plgpu.CompilerParams(lowering_semantics=plgpu.LoweringSemantics.Lane),
+      interpret=plgpu.InterpretGPUParams(inline_mgpu="ignore") if interpret else None,
+      kernel_name="jllm_paged_decode_attention_mgpu",
+  )(seq_lens, block_tables, q.reshape(num_seqs * num_q_heads, head_dim), k_cache, v_cache)
+  return out.reshape(q.shape)
