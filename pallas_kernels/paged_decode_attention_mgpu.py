@@ -18,8 +18,9 @@ memory and arrives on the leader's cluster barrier; the leader merges and writes
 group's rows. No global workspace, no atomics, no tickets.
 
 Status: lowered and checked here (CPU: the interpreter runs the algorithm; the Mosaic
-lowering for sm_90a runs in CI); not yet timed on the H100. The engine does not call
-it; `scripts/bench_kernels.py` times it beside the Triton kernel.
+lowering for sm_90a runs in CI); not yet timed on the H100. The engine runs it for a
+decode step whose `DecodeConfig` sets `mgpu_splits`, which no cell of the table does
+yet; `scripts/bench_kernels.py` times it beside the Triton kernel.
 
 Limits (`check_mgpu_decode_args` says which was hit): 16-bit dtypes (wgmma), head_dim a
 multiple of 64 (128-byte swizzle), pages of 8-64 tokens dividing 64, at most 64 query
@@ -94,6 +95,15 @@ def check_mgpu_decode_args(q_shape, q_dtype, cache_shape, num_splits: int) -> No
   if need > SMEM_LIMIT_BYTES:
     raise ValueError(f"num_splits={num_splits} at head_dim={head_dim} needs {need} bytes of "
                      f"shared memory, more than the {SMEM_LIMIT_BYTES} a block may have")
+
+
+def mgpu_decode_supported(q_shape, q_dtype, cache_shape, num_splits: int) -> bool:
+  """Whether `paged_decode_attention_mgpu` can take these arguments."""
+  try:
+    check_mgpu_decode_args(q_shape, q_dtype, cache_shape, num_splits)
+  except ValueError:
+    return False
+  return True
 
 
 @plgpu.inline_mgpu()

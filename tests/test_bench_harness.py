@@ -91,6 +91,19 @@ def test_decode_table_suggestion_takes_each_head_dims_fastest_config():
     assert lines[d128 + 1].startswith("(_C(16, 64, 2), ")
 
 
+def test_decode_table_suggestion_sets_mgpu_splits_where_the_mosaic_kernel_wins():
+    mgpu = [dict(kernel="jllm_decode_mgpu", batch=1, context=512, head_dim=64, num_splits=s,
+                 ms=1.0, kernel_ms=t) for s, t in ((2, 0.9), (4, 0.7))]
+    sweeps = [_sweep(64, 8, 1.0, kernel_ms=1.0), _sweep(64, 4, 1.0, kernel_ms=1.2)]
+    first_row = decode.suggested_decode_table(sweeps + mgpu).splitlines()[2].strip()
+    assert first_row.startswith("(_C(8, mgpu_splits=4), ")  # Triton's best, and mgpu's splits.
+    assert decode.config_code(DecodeConfig(8, 32, mgpu_splits=2)) == "_C(8, 32, mgpu_splits=2)"
+    for m in mgpu:  # Within the tie margin of the Triton kernel: not taken.
+        m["kernel_ms"] = 0.995
+    first_row = decode.suggested_decode_table(sweeps + mgpu).splitlines()[2].strip()
+    assert first_row.startswith("(_C(8), ")
+
+
 def test_decode_table_suggestion_prefers_default_settings_within_the_tie_margin():
     sweeps = [_sweep(64, 8, 1.0, kernel_ms=1.000), _sweep(64, 8, 1.0, kernel_ms=0.995, num_stages=2)]
     first_row = decode.suggested_decode_table(sweeps).splitlines()[2].strip()

@@ -9,6 +9,7 @@ pins down instead.
 """
 from __future__ import annotations
 
+import dataclasses
 import functools
 
 import jax
@@ -125,3 +126,44 @@ def test_mgpu_decode_rejects_what_it_cannot_run(change, message):
     paged_decode_attention_mgpu(q, cache, cache, jnp.ones((2,), jnp.int32),
                                 jnp.zeros((2, 4), jnp.int32), scale=0.1,
                                 num_splits=args["num_splits"], interpret=True)
+
+
+@pytest.mark.parametrize("dtype,head_dim,takes_mgpu", [
+    (jnp.bfloat16, 64, True),
+    (jnp.float32, 64, False),  # wgmma wants 16-bit operands: the Triton kernel runs
+    (jnp.bfloat16, 32, False),  # nor can it tile a head_dim of 32
+])
+def test_a_decode_step_runs_the_mgpu_kernel_where_its_config_asks_and_it_can(
+    rng, monkeypatch, dtype, head_dim, takes_mgpu):
+  """The engine's attention (write the step's K/V, then attend) with a DecodeConfig
+  that sets mgpu_splits: the Mosaic GPU kernel takes the step where it can, the Triton
+  kernel where it cannot, and both give the reference backend's output."""
+  from jllm.layers import attention
+  from jllm.layers.attention import AttentionBackend, KVCache, paged_attention
+  from pallas_kernels import DecodeConfig, new_decode_tickets
+
+  calls = []
+  for name in ("paged_decode_attention", "paged_decode_attention_mgpu"):
+    real = getattr(attention, name)
+    monkeypatch.setattr(attention, name,
+                        lambda *a, _real=real, _name=name, **k: calls.append(_name) or _real(*a, **k))
+  # Padding rows last, as the engine lays out a decode step: token i is sequence i's.
+  batch = decode_batch(rng, [70, 1, 17, 0], group=2, head_dim=head_dim, block_size=16, dtype=dtype)
+  md = dataclasses.replace(batch.md, decode_only=True,
+                           decode_config=DecodeConfig(2, 16, mgpu_splits=2))
+  num_kv_heads = batch.k_cache.shape[0]
+  new = lambda: jnp.asarray(rng.standard_normal((4, num_kv_heads, head_dim)), dtype)  # noqa: E731
+  k, v = new(), new()
+
+  def run(backend):
+    cache = KVCache(batch.k_cache, batch.v_cache, new_decode_tickets(num_kv_heads, 4))
+    out, cache = paged_attention(batch.q, k, v, cache, md, scale=head_dim**-0.5, backend=backend)
+    return out, cache
+
+  want, _ = run(AttentionBackend.REFERENCE)
+  calls.clear()
+  got, cache = run(AttentionBackend.PALLAS)
+  assert calls == ["paged_decode_attention_mgpu" if takes_mgpu else "paged_decode_attention"]
+  assert_close(got, want, dtype)
+  assert not np.asarray(got)[3].any()  # the padding row
+  assert not np.asarray(cache.decode_tickets).any()

@@ -390,7 +390,8 @@ def _h100_kernels():
     # Every config of the table (splits, block, warps, stages), with a window.
     configs = sorted(set(itertools.chain(*_DECODE_TABLES[head_dim])), key=dataclasses.astuple)
     for config in configs:
-      name = f"decode-d{head_dim}-p{block_size}-" + "-".join(map(str, dataclasses.astuple(config)))
+      name = f"decode-d{head_dim}-p{block_size}-" + "-".join(
+          str(v) for v in dataclasses.astuple(config) if v is not None)
       yield pytest.param(
           name, functools.partial(paged_decode_attention, scale=0.1,
                                   config=config, sliding_window=512),

@@ -323,12 +323,16 @@ TABLE_TIE = 0.01
 
 def suggested_decode_table(sweeps: list[dict]) -> str:
     """`_DECODE_TABLES` with each measured cell set to its head_dim's fastest config (or,
-    within TABLE_TIE of it, the one closest to the defaults). Times are the profiled
-    kernel times where every variant of the cell has one, else wall times."""
+    within TABLE_TIE of it, the one closest to the defaults), and with `mgpu_splits` set
+    where the Mosaic GPU kernel's fastest split count beat that config by more than
+    TABLE_TIE. Times are the profiled kernel times where every variant of the cell has
+    one, else wall times."""
     entries: dict[tuple[int, int, int], list[dict]] = {}
+    mgpu: dict[tuple[int, int, int], list[dict]] = {}
     for s in sweeps:
-        if s["kernel"] == "jllm_decode" and s["ms"] is not None:
-            entries.setdefault((s["head_dim"], s["batch"], s["context"]), []).append(s)
+        if s["kernel"] in ("jllm_decode", "jllm_decode_mgpu") and s["ms"] is not None:
+            pool = entries if s["kernel"] == "jllm_decode" else mgpu
+            pool.setdefault((s["head_dim"], s["batch"], s["context"]), []).append(s)
     lines, kept = ["_DECODE_TABLES = {"], False
     for head_dim in sorted({*_DECODE_TABLES, *(d for d, _, _ in entries)}):
         current = _DECODE_TABLES.get(head_dim) or _DECODE_TABLES[max(_DECODE_TABLES)]
@@ -338,8 +342,8 @@ def suggested_decode_table(sweeps: list[dict]) -> str:
             for j, context in enumerate(_TABLE_CONTEXTS):
                 cell = entries.get((head_dim, batch, context))
                 kept |= not cell
-                cells.append(config_code(_best_config(cell)) if cell
-                             else config_code(current[i][j]) + "?")
+                cells.append(config_code(_best_config(cell, mgpu.get((head_dim, batch, context))))
+                             if cell else config_code(current[i][j]) + "?")
             bound = "" if i == 0 else "<= "
             lines.append(f"        ({', '.join(cells)}),  # batch {bound}{batch}")
         lines.append("    ),")
@@ -348,18 +352,23 @@ def suggested_decode_table(sweeps: list[dict]) -> str:
 
 
 def config_code(config: DecodeConfig) -> str:
-    """`_C(...)` as the table writes it: the fields past the last non-default one left out."""
-    values = dataclasses.astuple(config)
+    """`_C(...)` as the table writes it: the Triton fields past the last non-default one
+    left out, and mgpu_splits by name where set."""
+    triton = dataclasses.replace(config, mgpu_splits=None)
+    values = dataclasses.astuple(triton)[:-1]
     defaults = dataclasses.astuple(DecodeConfig(config.num_splits))
     while len(values) > 1 and values[-1] == defaults[len(values) - 1]:
         values = values[:-1]
-    return f"_C({', '.join(map(str, values))})"
+    parts = [*map(str, values)] + ([f"mgpu_splits={config.mgpu_splits}"] if config.mgpu_splits else [])
+    return f"_C({', '.join(parts)})"
 
 
-def _best_config(entries: list[dict]) -> DecodeConfig:
-    key = "kernel_ms" if all(e.get("kernel_ms") is not None for e in entries) else "ms"
-    times = {DecodeConfig(**{f.name: e[f.name] for f in dataclasses.fields(DecodeConfig)}): e[key]
-             for e in entries}
+def _best_config(entries: list[dict], mgpu_entries: list[dict] | None = None) -> DecodeConfig:
+    everything = entries + (mgpu_entries or [])
+    key = "kernel_ms" if all(e.get("kernel_ms") is not None for e in everything) else "ms"
+    # The Triton kernel's fields of a sweep (mgpu_splits is the table's, not a launch's).
+    fields = [f.name for f in dataclasses.fields(DecodeConfig) if f.name != "mgpu_splits"]
+    times = {DecodeConfig(**{name: e[name] for name in fields}): e[key] for e in entries}
     fastest_time = min(times.values())
     close = [c for c, t in times.items() if t <= fastest_time * (1 + TABLE_TIE)]
 
@@ -367,4 +376,9 @@ def _best_config(entries: list[dict]) -> DecodeConfig:
         return sum(a != b for a, b in zip(dataclasses.astuple(config)[1:],
                                           dataclasses.astuple(DecodeConfig(1))[1:]))
 
-    return min(close, key=lambda c: (changed(c), times[c]))
+    best = min(close, key=lambda c: (changed(c), times[c]))
+    if mgpu_entries:
+        mgpu_best = min(mgpu_entries, key=lambda e: e[key])
+        if mgpu_best[key] * (1 + TABLE_TIE) < fastest_time:
+            best = dataclasses.replace(best, mgpu_splits=mgpu_best["num_splits"])
+    return best
