@@ -62,9 +62,9 @@ def _query_rows(group: int) -> int:
   return -(-group // 8) * 8
 
 
-def smem_bytes(head_dim: int, num_splits: int, group: int) -> int:
-  """Shared memory one block asks for (the leader's, with every split's state)."""
-  del group  # The query tile is 64 rows whatever the group.
+def smem_bytes(head_dim: int, num_splits: int) -> int:
+  """Shared memory one block asks for (the leader's, with every split's state); the
+  query tile is 64 rows whatever the group."""
   tile = TILE * head_dim * 2
   return (tile  # query tile
           + 2 * NUM_SLOTS * tile  # K and V slots
@@ -91,7 +91,7 @@ def check_mgpu_decode_args(q_shape, q_dtype, cache_shape, num_splits: int) -> No
                      f"({num_kv_heads}), at most {TILE} per kv head")
   if not 1 <= num_splits <= MAX_SPLITS:
     raise ValueError(f"num_splits must be in [1, {MAX_SPLITS}], got {num_splits}")
-  need = smem_bytes(head_dim, num_splits, num_q_heads // num_kv_heads)
+  need = smem_bytes(head_dim, num_splits)
   if need > SMEM_LIMIT_BYTES:
     raise ValueError(f"num_splits={num_splits} at head_dim={head_dim} needs {need} bytes of "
                      f"shared memory, more than the {SMEM_LIMIT_BYTES} a block may have")

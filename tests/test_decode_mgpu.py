@@ -85,7 +85,7 @@ def test_mgpu_decode_lowers_for_h100(head_dim, block_size, num_splits, window, s
 def test_mgpu_smem_estimate_bounds_what_mosaic_allocates(monkeypatch, head_dim, num_splits):
   """Where `smem_bytes` says the kernel fits, Mosaic lowers it; where Mosaic's own
   count goes over the block's limit, `smem_bytes` said so first."""
-  fits = mgpu.smem_bytes(head_dim, num_splits, 4) <= mgpu.SMEM_LIMIT_BYTES
+  fits = mgpu.smem_bytes(head_dim, num_splits) <= mgpu.SMEM_LIMIT_BYTES
   monkeypatch.setattr(mgpu, "check_mgpu_decode_args", lambda *a, **k: None)
   spec = jax.ShapeDtypeStruct
   cache = spec((8, 64, 16, head_dim), jnp.bfloat16)
