@@ -1,7 +1,6 @@
 """The kernel benchmark's timing harness (scripts/bench_utils.py, scripts/kernel_bench/):
 what each timed program computes, the page sets decode rotates over, and a tiny CPU run
 of the script end to end (Pallas interpret mode)."""
-import dataclasses
 import json
 import types
 
@@ -75,7 +74,7 @@ def test_decode_tables_rotate_over_disjoint_pages_spanning_twice_the_l2():
 
 
 def _sweep(head_dim, splits, ms, kernel_ms=None, **launch):
-    config = dataclasses.asdict(DecodeConfig(splits, **launch))
+    config = decode.config_params(DecodeConfig(splits, **launch))
     return dict(kernel="jllm_decode", batch=1, context=512, head_dim=head_dim, **config, ms=ms,
                 kernel_ms=kernel_ms)
 

@@ -160,7 +160,7 @@ def bench_decode_shape(bench, rng, heads, batch, context, k_cache, v_cache, cach
                                           config=config, interpret=bench.interpret,
                                           decode_tickets=tickets)
 
-        return Variant("jllm_decode", dataclasses.asdict(config), call, jllm_args, (5,), carry=2)
+        return Variant("jllm_decode", config_params(config), call, jllm_args, (5,), carry=2)
 
     mgpu = mgpu_variants(bench, batch, args, scale)
     configs = [DecodeConfig(s) for s in splits]
@@ -200,6 +200,15 @@ def bench_decode_shape(bench, rng, heads, batch, context, k_cache, v_cache, cach
         run_variants(bench, more, guess, check, figure, profile=True)
         jax_variants += more
     record_decode(bench, heads, batch, context, nbytes, jllm, table, jax_variants, xla, mgpu)
+
+
+def config_params(config: DecodeConfig) -> dict:
+    """A config's fields as a variant's params, mgpu_splits only where set (the Triton
+    launcher ignores it; the Mosaic kernel's variants are timed on their own)."""
+    params = dataclasses.asdict(config)
+    if params["mgpu_splits"] is None:
+        del params["mgpu_splits"]
+    return params
 
 
 def mgpu_variants(bench, batch: int, args: tuple, scale: float) -> list[Variant]:
@@ -291,7 +300,7 @@ def record_decode(bench, heads, batch, context, nbytes, jllm, table, jax_variant
                           head_dim=heads.head_dim, **v.params, ms=v.ms, kernel_ms=v.kernel_ms,
                           max_rel_err=v.max_rel_err, error=v.error)
         v.program = None  # Done with the compiled programs.
-    table_variant = next(v for v in jllm if v.params == dataclasses.asdict(table))
+    table_variant = next(v for v in jllm if v.params == config_params(table))
     best, best_jax = fastest(jllm) or jllm[0], fastest(jax_variants)
     picks = [("jllm_decode", best, jllm), ("jllm_decode_table", table_variant, [table_variant]),
              ("jax_paged_attention", best_jax or (jax_variants or [None])[0], jax_variants),
