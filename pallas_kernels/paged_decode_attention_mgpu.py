@@ -123,9 +123,9 @@ def _push_to_leader(x, ref, layout, interpret: bool):
     ref[...] = x
     return
 
-  # Through Mosaic GPU directly: Pallas' own store rejects a cluster ref's memory space
-  # (and its bank-conflict-free transfer plan does not exist for these layouts); a
-  # plain transfer moves these few KB once per call.
+  # Through Mosaic GPU directly: Pallas' own store to a cluster ref fails (Warpgroup
+  # lowering rejects its memory space; Lane lowering finds no bank-conflict-free
+  # transfer plan for these layouts). A plain transfer moves these few KB once a call.
   @plgpu.inline_mgpu(arg_types=(layout, plgpu.RefType()))
   def push(ctx, x, ref):
     del ctx

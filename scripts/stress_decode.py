@@ -79,12 +79,8 @@ def main(argv=None) -> None:
     cases = CASES[args.kernel]
     for head_dim, dtype, splits, window, cap in cases:
         kw = dict(scale=head_dim ** -0.5, sliding_window=window, soft_cap=cap)
-        if args.kernel == "triton":
-            kernel = jax.jit(functools.partial(paged_decode_attention, num_splits=splits,
-                                               interpret=args.interpret, **kw))
-        else:
-            kernel = jax.jit(functools.partial(paged_decode_attention_mgpu, num_splits=splits,
-                                               interpret=args.interpret, **kw))
+        launcher = paged_decode_attention if args.kernel == "triton" else paged_decode_attention_mgpu
+        kernel = jax.jit(functools.partial(launcher, num_splits=splits, interpret=args.interpret, **kw))
         reference = jax.jit(functools.partial(paged_decode_attention_reference, **kw))
         case = (head_dim, jnp.dtype(dtype).name, splits, window, cap)
         tickets = new_decode_tickets(NUM_KV_HEADS, args.batch)
