@@ -15,7 +15,9 @@ the GQA group's query rows at the top of a 64-row tile (wgmma's M; the rows belo
 never written out). Each split then pushes its state (output normalised by its own
 sum, in the input dtype; running max and sum in f32) into the leader block's shared
 memory and arrives on the leader's cluster barrier; the leader merges and writes the
-group's rows. No global workspace, no atomics, no tickets.
+group's rows. No global workspace, no atomics, no tickets. (`merge="global"` puts the
+states in global-memory slots instead, which the leader reads back after the same
+barrier: a fallback timed beside it.)
 
 Status: lowered and checked here (CPU: the interpreter runs the algorithm; the Mosaic
 lowering for sm_90a runs in CI); not yet timed on the H100. The engine runs it for a
@@ -49,6 +51,10 @@ from pallas_kernels.paged_decode_attention import (
 TILE = 64  # Keys per wgmma step, and the rows of the query tile (wgmma's M).
 NUM_SLOTS = 2  # K/V tiles in flight per split: the next tile loads during this one.
 MAX_SPLITS = 8  # The portable cluster size.
+# Where the splits' states meet: the leader's shared memory (DSMEM), or global-memory
+# slots the leader reads back (still no atomics: the cluster barrier orders them). The
+# second is the first's fallback, timed beside it, should the push not pay.
+MERGES = ("dsmem", "global")
 # Dynamic shared memory per block on the H100 (227 KiB), as Mosaic checks it.
 SMEM_LIMIT_BYTES = 232448
 _SWIZZLE = 128  # Bytes: 64 16-bit elements, the minor tile of every wgmma operand.
@@ -117,10 +123,19 @@ def _fence_cluster(ctx):
   mgpu_utils.warpgroup_barrier()
 
 
-def _push_to_leader(x, ref, layout, interpret: bool):
-  """Stores `x` into `ref`'s copy in the leader block (block 0 of the cluster axis)."""
-  if interpret:  # There `ref` is a global-memory slot: the interpreter has no DSMEM.
+def _push_to_leader(x, ref, layout, *, through_global: bool, interpret: bool):
+  """Stores `x` into `ref`'s copy in the leader block (block 0 of the cluster axis), or,
+  `through_global`, into `ref` itself: a global-memory slot the leader reads."""
+  if interpret:  # The interpreter has no DSMEM (nor inline Mosaic GPU): `ref` is global.
     ref[...] = x
+    return
+  if through_global:  # Pallas' store to GMEM wants a bank-conflict plan; it needs none.
+    @plgpu.inline_mgpu(arg_types=(layout, plgpu.RefType()))
+    def store(ctx, x, ref):
+      del ctx
+      x.store_untiled(ref, optimized=False)
+
+    store(x, ref)
     return
 
   # Through Mosaic GPU directly: Pallas' own store to a cluster ref fails (Warpgroup
@@ -138,11 +153,12 @@ def _push_to_leader(x, ref, layout, interpret: bool):
 
 def _decode_kernel(seq_lens_ref, block_tables_ref, q_ref, k_ref, v_ref, out_ref, *refs,
                    num_q_heads: int, group: int, scale: float, soft_cap: float | None,
-                   sliding_window: int | None, num_splits: int, interpret: bool):
+                   sliding_window: int | None, num_splits: int, merge: str, interpret: bool):
   # q_ref: [S * num_q_heads, D]; k_ref, v_ref: [KVH, num_blocks, block_size, D];
   # out_ref: [S, KVH, group, D]. One block per (sequence, kv head, split).
   seq, kv_head, split = lax.axis_index("seq"), lax.axis_index("kv_head"), lax.axis_index("split")
-  if interpret:  # The splits' states go through global-memory slots (extra outputs).
+  through_global = interpret or merge == "global"
+  if through_global:  # The splits' states go through global-memory slots (extra outputs).
     o_slots, m_slots, l_slots, *refs = refs
   (q_smem, k_smem, v_smem, o_state, m_state, l_state, kv_barriers, q_barrier,
    merge_barrier) = refs
@@ -152,7 +168,7 @@ def _decode_kernel(seq_lens_ref, block_tables_ref, q_ref, k_ref, v_ref, out_ref,
 
   def state_slots(j):
     """Where split j's (o, m, l) wait for the leader's merge."""
-    if interpret:
+    if through_global:
       return o_slots.at[seq, kv_head, j], m_slots.at[seq, kv_head, j], l_slots.at[seq, kv_head, j]
     return o_state.at[j], m_state.at[j], l_state.at[j]
 
@@ -247,9 +263,10 @@ def _decode_kernel(seq_lens_ref, block_tables_ref, q_ref, k_ref, v_ref, out_ref,
   # rounded to that dtype anyway); an idle split pushes o = 0, m = -inf, l = 0.
   o = o / lax.broadcast_in_dim(jnp.where(l == 0, 1.0, l), o.shape, [0])
   o_slot, m_slot, l_slot = state_slots(split)
-  _push_to_leader(o.astype(o_state.dtype), o_slot, plgpu.Layout.WGMMA, interpret)
-  _push_to_leader(m, m_slot, row_layout, interpret)
-  _push_to_leader(l, l_slot, row_layout, interpret)
+  push = functools.partial(_push_to_leader, through_global=through_global, interpret=interpret)
+  push(o.astype(o_state.dtype), o_slot, plgpu.Layout.WGMMA)
+  push(m, m_slot, row_layout)
+  push(l, l_slot, row_layout)
   if not interpret:
     _fence_cluster()
   plgpu.barrier_arrive(merge_barrier)
@@ -286,7 +303,7 @@ def _decode_kernel(seq_lens_ref, block_tables_ref, q_ref, k_ref, v_ref, out_ref,
 
 @functools.partial(
     jax.jit,
-    static_argnames=("scale", "soft_cap", "sliding_window", "num_splits", "interpret"))
+    static_argnames=("scale", "soft_cap", "sliding_window", "num_splits", "merge", "interpret"))
 def paged_decode_attention_mgpu(
     q: jax.Array,  # [S, num_q_heads, head_dim]
     k_cache: jax.Array,  # [num_kv_heads, num_blocks, block_size, head_dim]
@@ -298,12 +315,14 @@ def paged_decode_attention_mgpu(
     soft_cap: float | None = None,
     sliding_window: int | None = None,
     num_splits: int = 4,
+    merge: str = "dsmem",
     interpret: bool = False,
 ) -> jax.Array:
   """`paged_decode_attention`'s function, one cluster of `num_splits` blocks per
   (sequence, kv head). Returns [S, num_q_heads, head_dim] in q's dtype; rows with
-  seq_len 0 are zeros. `interpret` runs it in the Mosaic GPU interpreter (CPU), with
-  jnp matmuls for wgmma and global-memory slots for the cluster's shared memory."""
+  seq_len 0 are zeros. `merge` is where the splits' states meet (MERGES). `interpret`
+  runs it in the Mosaic GPU interpreter (CPU), with jnp matmuls for wgmma and the
+  global-memory slots whatever `merge` says."""
   check_mgpu_decode_args(q.shape, q.dtype, k_cache.shape, num_splits)
   num_seqs, num_q_heads, head_dim = q.shape
   num_kv_heads = k_cache.shape[0]
@@ -326,8 +345,10 @@ def paged_decode_attention_mgpu(
       # every block takes every arrival.
       plgpu.ClusterBarrier(collective_axes=("split",), leader_tracked=not interpret),
   ]
+  if merge not in MERGES:
+    raise ValueError(f"merge must be one of {MERGES}, got {merge!r}")
   out_type = [jax.ShapeDtypeStruct((num_seqs, num_kv_heads, group, head_dim), dtype)]
-  if interpret:
+  if interpret or merge == "global":
     state = (num_seqs, num_kv_heads, num_splits, TILE)
     out_type += [jax.ShapeDtypeStruct((*state, head_dim), dtype),
                  jax.ShapeDtypeStruct(state, jnp.float32),
@@ -335,7 +356,7 @@ def paged_decode_attention_mgpu(
   kernel = functools.partial(
       _decode_kernel, num_q_heads=num_q_heads, group=group, scale=scale,
       soft_cap=soft_cap, sliding_window=sliding_window, num_splits=num_splits,
-      interpret=interpret)
+      merge=merge, interpret=interpret)
   out, *_ = plgpu.kernel(
       kernel,
       out_type=out_type,

@@ -32,7 +32,7 @@ import numpy as np  # noqa: E402
 from jax.experimental.pallas.ops.gpu import paged_attention as jax_paged  # noqa: E402
 
 from pallas_kernels import decode_config, new_decode_tickets, paged_decode_attention  # noqa: E402
-from pallas_kernels.paged_decode_attention_mgpu import paged_decode_attention_mgpu  # noqa: E402
+from pallas_kernels.paged_decode_attention_mgpu import MERGES, paged_decode_attention_mgpu  # noqa: E402
 from scripts.bench_utils import traced_gpu_events  # noqa: E402
 from scripts.kernel_bench.common import LLAMA_1B, LLAMA_8B, random_normal  # noqa: E402
 from scripts.kernel_bench.decode import L2_BYTES, decode_batch, kv_bytes  # noqa: E402
@@ -66,7 +66,8 @@ def main(argv=None) -> None:
                         help="JAX's k_splits,pages_per_compute_block (repeatable; 4 warps); "
                              "default 8,4 and 4,8, its fastest at 1 x 512 in bench_kernels.py")
     parser.add_argument("--mgpu", action="append", type=int, default=None,
-                        help="splits of the Mosaic GPU kernel to time (repeatable); default 2, 4, 8")
+                        help="splits of the Mosaic GPU kernel to time, each with both its merges "
+                             "(repeatable); default 2, 4, 8")
     parser.add_argument("--calls", type=int, default=200)
     args = parser.parse_args(argv)
     if jax.default_backend() != "gpu":
@@ -92,9 +93,11 @@ def main(argv=None) -> None:
                 f"jllm_decode {config}, tickets zeroed per call":
                     lambda t: ours(q, k_cache, v_cache, lens, t)}
     for splits in args.mgpu or [2, 4, 8]:
-        mgpu = functools.partial(paged_decode_attention_mgpu, scale=scale, num_splits=splits)
-        variants[f"jllm_decode_mgpu num_splits={splits}"] = (
-            lambda t, f=mgpu: f(q, k_cache, v_cache, lens, t))
+        for merge in MERGES:
+            mgpu = functools.partial(paged_decode_attention_mgpu, scale=scale,
+                                     num_splits=splits, merge=merge)
+            variants[f"jllm_decode_mgpu num_splits={splits} merge={merge}"] = (
+                lambda t, f=mgpu: f(q, k_cache, v_cache, lens, t))
     q_scaled = q * jnp.asarray(scale, q.dtype)  # JAX's kernel takes no scale.
     for setting in args.jax or ["8,4", "4,8"]:
         k_splits, per_block = map(int, setting.split(","))

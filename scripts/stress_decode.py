@@ -36,7 +36,7 @@ from pallas_kernels import (  # noqa: E402
     paged_decode_attention,
     paged_decode_attention_reference,
 )
-from pallas_kernels.paged_decode_attention_mgpu import paged_decode_attention_mgpu  # noqa: E402
+from pallas_kernels.paged_decode_attention_mgpu import MERGES, paged_decode_attention_mgpu  # noqa: E402
 
 # max |out - ref| / max |ref| allowed: bf16 operands round at ~4e-3.
 TOLERANCE = {jnp.bfloat16: 2e-2, jnp.float32: 2e-3}
@@ -71,6 +71,8 @@ def main(argv=None) -> None:
     parser.add_argument("--batch", type=int, default=24)
     parser.add_argument("--context", type=int, default=2048)
     parser.add_argument("--kernel", choices=sorted(CASES), default="triton")
+    parser.add_argument("--merge", choices=MERGES, default=MERGES[0],
+                        help="--kernel mgpu: where its splits' states meet")
     parser.add_argument("--interpret", action="store_true", help="Pallas interpret mode (CPU)")
     args = parser.parse_args(argv)
     rng = np.random.default_rng(0)
@@ -80,7 +82,9 @@ def main(argv=None) -> None:
     for head_dim, dtype, splits, window, cap in cases:
         kw = dict(scale=head_dim ** -0.5, sliding_window=window, soft_cap=cap)
         launcher = paged_decode_attention if args.kernel == "triton" else paged_decode_attention_mgpu
-        kernel = jax.jit(functools.partial(launcher, num_splits=splits, interpret=args.interpret, **kw))
+        extra = {"merge": args.merge} if args.kernel == "mgpu" else {}
+        kernel = jax.jit(functools.partial(launcher, num_splits=splits, interpret=args.interpret,
+                                           **extra, **kw))
         reference = jax.jit(functools.partial(paged_decode_attention_reference, **kw))
         case = (head_dim, jnp.dtype(dtype).name, splits, window, cap)
         tickets = new_decode_tickets(NUM_KV_HEADS, args.batch)

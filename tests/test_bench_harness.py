@@ -97,6 +97,10 @@ def test_decode_table_suggestion_sets_mgpu_splits_where_the_mosaic_kernel_wins()
     first_row = decode.suggested_decode_table(sweeps + mgpu).splitlines()[2].strip()
     assert first_row.startswith("(_C(8, mgpu_splits=4), ")  # Triton's best, and mgpu's splits.
     assert decode.config_code(DecodeConfig(8, 32, mgpu_splits=2)) == "_C(8, 32, mgpu_splits=2)"
+    # A faster merge through global memory is not the engine's: not suggested.
+    glob = dict(mgpu[1], merge="global", kernel_ms=0.5)
+    first_row = decode.suggested_decode_table(sweeps + mgpu + [glob]).splitlines()[2].strip()
+    assert first_row.startswith("(_C(8, mgpu_splits=4), ")
     for m in mgpu:  # Within the tie margin of the Triton kernel: not taken.
         m["kernel_ms"] = 0.995
     first_row = decode.suggested_decode_table(sweeps + mgpu).splitlines()[2].strip()

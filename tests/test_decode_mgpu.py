@@ -81,6 +81,17 @@ def test_mgpu_decode_lowers_for_h100(head_dim, block_size, num_splits, window, s
   assert ("barrier.cluster.wait" in text) == (num_splits > 1)  # after the barriers' init
 
 
+def test_mgpu_decode_can_merge_through_global_memory_instead():
+  """The fallback merge: the states go to global-memory slots (plain stores, fenced at
+  cluster scope), and the leader reads them back after the same cluster barrier."""
+  text = _h100_lowering(128, 16, 4, merge="global")
+  assert text.count("stablehlo.custom_call @mosaic_gpu") == 1
+  assert "nvvm.mapa" not in text  # no pointer into another block's shared memory
+  assert "fence.acq_rel.cluster;" in text and "mbarrier.arrive.shared::cluster" in text
+  with pytest.raises(ValueError, match="merge must be one of"):
+    _h100_lowering(128, 16, 4, merge="l2")
+
+
 @pytest.mark.parametrize("head_dim,num_splits", [(256, 2), (192, 4), (192, 5), (128, 8)])
 def test_mgpu_smem_estimate_bounds_what_mosaic_allocates(monkeypatch, head_dim, num_splits):
   """Where `smem_bytes` says the kernel fits, Mosaic lowers it; where Mosaic's own

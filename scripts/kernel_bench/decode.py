@@ -20,6 +20,7 @@ from pallas_kernels import (
 )
 from pallas_kernels.paged_decode_attention import _DECODE_TABLES, _TABLE_BATCHES, _TABLE_CONTEXTS
 from pallas_kernels.paged_decode_attention_mgpu import (
+    MERGES,
     check_mgpu_decode_args,
     paged_decode_attention_mgpu,
 )
@@ -212,8 +213,8 @@ def config_params(config: DecodeConfig) -> dict:
 
 
 def mgpu_variants(bench, batch: int, args: tuple, scale: float) -> list[Variant]:
-    """The Mosaic GPU kernel at each of MGPU_SPLITS it can run (none in interpret mode:
-    its interpreter run is the tests' job, and slow)."""
+    """The Mosaic GPU kernel at each of MGPU_SPLITS it can run, with each of its merges
+    (none in interpret mode: its interpreter run is the tests' job, and slow)."""
     if bench.interpret or batch > MGPU_MAX_BATCH:
         return []
     q, k_cache = args[0], args[1]
@@ -224,8 +225,11 @@ def mgpu_variants(bench, batch: int, args: tuple, scale: float) -> list[Variant]
         except ValueError as e:
             log(f"  jllm_decode_mgpu num_splits={splits}: skipped ({e})")
             continue
-        fn = functools.partial(paged_decode_attention_mgpu, scale=scale, num_splits=splits)
-        variants.append(Variant("jllm_decode_mgpu", {"num_splits": splits}, fn, args, (4,)))
+        for merge in MERGES:
+            fn = functools.partial(paged_decode_attention_mgpu, scale=scale, num_splits=splits,
+                                   merge=merge)
+            variants.append(Variant("jllm_decode_mgpu", {"num_splits": splits, "merge": merge},
+                                    fn, args, (4,)))
     return variants
 
 
@@ -334,11 +338,13 @@ def suggested_decode_table(sweeps: list[dict]) -> str:
     """`_DECODE_TABLES` with each measured cell set to its head_dim's fastest config (or,
     within TABLE_TIE of it, the one closest to the defaults), and with `mgpu_splits` set
     where the Mosaic GPU kernel's fastest split count beat that config by more than
-    TABLE_TIE. Times are the profiled kernel times where every variant of the cell has
-    one, else wall times."""
+    TABLE_TIE (with its DSMEM merge: the one the engine runs). Times are the profiled
+    kernel times where every variant of the cell has one, else wall times."""
     entries: dict[tuple[int, int, int], list[dict]] = {}
     mgpu: dict[tuple[int, int, int], list[dict]] = {}
     for s in sweeps:
+        if s["kernel"] == "jllm_decode_mgpu" and s.get("merge", "dsmem") != "dsmem":
+            continue
         if s["kernel"] in ("jllm_decode", "jllm_decode_mgpu") and s["ms"] is not None:
             pool = entries if s["kernel"] == "jllm_decode" else mgpu
             pool.setdefault((s["head_dim"], s["batch"], s["context"]), []).append(s)
