@@ -292,8 +292,8 @@ def _decode_kernel(seq_lens_ref, block_tables_ref, q_ref, k_ref, v_ref, out_ref,
       term = oj * lax.broadcast_in_dim(w, oj.shape, [0])
       acc = term if acc is None else acc + term
     acc = acc / lax.broadcast_in_dim(jnp.where(total == 0, 1.0, total), acc.shape, [0])
-    # Out through the leader's own state slot, already read (each thread reads and
-    # writes the same elements of the same layout).
+    # Out through the leader's shared-memory slot 0: with the DSMEM merge its own state,
+    # read above, and each thread reads and writes the same elements of one layout.
     staging = o_state.at[0]
     staging[...] = acc.astype(staging.dtype)
     plgpu.commit_smem()
