@@ -242,6 +242,6 @@ def test_decode_summary_compares_each_kernels_least_kernel_time():
     line = decode_summary(rows)[-1]
     assert line.endswith("| 1.20x | 1.25x | - | - |")  # Wall 12/10; kernel 5/4, not 5/6.
     rows.append(dict(shape, kernel="jllm_decode_mgpu", ms=0.009, kernel_ms=0.0045,
-                     best_kernel_ms=0.0025, tbps=0.25, num_splits=4))
+                     best_kernel_ms=0.0025, tbps=0.25, num_splits=4, merge="dsmem"))
     line = decode_summary(rows)[-1]
-    assert line.endswith("| 1.20x | 1.25x | 0.25 (4) | 2.00x |")  # mgpu: kernel 5/2.5
+    assert line.endswith("| 1.20x | 1.25x | 0.25 (4, dsmem) | 2.00x |")  # mgpu: kernel 5/2.5

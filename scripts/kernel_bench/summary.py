@@ -35,7 +35,7 @@ def decode_summary(rows: list[dict]) -> list[str]:
     lines = ["### Decode attention, TB/s", "",
              "| model | batch | context | jllm (splits, % of copy) | table (splits) "
              "| jax paged (k_splits/ppcb) | xla ref | jllm speedup vs jax paged "
-             "| same, kernel time | mgpu (splits) | mgpu vs jax paged, kernel time |",
+             "| same, kernel time | mgpu (splits, merge) | mgpu vs jax paged, kernel time |",
              "|---|---|---|---|---|---|---|---|---|---|---|"]
     models = list(dict.fromkeys(model for model, _, _ in shapes))
     for (model, batch, context), k in sorted(
@@ -56,7 +56,8 @@ def decode_summary(rows: list[dict]) -> list[str]:
         mgpu_speedup = _ratio(jax_kernel_ms, mgpu.get("best_kernel_ms") or mgpu.get("kernel_ms"))
         mgpu_cell = "-" if not mgpu else (
             f"failed ({mgpu['error'][:60]})" if mgpu.get("error") and mgpu.get("ms") is None
-            else f"{_fmt(mgpu.get('tbps'), '.2f')} ({mgpu.get('num_splits')})")
+            else f"{_fmt(mgpu.get('tbps'), '.2f')} "
+                 f"({', '.join(str(mgpu[k]) for k in ('num_splits', 'merge') if k in mgpu)})")
         jax_settings = f"{jaxp.get('k_splits')}/{jaxp.get('pages_per_compute_block')}"
         lines.append(
             f"| {model} | {batch} | {context} "
