@@ -37,6 +37,7 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 from jax._src.lib.mlir import ir
+from jax._src.lib.mlir.dialects import arith as arith_dialect
 from jax._src.lib.mlir.dialects import gpu as gpu_dialect
 from jax.experimental import pallas as pl
 from jax.experimental.mosaic.gpu import utils as mgpu_utils
@@ -123,30 +124,33 @@ def _fence_cluster(ctx):
   mgpu_utils.warpgroup_barrier()
 
 
-def _push_to_leader(x, ref, layout, *, through_global: bool, interpret: bool):
-  """Stores `x` into `ref`'s copy in the leader block (block 0 of the cluster axis), or,
-  `through_global`, into `ref` itself: a global-memory slot the leader reads."""
+def _push_to_leader(x, ref, layout, *, rows: int, through_global: bool, interpret: bool):
+  """Stores the top `rows` rows of `x` (at least: whole warps' rows) into `ref`'s copy in
+  the leader block (block 0 of the cluster axis), or, `through_global`, into `ref`
+  itself: a global-memory slot the leader reads."""
   if interpret:  # The interpreter has no DSMEM (nor inline Mosaic GPU): `ref` is global.
     ref[...] = x
     return
-  if through_global:  # Pallas' store to GMEM wants a bank-conflict plan; it needs none.
-    @plgpu.inline_mgpu(arg_types=(layout, plgpu.RefType()))
-    def store(ctx, x, ref):
-      del ctx
-      x.store_untiled(ref, optimized=False)
-
-    store(x, ref)
-    return
+  # In both WGMMA layouts warp w holds rows 16w..16w+15. Only the warps holding the
+  # group's rows store: at a GQA group of 4 that is a quarter of the bytes, which all
+  # splits send at once into the one leader (the rows below are never read out).
+  warps = -(-rows // 16)
 
   # Through Mosaic GPU directly: Pallas' own store to a cluster ref fails (Warpgroup
   # lowering rejects its memory space; Lane lowering finds no bank-conflict-free
-  # transfer plan for these layouts). A plain transfer moves these few KB once a call.
+  # transfer plan for these layouts), and to GMEM it wants a bank-conflict plan it
+  # needs none of. A plain transfer moves these few KB once a call.
   @plgpu.inline_mgpu(arg_types=(layout, plgpu.RefType()))
   def push(ctx, x, ref):
     del ctx
-    leader = mgpu_utils.get_cluster_ref(
-        ref, gpu_dialect.Dimension.x, mgpu_utils.c(0, ir.IndexType.get()), generic=False)
-    x.store_untiled(leader, optimized=False)
+    if not through_global:
+      ref = mgpu_utils.get_cluster_ref(
+          ref, gpu_dialect.Dimension.x, mgpu_utils.c(0, ir.IndexType.get()), generic=False)
+    i32 = ir.IntegerType.get_signless(32)
+    with mgpu_utils.when(arith_dialect.cmpi(arith_dialect.CmpIPredicate.ult,
+                                            mgpu_utils.warp_idx(sync=True),
+                                            mgpu_utils.c(warps, i32))):
+      x.store_untiled(ref, optimized=False)
 
   push(x, ref)
 
@@ -263,7 +267,8 @@ def _decode_kernel(seq_lens_ref, block_tables_ref, q_ref, k_ref, v_ref, out_ref,
   # rounded to that dtype anyway); an idle split pushes o = 0, m = -inf, l = 0.
   o = o / lax.broadcast_in_dim(jnp.where(l == 0, 1.0, l), o.shape, [0])
   o_slot, m_slot, l_slot = state_slots(split)
-  push = functools.partial(_push_to_leader, through_global=through_global, interpret=interpret)
+  push = functools.partial(_push_to_leader, rows=group, through_global=through_global,
+                           interpret=interpret)
   push(o.astype(o_state.dtype), o_slot, plgpu.Layout.WGMMA)
   push(m, m_slot, row_layout)
   push(l, l_slot, row_layout)
