@@ -59,6 +59,11 @@ MERGES = ("dsmem", "global")
 # Dynamic shared memory per block on the H100 (227 KiB), as Mosaic checks it.
 SMEM_LIMIT_BYTES = 232448
 _SWIZZLE = 128  # Bytes: 64 16-bit elements, the minor tile of every wgmma operand.
+# Padding of each row of a split's output state. In the WGMMA layouts the 8 rows of a
+# warp's quad-lanes sit at the same columns: on rows a multiple of 128 bytes apart they
+# would hit the same banks (an 8-way conflict on every store and load of the merge).
+# 16 bytes more per row moves each row 4 banks on, and the 32 lanes hit 32 banks.
+_ROW_PAD = 8
 
 # The reference is the Triton kernel's: both compute the same function.
 paged_decode_attention_mgpu_reference = paged_decode_attention_reference
@@ -69,14 +74,21 @@ def _query_rows(group: int) -> int:
   return -(-group // 8) * 8
 
 
+def _state_slots(num_splits: int) -> int:
+  """The leader's slots for the other splits' states (it keeps its own in registers);
+  one even without other splits, as a buffer cannot be empty."""
+  return max(num_splits - 1, 1)
+
+
 def smem_bytes(head_dim: int, num_splits: int) -> int:
-  """Shared memory one block asks for (the leader's, with every split's state); the
-  query tile is 64 rows whatever the group."""
+  """Shared memory one block asks for (the leader's, with the other splits' states);
+  the query tile is 64 rows whatever the group."""
   tile = TILE * head_dim * 2
   return (tile  # query tile
           + 2 * NUM_SLOTS * tile  # K and V slots
-          + num_splits * tile  # the splits' outputs
-          + 2 * num_splits * TILE * 4  # their running max and sum
+          + _state_slots(num_splits) * TILE * (head_dim + _ROW_PAD) * 2  # their outputs
+          + 2 * _state_slots(num_splits) * TILE * 4  # their running max and sum
+          + tile  # the merged output, staged for its copy out
           # Barriers and alignment: Mosaic's count ran 2.2-2.7 KB over the buffers'
           # sum at d192-256 (tests/test_decode_mgpu.py checks the bound).
           + 4096)
@@ -124,26 +136,24 @@ def _fence_cluster(ctx):
   mgpu_utils.warpgroup_barrier()
 
 
-def _push_to_leader(x, ref, layout, *, rows: int, through_global: bool, interpret: bool):
-  """Stores the top `rows` rows of `x` (at least: whole warps' rows) into `ref`'s copy in
-  the leader block (block 0 of the cluster axis), or, `through_global`, into `ref`
-  itself: a global-memory slot the leader reads."""
-  if interpret:  # The interpreter has no DSMEM (nor inline Mosaic GPU): `ref` is global.
-    ref[...] = x
-    return
+def _store_rows(x, ref, layout, *, rows: int, to_leader: bool = False):
+  """Stores the top `rows` rows of `x` (whole warps' rows: the rows below are never read
+  out) into `ref`, or, `to_leader`, into `ref`'s copy in the leader block (block 0 of
+  the cluster axis).
+
+  Through Mosaic GPU directly: Pallas' own store to a cluster ref fails (Warpgroup
+  lowering rejects its memory space; Lane lowering finds no bank-conflict-free transfer
+  plan for these layouts), and to GMEM or a padded ref it wants a plan these stores do
+  not need."""
   # In both WGMMA layouts warp w holds rows 16w..16w+15. Only the warps holding the
   # group's rows store: at a GQA group of 4 that is a quarter of the bytes, which all
-  # splits send at once into the one leader (the rows below are never read out).
+  # splits send at once into the one leader.
   warps = -(-rows // 16)
 
-  # Through Mosaic GPU directly: Pallas' own store to a cluster ref fails (Warpgroup
-  # lowering rejects its memory space; Lane lowering finds no bank-conflict-free
-  # transfer plan for these layouts), and to GMEM it wants a bank-conflict plan it
-  # needs none of. A plain transfer moves these few KB once a call.
   @plgpu.inline_mgpu(arg_types=(layout, plgpu.RefType()))
-  def push(ctx, x, ref):
+  def store(ctx, x, ref):
     del ctx
-    if not through_global:
+    if to_leader:
       ref = mgpu_utils.get_cluster_ref(
           ref, gpu_dialect.Dimension.x, mgpu_utils.c(0, ir.IndexType.get()), generic=False)
     i32 = ir.IntegerType.get_signless(32)
@@ -152,7 +162,7 @@ def _push_to_leader(x, ref, layout, *, rows: int, through_global: bool, interpre
                                             mgpu_utils.c(warps, i32))):
       x.store_untiled(ref, optimized=False)
 
-  push(x, ref)
+  store(x, ref)
 
 
 def _decode_kernel(seq_lens_ref, block_tables_ref, q_ref, k_ref, v_ref, out_ref, *refs,
@@ -164,17 +174,20 @@ def _decode_kernel(seq_lens_ref, block_tables_ref, q_ref, k_ref, v_ref, out_ref,
   through_global = interpret or merge == "global"
   if through_global:  # The splits' states go through global-memory slots (extra outputs).
     o_slots, m_slots, l_slots, *refs = refs
-  (q_smem, k_smem, v_smem, o_state, m_state, l_state, kv_barriers, q_barrier,
+  (q_smem, k_smem, v_smem, o_state, m_state, l_state, staging, kv_barriers, q_barrier,
    merge_barrier) = refs
+  head_dim = q_smem.shape[1]
   block_size = k_ref.shape[2]
   max_blocks = block_tables_ref.shape[1]
   pages_per_tile = TILE // block_size
 
   def state_slots(j):
-    """Where split j's (o, m, l) wait for the leader's merge."""
+    """Where split j's (o, m, l) wait for the leader's merge (j >= 1: the leader keeps
+    its own in registers)."""
     if through_global:
-      return o_slots.at[seq, kv_head, j], m_slots.at[seq, kv_head, j], l_slots.at[seq, kv_head, j]
-    return o_state.at[j], m_state.at[j], l_state.at[j]
+      at = (seq, kv_head, j - 1)
+      return o_slots.at[at], m_slots.at[at], l_slots.at[at]
+    return o_state.at[j - 1, :, pl.ds(0, head_dim)], m_state.at[j - 1], l_state.at[j - 1]
 
   seq_len = seq_lens_ref[seq]
   kv_lo = 0 if sliding_window is None else jnp.maximum(seq_len - sliding_window, 0)
@@ -220,7 +233,7 @@ def _decode_kernel(seq_lens_ref, block_tables_ref, q_ref, k_ref, v_ref, out_ref,
   plgpu.barrier_wait(q_barrier)
 
   row_layout = plgpu.Layout.WGMMA.reduce(1)
-  o = plgpu.layout_cast(jnp.zeros((TILE, q_smem.shape[1]), jnp.float32), plgpu.Layout.WGMMA)
+  o = plgpu.layout_cast(jnp.zeros((TILE, head_dim), jnp.float32), plgpu.Layout.WGMMA)
   m = plgpu.layout_cast(jnp.full((TILE,), -jnp.inf, jnp.float32), row_layout)
   l = plgpu.layout_cast(jnp.zeros((TILE,), jnp.float32), row_layout)
 
@@ -264,16 +277,22 @@ def _decode_kernel(seq_lens_ref, block_tables_ref, q_ref, k_ref, v_ref, out_ref,
 
   # The push: o normalised by this split's own sum and in the input dtype (at d128 and
   # 8 splits f32 states would not fit the leader's shared memory; the output is
-  # rounded to that dtype anyway); an idle split pushes o = 0, m = -inf, l = 0.
+  # rounded to that dtype anyway); an idle split pushes o = 0, m = -inf, l = 0. The
+  # leader's own state stays in its registers.
   o = o / lax.broadcast_in_dim(jnp.where(l == 0, 1.0, l), o.shape, [0])
-  o_slot, m_slot, l_slot = state_slots(split)
-  push = functools.partial(_push_to_leader, rows=group, through_global=through_global,
-                           interpret=interpret)
-  push(o.astype(o_state.dtype), o_slot, plgpu.Layout.WGMMA)
-  push(m, m_slot, row_layout)
-  push(l, l_slot, row_layout)
-  if not interpret:
+
+  @pl.when(split != 0)
+  def _push():
+    o_slot, m_slot, l_slot = state_slots(split)
+    if interpret:  # No inline Mosaic GPU, no DSMEM: the slots are global.
+      o_slot[...], m_slot[...], l_slot[...] = o.astype(o_slot.dtype), m, l
+      return
+    push = functools.partial(_store_rows, rows=group, to_leader=not through_global)
+    push(o.astype(o_slot.dtype), o_slot, plgpu.Layout.WGMMA)
+    push(m, m_slot, row_layout)
+    push(l, l_slot, row_layout)
     _fence_cluster()
+
   plgpu.barrier_arrive(merge_barrier)
 
   @pl.when(split == 0)
@@ -281,26 +300,26 @@ def _decode_kernel(seq_lens_ref, block_tables_ref, q_ref, k_ref, v_ref, out_ref,
     plgpu.barrier_wait(merge_barrier)
     if not interpret:
       _fence_cluster()
-    ms = [plgpu.load(state_slots(j)[1], layout=row_layout, optimized=False)
-          for j in range(num_splits)]
-    ls = [plgpu.load(state_slots(j)[2], layout=row_layout, optimized=False)
-          for j in range(num_splits)]
+    slots = [state_slots(j) for j in range(1, num_splits)]
+    ms = [m] + [plgpu.load(m_slot, layout=row_layout, optimized=False) for _, m_slot, _ in slots]
+    ls = [l] + [plgpu.load(l_slot, layout=row_layout, optimized=False) for _, _, l_slot in slots]
     m_max = functools.reduce(jnp.maximum, ms)
     # A row no split touched (a padding row) keeps m = -inf: weights 0, not NaN.
     m_max = jnp.where(m_max == -jnp.inf, 0.0, m_max)
     weights = [jnp.exp2(mj - m_max) * lj for mj, lj in zip(ms, ls)]
     total = functools.reduce(lambda a, b: a + b, weights)
-    acc = None
-    for j, w in enumerate(weights):
-      oj = plgpu.load(state_slots(j)[0], layout=plgpu.Layout.WGMMA,
-                      optimized=False).astype(jnp.float32)
-      term = oj * lax.broadcast_in_dim(w, oj.shape, [0])
-      acc = term if acc is None else acc + term
-    acc = acc / lax.broadcast_in_dim(jnp.where(total == 0, 1.0, total), acc.shape, [0])
-    # Out through the leader's shared-memory slot 0: with the DSMEM merge its own state,
-    # read above, and each thread reads and writes the same elements of one layout.
-    staging = o_state.at[0]
-    staging[...] = acc.astype(staging.dtype)
+    outs = [o] + [plgpu.load(o_slot, layout=plgpu.Layout.WGMMA, optimized=False).astype(jnp.float32)
+                for o_slot, _, _ in slots]
+    acc = functools.reduce(lambda a, b: a + b, [
+        oj * lax.broadcast_in_dim(w, oj.shape, [0]) for oj, w in zip(outs, weights)])
+    acc = (acc / lax.broadcast_in_dim(jnp.where(total == 0, 1.0, total), acc.shape, [0])
+           ).astype(staging.dtype)
+    # Out through a dense staging tile (TMA reads a dense box); only the warps holding
+    # the group's rows write it.
+    if interpret:
+      staging[...] = acc
+    else:
+      _store_rows(acc, staging, plgpu.Layout.WGMMA, rows=group)
     plgpu.commit_smem()
     plgpu.copy_smem_to_gmem(staging.at[pl.ds(0, group)], out_ref.at[seq, kv_head])
     plgpu.wait_smem_to_gmem(0)
@@ -336,13 +355,15 @@ def paged_decode_attention_mgpu(
                               plgpu.SwizzleTransform(_SWIZZLE)))
   dtype = q.dtype
   pages_per_tile = TILE // k_cache.shape[2]
+  slots = _state_slots(num_splits)
   scratch = [
       plgpu.SMEM((TILE, head_dim), dtype, **swizzled),
       plgpu.SMEM((NUM_SLOTS, TILE, head_dim), dtype, **swizzled),
       plgpu.SMEM((NUM_SLOTS, TILE, head_dim), dtype, **swizzled),
-      plgpu.SMEM((num_splits, TILE, head_dim), dtype),
-      plgpu.SMEM((num_splits, TILE), jnp.float32),
-      plgpu.SMEM((num_splits, TILE), jnp.float32),
+      plgpu.SMEM((slots, TILE, head_dim + _ROW_PAD), dtype),
+      plgpu.SMEM((slots, TILE), jnp.float32),
+      plgpu.SMEM((slots, TILE), jnp.float32),
+      plgpu.SMEM((TILE, head_dim), dtype),
       plgpu.Barrier(num_barriers=2 * NUM_SLOTS * pages_per_tile),
       plgpu.Barrier(),
       # Leader-tracked: only the leader counts the arrivals, so the other blocks may
@@ -354,7 +375,7 @@ def paged_decode_attention_mgpu(
     raise ValueError(f"merge must be one of {MERGES}, got {merge!r}")
   out_type = [jax.ShapeDtypeStruct((num_seqs, num_kv_heads, group, head_dim), dtype)]
   if interpret or merge == "global":
-    state = (num_seqs, num_kv_heads, num_splits, TILE)
+    state = (num_seqs, num_kv_heads, slots, TILE)
     out_type += [jax.ShapeDtypeStruct((*state, head_dim), dtype),
                  jax.ShapeDtypeStruct(state, jnp.float32),
                  jax.ShapeDtypeStruct(state, jnp.float32)]
