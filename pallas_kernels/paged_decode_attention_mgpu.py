@@ -12,10 +12,10 @@ cluster. Split s takes the sequence's 64-key tiles s, s + num_splits, ... (a sho
 sequence in a wide page table still spreads over every split), TMA-loads each tile's
 pages by the page ids it reads from the block table, and runs QK and PV on wgmma with
 the GQA group's query rows at the top of a 64-row tile (wgmma's M; the rows below are
-never written out). Each split then pushes its state (output normalised by its own
-sum, in the input dtype; running max and sum in f32) into the leader block's shared
-memory and arrives on the leader's cluster barrier; the leader merges and writes the
-group's rows. No global workspace, no atomics, no tickets. (`merge="global"` puts the
+never written out). Each split but the leader then pushes its state (output
+normalised by its own sum, in the input dtype; running max and sum in f32) into the
+leader block's shared memory and arrives on the leader's cluster barrier; the leader
+merges them with its own state, still in registers, and writes the group's rows. No global workspace, no atomics, no tickets. (`merge="global"` puts the
 states in global-memory slots instead, which the leader reads back after the same
 barrier: a fallback timed beside it.)
 
