@@ -8,7 +8,8 @@ decode kernels themselves.
 The minimal kernels add one piece of the decode kernel at a time: an empty body; a
 cluster; the cluster barrier the merge waits on; a tile's page ids read from the table
 and its 8 pages brought in by TMA (the first tile of a split). The differences say what
-each piece costs before any attention is computed.
+each piece costs before any attention is computed. One more asks for the decode
+kernel's shared memory (8 splits at d64) without using it.
 """
 from __future__ import annotations
 
@@ -35,10 +36,11 @@ KV_HEADS, SPLITS, PAGE, D, CONTEXT = 8, 8, 16, 64, 512
 PAGES_PER_TILE = 64 // PAGE
 
 
-def mosaic_probe(*, cluster: bool, barrier: bool, tma: bool):
+def mosaic_probe(*, cluster: bool, barrier: bool, tma: bool, smem_kib: int = 0):
   """A Mosaic GPU kernel at the decode kernel's grid doing only the pieces asked for."""
 
-  def kernel(table_ref, k_ref, v_ref, out_ref, k_smem, v_smem, tma_barriers, merge_barrier):
+  def kernel(table_ref, k_ref, v_ref, out_ref, k_smem, v_smem, tma_barriers, merge_barrier,
+             *unused):
     kv_head = jax.lax.axis_index("kv_head")
     split = jax.lax.axis_index("split") if cluster else 0
     if tma:
@@ -66,6 +68,8 @@ def mosaic_probe(*, cluster: bool, barrier: bool, tma: bool):
              plgpu.Barrier(num_barriers=2 * PAGES_PER_TILE)]
   scratch.append(plgpu.ClusterBarrier(collective_axes=("split",), leader_tracked=True)
                  if barrier else plgpu.Barrier())
+  if smem_kib:  # Shared memory asked for but not used: what the block's size costs.
+    scratch.append(plgpu.SMEM((smem_kib * 256,), jnp.float32))
   extra = dict(cluster=(SPLITS,), cluster_names=("split",)) if cluster else {}
   return jax.jit(plgpu.kernel(
       kernel, out_type=jax.ShapeDtypeStruct((KV_HEADS,), jnp.float32),
@@ -107,6 +111,8 @@ def main(argv=None) -> None:
   scale = D ** -0.5
   variants = {}
   for name, kw in [("mosaic empty, no cluster", dict(cluster=False, barrier=False, tma=False)),
+                   ("mosaic empty, no cluster, 112 KiB more shared memory",
+                    dict(cluster=False, barrier=False, tma=False, smem_kib=112)),
                    ("mosaic empty, cluster 8", dict(cluster=True, barrier=False, tma=False)),
                    ("mosaic cluster 8 + cluster barrier", dict(cluster=True, barrier=True, tma=False)),
                    ("mosaic page ids + 8 TMA pages, no cluster", dict(cluster=False, barrier=False, tma=True)),
