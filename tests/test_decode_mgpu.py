@@ -178,3 +178,19 @@ def test_a_decode_step_runs_the_mgpu_kernel_where_its_config_asks_and_it_can(
   assert_close(got, want, dtype)
   assert not np.asarray(got)[3].any()  # the padding row
   assert not np.asarray(cache.decode_tickets).any()
+
+
+@pytest.mark.parametrize("kw", [
+    dict(cluster=False, barrier=False, tma=False, smem_kib=112),
+    dict(cluster=True, barrier=True, tma=False), dict(cluster=True, barrier=True, tma=True)])
+def test_launch_probe_kernels_lower_for_h100(kw):
+  """scripts/mgpu_launch_probe.py's minimal kernels lower for sm_90a, so a GPU run of it
+  spends its time measuring, not failing to build."""
+  from scripts import mgpu_launch_probe as probe
+  spec = jax.ShapeDtypeStruct
+  cache = spec((probe.KV_HEADS, 64, probe.PAGE, probe.D), jnp.bfloat16)
+  table = spec((1, probe.CONTEXT // probe.PAGE), jnp.int32)
+  text = _lower_for_h100(probe.mosaic_probe(**kw), table, cache, cache).as_text()
+  assert text.count("stablehlo.custom_call @mosaic_gpu") == 1
+  assert ("barrier.cluster.wait" in text) == kw["cluster"]
+  assert _lower_for_h100(probe.triton_probe(), table).as_text().count("__gpu$xla.gpu.triton") == 1
