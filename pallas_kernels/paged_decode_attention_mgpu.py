@@ -19,10 +19,11 @@ merges them with its own state, still in registers, and writes the group's rows.
 states in global-memory slots instead, which the leader reads back after the same
 barrier: a fallback timed beside it.)
 
-Status: lowered and checked here (CPU: the interpreter runs the algorithm; the Mosaic
-lowering for sm_90a runs in CI); not yet timed on the H100. The engine runs it for a
-decode step whose `DecodeConfig` sets `mgpu_splits`, which no cell of the table does
-yet; `scripts/bench_kernels.py` times it beside the Triton kernel.
+Status: correct on the device (an H200, `scripts/stress_decode.py --kernel mgpu`) but
+slower than the Triton kernel where it was meant to win: 5.7 against 4.5 us at d64
+1 x 512, one call per program (BUILD_NOTES.md, session 9). The engine runs it only for
+a decode step whose `DecodeConfig` sets `mgpu_splits`, which no cell of the table does;
+`scripts/bench_kernels.py` times it beside the Triton kernel.
 
 Limits (`check_mgpu_decode_args` says which was hit): 16-bit dtypes (wgmma), head_dim a
 multiple of 64 (128-byte swizzle), pages of 8-64 tokens dividing 64, at most 64 query
