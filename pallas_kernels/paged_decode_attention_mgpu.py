@@ -15,9 +15,10 @@ the GQA group's query rows at the top of a 64-row tile (wgmma's M; the rows belo
 never written out). Each split but the leader then pushes its state (output
 normalised by its own sum, in the input dtype; running max and sum in f32) into the
 leader block's shared memory and arrives on the leader's cluster barrier; the leader
-merges them with its own state, still in registers, and writes the group's rows. No global workspace, no atomics, no tickets. (`merge="global"` puts the
-states in global-memory slots instead, which the leader reads back after the same
-barrier: a fallback timed beside it.)
+merges them with its own state, still in registers, and writes the group's rows. No
+global workspace, no atomics, no tickets. (`merge="global"` puts the states in
+global-memory slots instead, which the leader reads back after the same barrier: a
+fallback timed beside it.)
 
 Status: correct on the device (an H200, `scripts/stress_decode.py --kernel mgpu`) but
 slower than the Triton kernel where it was meant to win: 5.7 against 4.5 us at d64
