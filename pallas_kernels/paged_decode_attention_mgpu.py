@@ -22,7 +22,9 @@ fallback timed beside it.)
 
 Status: correct on the device (an H200, `scripts/stress_decode.py --kernel mgpu`) but
 slower than the Triton kernel where it was meant to win: 5.7 against 4.5 us at d64
-1 x 512, one call per program (BUILD_NOTES.md, session 9). The engine runs it only for
+1 x 512, one call per program (BUILD_NOTES.md, session 9; measured before the refill's
+page ids moved ahead of the tile's wait and the output copy's wait became read-only,
+both untimed). The engine runs it only for
 a decode step whose `DecodeConfig` sets `mgpu_splits`, which no cell of the table does;
 `scripts/bench_kernels.py` times it beside the Triton kernel.
 
@@ -242,6 +244,10 @@ def _decode_kernel(seq_lens_ref, block_tables_ref, q_ref, k_ref, v_ref, out_ref,
   def step_fn(step, carry):
     o, m, l = carry
     slot = lax.rem(step, NUM_SLOTS)
+    # The refill's page ids, read before this tile's wait (clamped, so always in
+    # bounds): their global round trip runs under this step, where read at the refill
+    # it would come before the refill's TMA, one more round trip per tile.
+    refill_pages = tile_pages(step + NUM_SLOTS)
     wait_tile(slot, 0)
     if interpret:  # The interpreter has no wgmma.
       qk = lax.dot_general(q_smem[...], k_smem.at[slot][...], (((1,), (1,)), ((), ())),
@@ -272,7 +278,7 @@ def _decode_kernel(seq_lens_ref, block_tables_ref, q_ref, k_ref, v_ref, out_ref,
     # Reading the accumulator waited for both wgmmas, so the slot is free to refill.
     @pl.when(step + NUM_SLOTS < num_steps)
     def _refill():
-      load_tile(tile_pages(step + NUM_SLOTS), slot)
+      load_tile(refill_pages, slot)
     return o, m_next, l_next
 
   o, m, l = lax.fori_loop(0, num_steps, step_fn, (o, m, l))
@@ -324,7 +330,9 @@ def _decode_kernel(seq_lens_ref, block_tables_ref, q_ref, k_ref, v_ref, out_ref,
       _store_rows(acc, staging, plgpu.Layout.WGMMA, rows=group)
     plgpu.commit_smem()
     plgpu.copy_smem_to_gmem(staging.at[pl.ds(0, group)], out_ref.at[seq, kv_head])
-    plgpu.wait_smem_to_gmem(0)
+    # Only the read of the staging tile must be done before the block exits; the write
+    # to global memory completes on its own (as CUTLASS's epilogue waits).
+    plgpu.wait_smem_to_gmem(0, wait_read_only=True)
 
 
 @functools.partial(
