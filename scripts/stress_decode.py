@@ -79,10 +79,10 @@ def main(argv=None) -> None:
     key = jax.random.key(0)
     worst, failed = {}, 0
     cases = CASES[args.kernel]
+    launcher = paged_decode_attention if args.kernel == "triton" else paged_decode_attention_mgpu
+    extra = {"merge": args.merge} if args.kernel == "mgpu" else {}
     for head_dim, dtype, splits, window, cap in cases:
         kw = dict(scale=head_dim ** -0.5, sliding_window=window, soft_cap=cap)
-        launcher = paged_decode_attention if args.kernel == "triton" else paged_decode_attention_mgpu
-        extra = {"merge": args.merge} if args.kernel == "mgpu" else {}
         kernel = jax.jit(functools.partial(launcher, num_splits=splits, interpret=args.interpret,
                                            **extra, **kw))
         reference = jax.jit(functools.partial(paged_decode_attention_reference, **kw))
