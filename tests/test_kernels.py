@@ -225,6 +225,7 @@ DECODE_CASES = [
     (4, 64, 32, None, 32, None, 10.0, jnp.bfloat16),  # splits from the table
     (8, 128, 16, 4, 32, 40, 10.0, jnp.bfloat16),
     (4, 64, 16, 8, 16, None, None, jnp.float32),  # more splits than most rows' blocks
+    (2, 64, 16, 2, 16, None, 10.0, jnp.float32),  # several blocks per split
 ]
 
 
