@@ -55,11 +55,10 @@ class DecodeConfig:
 # the H100 (2026-11-26, session 5, jax 0.11.2; --decode-param-sweep --reps 8, ranked by
 # profiled kernel time, BUILD_NOTES.md), Llama-3.2-1B (d 64) and Llama-3.1-8B (d 128)
 # heads, 32 q / 8 kv, page 16: per cell the fastest config, or the default launch
-# settings where they came within 1 %. Except 1 x 512: there 16 splits of 32 keys won
-# on one machine (d64 4.38 us, 2 warps; d128 5.52, 4 warps) and lost by 7-8 % on another,
-# where 8 splits of 64 keys took d64 4.46 / 4.53 us and d128 5.56 / 5.55: the cells
-# hold those, steadier across machines (session 7, threaded tickets, chained kernel
-# time). Batch 64 and 256 from the
+# settings where they came within 1 %. Except 1 x 512: since q's and the first page ids'
+# loads go out beside the length's, 16 splits of 32 keys beat 8 of 64 there, d64 4.16
+# against 4.35 us and d128 5.47 against 5.69 (2026-12-07, session 10, threaded tickets,
+# chained kernel time, one H100; BUILD_NOTES.md). Batch 64 and 256 from the
 # split sweeps of session 4 (scripts/results/kernels_nvidia-h100-80gb-hbm3_2026-11-26_
 # 083721.json and _084719.json, wall time); from batch 64 the batch alone fills the SMs.
 _C = DecodeConfig
@@ -67,13 +66,13 @@ _TABLE_BATCHES = (1, 8, 64, 256)
 _TABLE_CONTEXTS = (512, 2048, 8192, 32768)
 _DECODE_TABLES = {
     64: (
-        (_C(8, 64, 2, 2), _C(32), _C(32), _C(32)),  # batch 1
+        (_C(16, 32, 2, 2), _C(32), _C(32), _C(32)),  # batch 1
         (_C(4, 64, 2), _C(4), _C(4), _C(8, 64, 2)),  # batch <= 8
         (_C(1), _C(1), _C(1), _C(1)),  # batch <= 64
         (_C(1), _C(1), _C(2), _C(2)),  # batch <= 256 and beyond
     ),
     128: (
-        (_C(8, 64, 4, 2), _C(16, 128, 4, 2), _C(32), _C(32)),  # batch 1
+        (_C(16, 32, 4, 3), _C(16, 128, 4, 2), _C(32), _C(32)),  # batch 1
         (_C(4, 64, 2), _C(4, 64, 2), _C(4, 64, 2), _C(4, 64, 2)),  # batch <= 8
         (_C(1), _C(1), _C(1), _C(1)),  # batch <= 64
         (_C(1), _C(1), _C(2), _C(2)),  # batch <= 256 and beyond

@@ -3,9 +3,10 @@
 The Triton kernel (`paged_decode_attention`) merges its kv splits through global
 memory: each split stores its softmax state, takes a release/acquire ticket, and the
 last one reads the others' states back from L2. At batch 1 x 512 that chain of
-dependent L2 round trips is about a fifth of the call (BUILD_NOTES.md, sessions 6-7),
-and it is what keeps the d64 1 x 512 shape under 1.2x of JAX's kernel. Pallas' Triton
-backend cannot do better: it has no thread-block clusters.
+dependent L2 round trips is about a fifth of the call (BUILD_NOTES.md, sessions 6-7).
+Pallas' Triton backend cannot do better: it has no thread-block clusters. (The d64
+1 x 512 gap to 1.2x of JAX's kernel that this kernel was built for closed in the Triton
+kernel instead, by loading q and the page ids ahead of the length; session 10.)
 
 Here the `num_splits` splits of one (sequence, kv head) run as the blocks of one
 cluster. Split s takes the sequence's 64-key tiles s, s + num_splits, ... (a short
@@ -22,9 +23,12 @@ fallback timed beside it.)
 
 Status: correct on the device (an H200, `scripts/stress_decode.py --kernel mgpu`) but
 slower than the Triton kernel where it was meant to win: 5.7 against 4.5 us at d64
-1 x 512, one call per program (BUILD_NOTES.md, session 9; measured before the refill's
-page ids moved ahead of the tile's wait and the output copy's wait became read-only,
-both untimed). The engine runs it only for
+1 x 512, one call per program (BUILD_NOTES.md, session 9), and on an H100 in session 10,
+with the refill's page ids ahead of the tile's wait and a read-only wait on the output
+copy, 5.6 against the Triton kernel's 4.1-4.2 us of chained kernel time. Its fixed cost
+is not the cluster: an empty Mosaic kernel at its launch shape took 0.99 us, 1.15 with
+a cluster of 8 and its barrier, 1.76 with the page ids and a tile's TMA besides
+(`scripts/mgpu_launch_probe.py`). The engine runs it only for
 a decode step whose `DecodeConfig` sets `mgpu_splits`, which no cell of the table does;
 `scripts/bench_kernels.py` times it beside the Triton kernel.
 
