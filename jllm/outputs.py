@@ -29,8 +29,8 @@ PromptLogprobs = list[dict[int, Logprob] | None]
 class CompletionOutput:
     """One of a request's n samples.
 
-    finish_reason is "stop", "length" or "abort" once finished; stop_reason is the stop
-    string or stop token id that ended it, and None when EOS or max_tokens did.
+    finish_reason is "stop", "length", "abort" or "error" once finished; stop_reason is
+    the stop string or stop token id that ended it, and None when EOS or max_tokens did.
     """
 
     index: int
@@ -66,7 +66,12 @@ class RequestMetrics:
 
 
 class RequestOutput:
-    """The output of one request: its prompt and its n completions so far."""
+    """The output of one request: its prompt and its n completions so far.
+
+    `error` (jllm's, not vLLM's) is the exception that ended a request whose own
+    processing failed; its completions then finish with "error". Callers re-raise it
+    (LLM.generate) or answer with it (the server); other requests are unaffected.
+    """
 
     def __init__(
         self,
@@ -78,6 +83,7 @@ class RequestOutput:
         finished: bool,
         metrics: RequestMetrics | None = None,
         num_cached_tokens: int | None = None,
+        error: BaseException | None = None,
     ) -> None:
         self.request_id = request_id
         self.prompt = prompt
@@ -87,6 +93,7 @@ class RequestOutput:
         self.finished = finished
         self.metrics = metrics
         self.num_cached_tokens = num_cached_tokens
+        self.error = error
 
     def add(self, next_output: RequestOutput, aggregate: bool) -> None:
         """Merge a later output of the same request into this one.
@@ -96,6 +103,7 @@ class RequestOutput:
         the older. Completions not seen before are appended.
         """
         self.finished |= next_output.finished
+        self.error = self.error or next_output.error
         for next_completion in next_output.outputs:
             for i, completion in enumerate(self.outputs):
                 if completion.index != next_completion.index:

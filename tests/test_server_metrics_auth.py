@@ -43,7 +43,9 @@ def scrape(server) -> dict[str, float]:
     samples = {}
     for family in text_string_to_metric_families(response.text):
         for sample in family.samples:
-            if sample.name.startswith("vllm:"):
+            if sample.name == "vllm:cache_config_info":  # vLLM's: no model_name label
+                assert sample.value == 1 and sample.labels["engine"] == "0"
+            elif sample.name.startswith("vllm:"):
                 assert sample.labels["model_name"] == MODEL_NAME and sample.labels["engine"] == "0"
                 reason = sample.labels.get("finished_reason")
                 samples[sample.name + (f"[{reason}]" if reason else "")

@@ -44,6 +44,7 @@ _HELP = {
     "attention_backend": "'reference' (plain jnp) or 'pallas' (GPU kernels); default by platform.",
     "disable_log_stats": "Do not log engine statistics.",
     "served_model_name": "The model name reported in outputs and the API.",
+    "tensor_parallel_size": "Devices for tensor parallelism; jllm runs on one for now.",
 }
 
 
@@ -77,6 +78,7 @@ class EngineArgs:
     attention_backend: str | None = None
     disable_log_stats: bool = True
     served_model_name: str | None = None
+    tensor_parallel_size: int = 1
 
     def __post_init__(self) -> None:
         self.validate()
@@ -106,6 +108,9 @@ class EngineArgs:
                 raise ValueError(f"{name} must be a positive integer, got {value}.")
         if self.max_logprobs < -1:
             raise ValueError(f"max_logprobs must be non-negative or -1, got {self.max_logprobs}.")
+        if self.tensor_parallel_size != 1:
+            raise ValueError(f"tensor_parallel_size={self.tensor_parallel_size}: jllm runs a model on one device "
+                             "for now; tensor parallelism is not supported yet.")
         if self.max_seq_len_to_capture <= 0:
             raise ValueError(f"max_seq_len_to_capture must be positive, got {self.max_seq_len_to_capture}.")
 
@@ -113,12 +118,13 @@ class EngineArgs:
     def add_cli_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
         for f in dataclasses.fields(EngineArgs):
             flag = "--" + f.name.replace("_", "-")
+            flags = ("-tp", flag) if f.name == "tensor_parallel_size" else (flag,)
             default = f.default
             if f.type in ("bool", bool, "bool | None"):
-                parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=default,
+                parser.add_argument(*flags, action=argparse.BooleanOptionalAction, default=default,
                                     help=_HELP.get(f.name))
             elif f.name in ("hf_overrides", "compilation_config"):
-                parser.add_argument(flag, type=json.loads, default=None, help=_HELP.get(f.name))
+                parser.add_argument(*flags, type=json.loads, default=None, help=_HELP.get(f.name))
             else:
                 kind = {"int": int, "float": float}.get(str(f.type).split(" ")[0], str)
                 if "float" in str(f.type):
@@ -129,9 +135,7 @@ class EngineArgs:
                     "dtype": _DTYPES, "load_format": _LOAD_FORMATS, "tokenizer_mode": _TOKENIZER_MODES,
                     "attention_backend": _ATTENTION_BACKENDS,
                 }.get(f.name)
-                parser.add_argument(flag, type=kind, default=default, choices=choices, help=_HELP.get(f.name))
-        parser.add_argument("-tp", "--tensor-parallel-size", type=int, default=1,
-                            help="Number of devices for tensor parallelism (1 for now).")
+                parser.add_argument(*flags, type=kind, default=default, choices=choices, help=_HELP.get(f.name))
         return parser
 
     @classmethod

@@ -109,6 +109,11 @@ def _deliver(items: list[tuple[RequestStream, RequestOutput | BaseException]]) -
         stream.put(item)
 
 
+def _resolve_value(future: asyncio.Future, value) -> None:
+    if not future.done():
+        future.set_result(value)
+
+
 def _resolve(future: asyncio.Future, error: BaseException | None) -> None:
     if future.done():  # the caller stopped waiting (its client went away)
         return
@@ -134,6 +139,8 @@ class AsyncLLMEngine:
         self._stats = RequestStatsTracker()
         self._dead: EngineDeadError | None = None
         self._stopping = False
+        # (loop, future) of each wait_until_dead caller.
+        self._death_waiters: list[tuple[asyncio.AbstractEventLoop, asyncio.Future]] = []
         self._thread = threading.Thread(target=self._run, name="jllm-engine-loop", daemon=True)
         self._thread.start()
 
@@ -156,6 +163,10 @@ class AsyncLLMEngine:
         return self.engine.model_config
 
     @property
+    def cache_config(self):
+        return self.engine.cache_config
+
+    @property
     def vocab_size(self) -> int:
         return self.engine.vocab_size
 
@@ -173,6 +184,17 @@ class AsyncLLMEngine:
     def check_health(self) -> None:
         if self._dead is not None:
             raise self._dead
+
+    async def wait_until_dead(self) -> EngineDeadError:
+        """Returns once the engine loop has died of an error (not on shutdown): the
+        server then exits, as vLLM's does, rather than answer 500 for ever."""
+        loop = asyncio.get_running_loop()
+        future = loop.create_future()
+        with self._lock:
+            if self._dead is not None and not self._stopping:
+                return self._dead
+            self._death_waiters.append((loop, future))
+        return await future
 
     def get_num_unfinished_requests(self) -> int:
         with self._lock:
@@ -270,7 +292,12 @@ class AsyncLLMEngine:
                 self._process_outputs(outputs)
         except BaseException as e:  # noqa: BLE001 - anything that escapes a step ends the engine
             logger.exception("The engine loop failed; no further requests can be served.")
-            self._fail_all(EngineDeadError(f"Engine loop has died: {e!r}"))
+            error = EngineDeadError(f"Engine loop has died: {e!r}")
+            self._fail_all(error)
+            with self._lock:
+                waiters, self._death_waiters = self._death_waiters, []
+            for loop, future in waiters:
+                self._call_soon(loop, _resolve_value, future, error)
             return
         self._fail_all(EngineDeadError("The engine has been shut down."))
 
@@ -289,7 +316,7 @@ class AsyncLLMEngine:
                 self._call_soon(loop, _resolve, add.accepted, e)
                 continue
             self._streams[add.request_id] = (add.stream, _OutputAccumulator(add.output_kind))
-            self._stats.add(add.request_id, add.arrival_time)
+            self._stats.add(add.request_id, add.arrival_time, add.params.n, add.params.max_tokens)
             self._call_soon(loop, _resolve, add.accepted, None)
         with self._lock:
             self._num_adding = 0
@@ -321,7 +348,15 @@ class AsyncLLMEngine:
             stream, accumulator = entry
             if output.finished:
                 del self._streams[output.request_id]
-            item = accumulator.convert(output)
+            if output.error is not None:
+                item = output.error
+            else:
+                try:
+                    item = accumulator.convert(output)
+                except Exception as e:  # noqa: BLE001 - this request's output alone
+                    logger.exception("Request %s's output could not be built.", output.request_id)
+                    item = e
+                    self.abort(output.request_id)  # applied before the next step
             if item is not None:
                 by_loop[stream.loop].append((stream, item))
         # Statistics first: a client that has its last token may read /metrics at once.

@@ -75,19 +75,20 @@ class LLMEngine:
                 eos_token_id=eos_token_id, max_tokens=max_tokens,
                 seed=(base_seed + index * _SAMPLE_SEED_STRIDE) & _SEED_MASK,
             )
-            sample = SampleState(
+            state.samples.append(SampleState(
                 req, IncrementalDetokenizer(self.tokenizer, prompt_ids, params),
                 [] if params.logprobs is not None else None,
                 0.0 if params.logprobs is not None else None,
-            )
-            state.samples.append(sample)
+            ))
+        # Registered only once all of it is built: a request that fails above leaves nothing.
+        self._states[request_id] = state
+        for sample in state.samples:
+            sample_id = sample.request.request_id
             self._sample_of[sample_id] = (state, sample)
             if bad_words:
                 self._bad_words[sample_id] = bad_words
             if bad_words or (params.min_tokens and params.all_stop_token_ids):
                 self._may_ban.add(sample_id)
-        self._states[request_id] = state
-        for sample in state.samples:
             self.scheduler.add_request(sample.request)
 
     def abort_request(self, request_ids: str | Iterable[str]) -> None:
@@ -116,45 +117,81 @@ class LLMEngine:
     # ----- the step -------------------------------------------------------------------
 
     def step(self) -> list[RequestOutput]:
+        """One scheduled model step. A request whose own processing raises (its logits
+        processor, logprobs, detokenization, stop checks) ends with finish_reason
+        "error" and its exception in `RequestOutput.error`; the others go on."""
         sched = self.scheduler.schedule()
         # Before the empty check: a step that runs nothing may still report finished ids.
         self.runner.remove_requests(sched.finished_req_ids | sched.preempted_req_ids)
         if sched.is_empty:
             return []
         rows = sched.scheduled_requests
-        result = self.runner.execute_model(rows, self._banned_rows(rows))
+        failed: dict[str, RequestState] = {}
+        try:
+            result = self.runner.execute_model(rows, self._banned_rows(rows))
+        except Exception as e:
+            if not self.runner.kv_cache_alive():
+                raise  # the step consumed the KV cache: no request can go on
+            # Raised before the device ran (the cache is intact), so one of this step's
+            # requests may be the cause and no other has lost anything: those fail.
+            logger.exception("A model step failed; its %d requests fail, the engine goes on.", len(rows))
+            for row in rows:
+                self._fail(row.request.request_id, e, failed)
+            return self._make_outputs(list(failed.values()))
         now = time.time()
+        for sample_id, error in result.failed.items():
+            self._fail(sample_id, error, failed)
         sampled = {row.request.request_id: token
                    for row, token in zip(rows, result.sampled_token_ids.tolist()) if row.sample}
-        self._record_prompt_logprobs(rows, result)
+        self._record_prompt_logprobs(rows, result, failed)
         updated = self.scheduler.update_from_output(sched, sampled)
-        touched = self._process_sampled(updated, rows, result, now)
-        return self._make_outputs(touched)
+        touched = self._process_sampled(updated, rows, result, now, failed)
+        return self._make_outputs([*touched.values(), *(s for r, s in failed.items() if r not in touched)])
 
-    def _process_sampled(self, updated: list[Request], rows, result, now: float) -> list[RequestState]:
+    def _fail(self, sample_id: str, error: BaseException, failed: dict[str, RequestState]) -> None:
+        """Ends the user request that sample `sample_id` belongs to (all its samples)
+        with "error"; its pages are freed now and its output is made this step."""
+        entry = self._sample_of.get(sample_id)
+        if entry is None:
+            return
+        state = entry[0]
+        if state.error is None:
+            state.error = error
+            logger.error("Request %s failed: %r", state.request_id, error, exc_info=error)
+        self.scheduler.finish_requests([s.request.request_id for s in state.samples], RequestStatus.FINISHED_ERROR)
+        failed[state.request_id] = state
+
+    def _process_sampled(self, updated: list[Request], rows, result, now: float,
+                         failed: dict[str, RequestState]) -> dict[str, RequestState]:
         """Per new token: timestamps, logprobs, stop checks and text; ends the requests
-        that stopped. Returns the user requests touched, each once."""
+        that stopped. Returns the user requests touched, by id."""
         touched: dict[str, RequestState] = {}
         finished_ids: dict[RequestStatus, list[str]] = {}
         row_of = None
         max_model_len = self.model_config.max_model_len
         for req in updated:
             state, sample = self._sample_of[req.request_id]
+            if state.error is not None:
+                continue
             touched[state.request_id] = state
             if req.first_token_time is None:
                 req.first_token_time = now
             req.last_token_time = now
             token = req.output_token_ids[-1]
-            if sample.logprobs is not None:
-                if row_of is None:
-                    row_of = {row.request.request_id: i for i, row in enumerate(rows)}
-                i = row_of[req.request_id]
-                state.add_sampled_logprobs(sample, token, result.sampled_logprobs[i], result.sampled_ranks[i],
-                                           result.topk_token_ids[i], result.topk_logprobs[i])
-            stopped = check_stop(req, max_model_len)
-            stop_str = sample.detokenizer.update(
-                [token], stopped and req.status == RequestStatus.FINISHED_STOPPED
-            )
+            try:
+                if sample.logprobs is not None:
+                    if row_of is None:
+                        row_of = {row.request.request_id: i for i, row in enumerate(rows)}
+                    i = row_of[req.request_id]
+                    state.add_sampled_logprobs(sample, token, result.sampled_logprobs[i], result.sampled_ranks[i],
+                                               result.topk_token_ids[i], result.topk_logprobs[i])
+                stopped = check_stop(req, max_model_len)
+                stop_str = sample.detokenizer.update(
+                    [token], stopped and req.status == RequestStatus.FINISHED_STOPPED
+                )
+            except Exception as e:  # noqa: BLE001 - this request's fault alone
+                self._fail(req.request_id, e, failed)
+                continue
             if stop_str is not None:
                 req.status = RequestStatus.FINISHED_STOPPED
                 req.stop_reason = stop_str
@@ -164,13 +201,20 @@ class LLMEngine:
                 finished_ids.setdefault(req.status, []).append(req.request_id)
         for status, ids in finished_ids.items():
             self.scheduler.finish_requests(ids, status)
-        return list(touched.values())
+        return touched
 
     def _make_outputs(self, touched: list[RequestState]) -> list[RequestOutput]:
         """The RequestOutputs of this step; forgets the requests that finished."""
         outputs = []
         for state in touched:
-            out = state.make_output()
+            out = None
+            if state.error is None:
+                try:
+                    out = state.make_output()
+                except Exception as e:  # noqa: BLE001 - e.g. its detokenizer; this request's alone
+                    self._fail(state.samples[0].request.request_id, e, {})
+            if state.error is not None:
+                out = state.make_error_output()
             if out is None:
                 continue  # FINAL_ONLY and still running
             outputs.append(out)
@@ -179,7 +223,7 @@ class LLMEngine:
                 self._forget([s.request.request_id for s in state.samples])
         return outputs
 
-    def _record_prompt_logprobs(self, rows, result) -> None:
+    def _record_prompt_logprobs(self, rows, result, failed: dict[str, RequestState]) -> None:
         if result.prompt_topk_ids is None:
             return
         start = 0
@@ -187,15 +231,18 @@ class LLMEngine:
             req = row.request
             n = row.num_scheduled_tokens
             state = self._sample_of[req.request_id][0]
-            if (state.prompt_logprobs is not None and req.index == 0
+            if (state.prompt_logprobs is not None and state.error is None and req.index == 0
                     and row.num_computed_tokens < req.num_prompt_tokens):
                 positions = list(range(row.num_computed_tokens + 1,
                                        min(row.num_computed_tokens + n + 1, req.num_prompt_tokens)))
                 sl = slice(start, start + len(positions))
-                state.add_prompt_logprobs(
-                    positions, result.prompt_target_logprobs[sl], result.prompt_target_ranks[sl],
-                    result.prompt_topk_ids[sl], result.prompt_topk_logprobs[sl],
-                )
+                try:
+                    state.add_prompt_logprobs(
+                        positions, result.prompt_target_logprobs[sl], result.prompt_target_ranks[sl],
+                        result.prompt_topk_ids[sl], result.prompt_topk_logprobs[sl],
+                    )
+                except Exception as e:  # noqa: BLE001 - this request's fault alone
+                    self._fail(req.request_id, e, failed)
             start += n
 
     def _banned_rows(self, rows) -> list[list[int]]:

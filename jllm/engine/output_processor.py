@@ -59,6 +59,8 @@ class RequestState:
     tokenizer: object | None
     prompt_logprobs: list[dict[int, Logprob] | None] | None = None
     arrival_time: float = field(default_factory=time.time)
+    # What failed this request's own processing; it then ends with "error".
+    error: BaseException | None = None
     # params.output_kind, resolved once: make_output runs every step.
     final_only: bool = field(init=False)
     delta: bool = field(init=False)
@@ -79,14 +81,18 @@ class RequestState:
         k = self.params.logprobs
         if k == -1:
             k = len(top_ids)
-        entries = {}
-        ids = [int(t) for t in top_ids[:k]]
-        decoded = self._decode(ids + [token_id])
-        for rank_i, (tid, lp) in enumerate(zip(ids, top_lps[:k]), start=1):
-            entries[tid] = Logprob(float(lp), rank_i, decoded[rank_i - 1])
-        entries.setdefault(token_id, Logprob(float(token_lp), int(rank), decoded[-1]))
-        sample.logprobs.append(entries)
+        sample.logprobs.append(self._position_logprobs(token_id, token_lp, rank, top_ids[:k], top_lps[:k]))
         sample.cumulative_logprob += float(token_lp)
+
+    def _position_logprobs(self, token_id: int, token_lp, rank, top_ids, top_lps) -> dict[int, Logprob]:
+        """vLLM's dict for one position: the chosen (or prompt) token first, then the
+        top-k by rank; k + 1 entries, or k when the chosen token is among them."""
+        ids = [int(t) for t in top_ids]
+        decoded = self._decode([token_id] + ids)
+        entries = {token_id: Logprob(float(token_lp), int(rank), decoded[0])}
+        for rank_i, (tid, lp) in enumerate(zip(ids, top_lps), start=1):
+            entries.setdefault(tid, Logprob(float(lp), rank_i, decoded[rank_i]))
+        return entries
 
     def add_prompt_logprobs(self, positions: np.ndarray, target_lps, target_ranks, top_ids, top_lps) -> None:
         """positions: prompt positions (>= 1) whose logprob these rows give."""
@@ -94,13 +100,8 @@ class RequestState:
         if k == -1:
             k = top_ids.shape[1]
         for row, pos in enumerate(positions):
-            token_id = self.prompt_token_ids[pos]
-            ids = [int(t) for t in top_ids[row, :k]]
-            decoded = self._decode(ids + [token_id])
-            entries = {tid: Logprob(float(lp), r, decoded[r - 1])
-                       for r, (tid, lp) in enumerate(zip(ids, top_lps[row, :k]), start=1)}
-            entries.setdefault(token_id, Logprob(float(target_lps[row]), int(target_ranks[row]), decoded[-1]))
-            self.prompt_logprobs[pos] = entries
+            self.prompt_logprobs[pos] = self._position_logprobs(
+                self.prompt_token_ids[pos], target_lps[row], target_ranks[row], top_ids[row, :k], top_lps[row, :k])
 
     def _decode(self, ids: list[int]) -> list[str | None]:
         if self.tokenizer is None or not self.params.detokenize:
@@ -118,6 +119,13 @@ class RequestState:
         num_cached_tokens = max(self.samples[0].request.num_cached_tokens, 0)
         return RequestOutput(self.request_id, self.prompt, self.prompt_token_ids, self.prompt_logprobs,
                              outputs, finished, self._metrics(finished), num_cached_tokens)
+
+    def make_error_output(self) -> RequestOutput:
+        """The final output of a failed request: nothing of its processing is trusted
+        (the detokenizer may be what failed), so its completions are empty."""
+        outputs = [CompletionOutput(s.request.index, "", [], None, None, "error") for s in self.samples]
+        return RequestOutput(self.request_id, self.prompt, self.prompt_token_ids, None, outputs, True,
+                             self._metrics(True), max(self.samples[0].request.num_cached_tokens, 0), self.error)
 
     @staticmethod
     def _completion(sample: SampleState, delta: bool) -> CompletionOutput:

@@ -18,6 +18,9 @@ class RequestStatus(enum.IntEnum):
     FINISHED_STOPPED = 3
     FINISHED_LENGTH_CAPPED = 4
     FINISHED_ABORTED = 5
+    # Its own processing raised (a logits processor, its detokenization, ...); the
+    # engine goes on with the others.
+    FINISHED_ERROR = 6
 
     @property
     def is_finished(self) -> bool:
@@ -29,6 +32,7 @@ FINISH_REASONS = {
     RequestStatus.FINISHED_STOPPED: "stop",
     RequestStatus.FINISHED_LENGTH_CAPPED: "length",
     RequestStatus.FINISHED_ABORTED: "abort",
+    RequestStatus.FINISHED_ERROR: "error",
 }
 
 

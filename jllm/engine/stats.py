@@ -39,15 +39,27 @@ class FinishedRequestStats:
     e2e_latency: float
     num_prompt_tokens: int
     num_generation_tokens: int
-    # Arrival to first schedule, and first schedule to finish (None if never scheduled).
+    # Arrival to first schedule, and first schedule to the last token (None if never
+    # scheduled).
     queue_time: float | None
     inference_time: float | None
+    # First schedule to first token, and first token to last token (None without a token).
+    prefill_time: float | None = None
+    decode_time: float | None = None
+    # The decode time per token after the first; 0 with fewer than two (vLLM's rule).
+    mean_time_per_output_token: float = 0.0
+    # The request's n and max_tokens parameters, and its longest sample's token count.
+    n: int = 1
+    max_tokens: int | None = None
+    max_num_generation_tokens: int = 0
 
 
 @dataclass
 class IterationStats:
     num_prompt_tokens: int = 0
     num_generation_tokens: int = 0
+    # Whether the step produced any output (vLLM observes iteration tokens only then).
+    has_outputs: bool = False
     time_to_first_tokens: list[float] = field(default_factory=list)
     inter_token_latencies: list[float] = field(default_factory=list)
     finished_requests: list[FinishedRequestStats] = field(default_factory=list)
@@ -56,8 +68,13 @@ class IterationStats:
 @dataclass
 class _RequestTimes:
     arrival_time: float
+    n: int = 1
+    max_tokens: int | None = None
     num_prompt_tokens: int = 0
     num_generation_tokens: int = 0
+    # Tokens per sample index, for the longest sample.
+    sample_tokens: dict[int, int] = field(default_factory=dict)
+    first_token_time: float | None = None
     last_token_time: float | None = None
 
 
@@ -67,20 +84,25 @@ class RequestStatsTracker:
     def __init__(self) -> None:
         self._requests: dict[str, _RequestTimes] = {}
 
-    def add(self, request_id: str, arrival_time: float) -> None:
-        self._requests[request_id] = _RequestTimes(arrival_time)
+    def add(self, request_id: str, arrival_time: float, n: int = 1, max_tokens: int | None = None) -> None:
+        self._requests[request_id] = _RequestTimes(arrival_time, n, max_tokens)
 
     def record_outputs(self, outputs: list[RequestOutput], now: float) -> IterationStats:
         """`outputs` are DELTA outputs: each completion carries only its new tokens."""
-        stats = IterationStats()
+        stats = IterationStats(has_outputs=bool(outputs))
         for output in outputs:
             times = self._requests.get(output.request_id)
             if times is None:
                 continue
-            new_tokens = sum(len(c.token_ids) for c in output.outputs)
+            new_tokens = 0
+            for completion in output.outputs:
+                new_tokens += len(completion.token_ids)
+                times.sample_tokens[completion.index] = (times.sample_tokens.get(completion.index, 0)
+                                                         + len(completion.token_ids))
             if new_tokens:
                 if times.last_token_time is None:
                     times.num_prompt_tokens = len(output.prompt_token_ids or ())
+                    times.first_token_time = now
                     stats.num_prompt_tokens += times.num_prompt_tokens
                     stats.time_to_first_tokens.append(now - times.arrival_time)
                 else:
@@ -102,13 +124,22 @@ class RequestStatsTracker:
                 output: RequestOutput | None) -> FinishedRequestStats:
         times = self._requests.pop(request_id)
         scheduled = output.metrics.first_scheduled_time if output is not None and output.metrics else None
+        first, last = times.first_token_time, times.last_token_time
+        decode_time = last - first if first is not None else None
+        num_tokens = times.num_generation_tokens
         return FinishedRequestStats(
             finish_reason=reason,
             e2e_latency=now - times.arrival_time,
             num_prompt_tokens=times.num_prompt_tokens,
-            num_generation_tokens=times.num_generation_tokens,
+            num_generation_tokens=num_tokens,
             queue_time=scheduled - times.arrival_time if scheduled is not None else None,
-            inference_time=now - scheduled if scheduled is not None else None,
+            inference_time=(last if last is not None else now) - scheduled if scheduled is not None else None,
+            prefill_time=first - scheduled if first is not None and scheduled is not None else None,
+            decode_time=decode_time,
+            mean_time_per_output_token=decode_time / (num_tokens - 1) if num_tokens > 1 else 0.0,
+            n=times.n,
+            max_tokens=times.max_tokens,
+            max_num_generation_tokens=max(times.sample_tokens.values(), default=0),
         )
 
 

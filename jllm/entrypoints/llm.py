@@ -88,6 +88,8 @@ class LLM:
         try:
             while engine.has_unfinished_requests():
                 for output in engine.step():
+                    if output.error is not None:
+                        raise output.error  # the rest are aborted below
                     if not output.finished:
                         continue
                     finished[output.request_id] = output

@@ -462,4 +462,7 @@ class InputBatchBuilder:
         if widest == _NO_LOGPROBS:
             return 0
         width = max(widest, 1)
-        return width if width > self.max_logprobs else max(self.max_logprobs, 1)
+        width = width if width > self.max_logprobs else max(self.max_logprobs, 1)
+        # --max-logprobs may exceed the vocabulary (vLLM's tests pass 151936 so that -1 is
+        # allowed); top-k cannot.
+        return min(width, self.vocab_size)

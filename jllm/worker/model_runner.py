@@ -8,9 +8,10 @@ the sampled tokens and any logprobs asked for.
 from __future__ import annotations
 
 import functools
+import inspect
 import logging
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import jax
 import jax.numpy as jnp
@@ -38,6 +39,9 @@ class RunnerOutput:
     prompt_topk_logprobs: np.ndarray | None = None
     prompt_target_logprobs: np.ndarray | None = None  # [T]
     prompt_target_ranks: np.ndarray | None = None
+    # Requests whose own logits processor raised, by request id; their sampled token
+    # is meaningless.
+    failed: dict[str, BaseException] = field(default_factory=dict)
 
 
 def _forward(model, params, kv_caches, cos_sin_table, inputs: ModelInputs):
@@ -74,6 +78,14 @@ def _forward_logits(model, params, kv_caches, cos_sin_table, inputs: ModelInputs
     return kv_caches, model.apply(params, hidden[inputs.logits_indices], method=type(model).compute_logits)
 
 
+def _apply_logits_processor(fn, req, logits: np.ndarray) -> np.ndarray:
+    """vLLM V0's two signatures, told apart by arity as V0 does: (prompt_ids, output_ids,
+    logits) or (output_ids, logits). A TypeError raised inside is then the processor's own."""
+    if len(inspect.signature(fn).parameters) == 3:
+        return fn(req.prompt_token_ids, req.output_token_ids, logits)
+    return fn(req.output_token_ids, logits)
+
+
 class ModelRunner:
     def __init__(self, *, model, params, spec, kv_caches, block_size: int, max_model_len: int,
                  max_num_seqs: int, max_logprobs: int, hf_config, token_buckets: tuple[int, ...],
@@ -107,6 +119,10 @@ class ModelRunner:
         """Programs compiled for the fused step so far (the no-recompilation test reads it)."""
         return self._step._cache_size()
 
+    def kv_cache_alive(self) -> bool:
+        """False once a step that raised had already consumed the donated KV pool."""
+        return not any(leaf.is_deleted() for leaf in jax.tree.leaves(self.kv_caches))
+
     def remove_requests(self, request_ids) -> None:
         """Forgets requests that finished or were preempted (their persistent rows)."""
         self.builder.remove_requests(request_ids)
@@ -136,18 +152,22 @@ class ModelRunner:
     def _execute_with_processors(self, rows, shape: StepShape, inputs, sampling_md) -> RunnerOutput:
         self.kv_caches, logits = self._forward_logits(self.params, self.kv_caches, self.cos_sin_table, inputs)
         logits = np.array(logits)
+        failed: dict[str, BaseException] = {}
         for i, row in enumerate(rows):
             req = row.request
-            for fn in req.sampling_params.logits_processors or ():
-                try:
-                    logits[i] = fn(req.prompt_token_ids, req.output_token_ids, logits[i])
-                except TypeError:
-                    logits[i] = fn(req.output_token_ids, logits[i])
+            try:
+                for fn in req.sampling_params.logits_processors or ():
+                    logits[i] = _apply_logits_processor(fn, req, logits[i])
+            except Exception as e:  # noqa: BLE001 - user code: its request fails, not the step
+                failed[req.request_id] = e
+                logits[i] = 0.0
         out = self._sample(jnp.asarray(logits), sampling_md, num_logprobs=shape.num_logprobs)
         logprobs = None
         if shape.num_logprobs:
             logprobs = (out.topk_token_ids, out.topk_logprobs, out.sampled_logprobs, out.sampled_ranks)
-        return self._to_host(out.sampled_token_ids, logprobs, None, len(rows))
+        result = self._to_host(out.sampled_token_ids, logprobs, None, len(rows))
+        result.failed = failed
+        return result
 
     @staticmethod
     def _to_host(sampled, logprobs, prompt, n: int) -> RunnerOutput:

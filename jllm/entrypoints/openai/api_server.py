@@ -9,30 +9,40 @@
 from __future__ import annotations
 
 import argparse
+import asyncio
 import logging
+import os
 import socket
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager
 
-from fastapi import Depends, FastAPI, Request
+from http import HTTPStatus
+
+from fastapi import Depends, FastAPI, HTTPException, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
+from pydantic import ValidationError
 
 from jllm import __version__
 from jllm.engine.arg_utils import EngineArgs
 from jllm.engine.async_llm_engine import AsyncLLMEngine, EngineDeadError
 from jllm.entrypoints.openai.cancellation import with_cancellation
 from jllm.entrypoints.openai.chat_utils import load_chat_template
-from jllm.entrypoints.openai.cli_args import make_arg_parser, validate_parsed_serve_args
+from jllm.entrypoints.openai.cli_args import make_arg_parser, resolve_api_keys, validate_parsed_serve_args
 from jllm.entrypoints.openai.errors import install_exception_handlers
 from jllm.entrypoints.openai.metrics import PrometheusStatLogger
-from jllm.entrypoints.openai.middleware import AuthenticationMiddleware, RequestSizeLimitMiddleware
+from jllm.entrypoints.openai.errors import OpenAIServingError
+from jllm.entrypoints.openai.middleware import (AUTHENTICATED_PREFIXES, AuthenticationMiddleware,
+                                                RequestSizeLimitMiddleware, ServerLoad, ServerLoadMiddleware,
+                                                XRequestIdMiddleware)
+from jllm.entrypoints.openai.orca_metrics import add_load_report
 from jllm.entrypoints.openai.protocol import (ChatCompletionRequest, CompletionRequest, DetokenizeRequest,
                                               GenerateRequest, TokenizeRequest)
 from jllm.entrypoints.openai.request_logger import RequestLogger
 from jllm.entrypoints.openai.serving_chat import OpenAIServingChat
 from jllm.entrypoints.openai.serving_completion import OpenAIServingCompletion
+from jllm.entrypoints.openai.serving_engine import ResponseOptions
 from jllm.entrypoints.openai.serving_generate import ServingGenerate
 from jllm.entrypoints.openai.serving_models import OpenAIServingModels
 from jllm.entrypoints.openai.serving_tokenization import OpenAIServingTokenization
@@ -41,6 +51,10 @@ logger = logging.getLogger("jllm.entrypoints.openai.api_server")
 
 # Seconds an idle keep-alive connection stays open (vLLM's TIMEOUT_KEEP_ALIVE).
 TIMEOUT_KEEP_ALIVE = 5
+# Seconds open requests get to finish once the server is told to exit.
+TIMEOUT_GRACEFUL_SHUTDOWN = 10
+# The generation routes that --enable-server-load-tracking counts (vLLM's load_aware_call).
+LOAD_TRACKED_PATHS = frozenset({"/v1/completions", "/v1/chat/completions", "/generate", "/invocations"})
 
 
 async def validate_json_request(raw_request: Request) -> None:
@@ -49,12 +63,28 @@ async def validate_json_request(raw_request: Request) -> None:
         raise RequestValidationError(errors=["Unsupported Media Type: Only 'application/json' is allowed"])
 
 
+async def exit_when_engine_dies(app: FastAPI) -> None:
+    """A dead engine cannot serve again, so the server exits (vLLM's behaviour) rather
+    than answer 500 for ever; a supervisor restarts it. Until uvicorn has closed the
+    socket, /health answers 503."""
+    error = await app.state.engine_client.wait_until_dead()
+    logger.error("%s The server shuts down.", error)
+    server = getattr(app.state, "server", None)
+    if server is not None:
+        server.should_exit = True
+
+
 @asynccontextmanager
 async def lifespan(app: FastAPI):
+    state = app.state
+    watcher = None
+    if getattr(state, "engine_client", None) is not None:
+        watcher = asyncio.create_task(exit_when_engine_dies(app))
     try:
         yield
     finally:
-        state = app.state
+        if watcher is not None:
+            watcher.cancel()
         if getattr(state, "engine_client", None) is not None:
             state.engine_client.shutdown()
         if getattr(state, "tokenizer_executor", None) is not None:
@@ -65,6 +95,7 @@ def build_app(args: argparse.Namespace) -> FastAPI:
     app = FastAPI(root_path=args.root_path or "", lifespan=lifespan, title="jllm", version=__version__)
     install_exception_handlers(app)
     json_body = [Depends(validate_json_request)]
+    app.state.server_load = ServerLoad()
 
     @app.get("/health")
     async def health(raw_request: Request) -> Response:
@@ -74,9 +105,17 @@ def build_app(args: argparse.Namespace) -> FastAPI:
             return Response(status_code=503)
         return Response(status_code=200)
 
+    # SageMaker's health check.
+    app.add_api_route("/ping", health, methods=["GET", "POST"], response_class=Response)
+
     @app.get("/version")
     async def show_version() -> JSONResponse:
         return JSONResponse({"version": __version__})
+
+    @app.get("/load")
+    async def show_server_load(raw_request: Request) -> JSONResponse:
+        # Always 0 without --enable-server-load-tracking, as in vLLM.
+        return JSONResponse({"server_load": raw_request.app.state.server_load.value})
 
     @app.get("/v1/models")
     async def show_available_models(raw_request: Request) -> JSONResponse:
@@ -97,25 +136,55 @@ def build_app(args: argparse.Namespace) -> FastAPI:
         response = await raw_request.app.state.openai_serving_tokenization.create_detokenize(request)
         return JSONResponse(response.model_dump())
 
+    if args.enable_tokenizer_info_endpoint:
+        @app.get("/tokenizer_info")
+        async def tokenizer_info(raw_request: Request) -> JSONResponse:
+            return JSONResponse(raw_request.app.state.openai_serving_tokenization.get_tokenizer_info())
+
     @app.post("/v1/completions", dependencies=json_body)
     @with_cancellation
     async def create_completion(request: CompletionRequest, raw_request: Request):
-        return await raw_request.app.state.openai_serving_completion.create_completion(request, raw_request)
+        response = await raw_request.app.state.openai_serving_completion.create_completion(request, raw_request)
+        return add_load_report(response, raw_request)
 
     @app.post("/v1/chat/completions", dependencies=json_body)
     @with_cancellation
     async def create_chat_completion(request: ChatCompletionRequest, raw_request: Request):
-        return await raw_request.app.state.openai_serving_chat.create_chat_completion(request, raw_request)
+        response = await raw_request.app.state.openai_serving_chat.create_chat_completion(request, raw_request)
+        return add_load_report(response, raw_request)
 
     @app.post("/generate", dependencies=json_body)
     @with_cancellation
     async def generate(request: GenerateRequest, raw_request: Request):
         return await raw_request.app.state.serving_generate.generate(request)
 
-    # Added last, so outermost: a request without the key never gets its body read.
+    # SageMaker's one route: the first request type the body validates as, in vLLM's order.
+    invocation_types = ((ChatCompletionRequest, create_chat_completion), (CompletionRequest, create_completion))
+
+    @app.post("/invocations", dependencies=json_body)
+    async def invocations(raw_request: Request):
+        try:
+            body = await raw_request.json()
+        except ValueError as e:
+            raise HTTPException(HTTPStatus.BAD_REQUEST, detail=f"JSON decode error: {e}") from e
+        for request_type, endpoint in invocation_types:
+            try:
+                request = request_type.model_validate(body)
+            except ValidationError:
+                continue
+            return await endpoint(request=request, raw_request=raw_request)
+        names = [request_type.__name__ for request_type, _ in invocation_types]
+        raise OpenAIServingError(f"Cannot find suitable handler for request. Expected one of: {names}")
+
+    # Starlette runs the last added outermost. Size limit, then the key: a request without
+    # it never gets its body read. X-Request-Id outside both, so a 401 or 413 has one too.
+    if args.enable_server_load_tracking:
+        app.add_middleware(ServerLoadMiddleware, load=app.state.server_load, paths=LOAD_TRACKED_PATHS)
     app.add_middleware(RequestSizeLimitMiddleware, max_body_bytes=args.max_request_body_bytes)
     if args.api_key:
         app.add_middleware(AuthenticationMiddleware, api_keys=args.api_key)
+    if args.enable_request_id_headers:
+        app.add_middleware(XRequestIdMiddleware)
     return app
 
 
@@ -126,40 +195,71 @@ def init_app_state(engine: AsyncLLMEngine, state, args: argparse.Namespace) -> N
     models = OpenAIServingModels([args.served_model_name or args.model], args.model, max_model_len)
     request_logger = RequestLogger(args.max_log_len) if args.enable_log_requests else None
     executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="jllm-tokenizer")
+    options = ResponseOptions(return_tokens_as_token_ids=args.return_tokens_as_token_ids,
+                              enable_force_include_usage=args.enable_force_include_usage,
+                              enable_prompt_tokens_details=args.enable_prompt_tokens_details)
     serving_chat = OpenAIServingChat(engine, models, request_logger, executor, load_chat_template(args.chat_template),
-                                     args.response_role, args.trust_request_chat_template)
+                                     args.response_role, args.trust_request_chat_template, options)
     state.engine_client = engine
     state.tokenizer_executor = executor
     state.openai_serving_models = models
-    state.openai_serving_completion = OpenAIServingCompletion(engine, models, request_logger, executor)
+    state.openai_serving_completion = OpenAIServingCompletion(engine, models, request_logger, executor, options)
     state.openai_serving_chat = serving_chat
     state.openai_serving_tokenization = OpenAIServingTokenization(serving_chat)
-    state.serving_generate = ServingGenerate(engine, models, request_logger, executor)
+    state.serving_generate = ServingGenerate(engine, models, request_logger, executor, options)
     state.metrics_registry = CollectorRegistry()
-    engine.add_stat_logger(PrometheusStatLogger(state.metrics_registry, models.model_name, max_model_len))
+    engine.add_stat_logger(PrometheusStatLogger(state.metrics_registry, models.model_name, max_model_len,
+                                                engine.cache_config))
 
 
 def configure_logging() -> None:
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(asctime)s [%(name)s] %(message)s")
 
 
-def run_server(args: argparse.Namespace) -> None:
+def make_server(app: FastAPI, args: argparse.Namespace):
+    """The uvicorn server for `app`; kept on app.state so a dead engine can stop it."""
     import uvicorn
 
-    configure_logging()
-    validate_parsed_serve_args(args)
-    # Bound before the engine loads, so a port in use fails at once, not minutes later.
+    config = uvicorn.Config(app, log_level=args.uvicorn_log_level, access_log=not args.disable_uvicorn_access_log,
+                            timeout_keep_alive=TIMEOUT_KEEP_ALIVE,
+                            timeout_graceful_shutdown=TIMEOUT_GRACEFUL_SHUTDOWN)
+    app.state.server = uvicorn.Server(config)
+    return app.state.server
+
+
+def bind_socket(args: argparse.Namespace) -> tuple[socket.socket, str]:
+    """The listening socket (--uds, else --host/--port) and its address for the log."""
+    if args.uds:
+        if os.path.exists(args.uds):
+            os.unlink(args.uds)  # a stale socket file from an earlier run
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        sock.bind(args.uds)
+        return sock, f"unix:{args.uds}"
     host = args.host or "0.0.0.0"
     sock = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET, socket.SOCK_STREAM)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     sock.bind((host, args.port))
+    return sock, f"http://{host}:{sock.getsockname()[1]}"
+
+
+def run_server(args: argparse.Namespace) -> None:
+    configure_logging()
+    validate_parsed_serve_args(args)
+    args.api_key = resolve_api_keys(args.api_key)
+    # Bound before the engine loads, so a port in use fails at once, not minutes later.
+    sock, address = bind_socket(args)
     engine = AsyncLLMEngine.from_engine_args(EngineArgs.from_cli_args(args))
     app = build_app(args)
     init_app_state(engine, app.state, args)
-    logger.info("Serving %s on http://%s:%d", args.served_model_name or args.model, host, sock.getsockname()[1])
-    config = uvicorn.Config(app, log_level=args.uvicorn_log_level, access_log=not args.disable_uvicorn_access_log,
-                            timeout_keep_alive=TIMEOUT_KEEP_ALIVE)
-    uvicorn.Server(config).run(sockets=[sock])
+    if args.api_key:
+        logger.info("API key authentication is on: routes under %s need one of %d key(s).",
+                    ", ".join(AUTHENTICATED_PREFIXES), len(args.api_key))
+    else:
+        logger.info("API key authentication is off: set --api-key, JLLM_API_KEY or VLLM_API_KEY to turn it on.")
+    logger.info("Serving %s on %s", args.served_model_name or args.model, address)
+    make_server(app, args).run(sockets=[sock])
+    if engine.errored:
+        raise SystemExit(1)
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -1,19 +1,27 @@
 """Pure ASGI middleware (no BaseHTTPMiddleware, which would break streaming and
-disconnect detection): API-key checks and the request body size limit."""
+disconnect detection): API-key checks, the request body size limit, X-Request-Id
+headers and the count of generation requests in flight."""
 from __future__ import annotations
 
 import hashlib
 import secrets
+import uuid
 from http import HTTPStatus
 
-from starlette.datastructures import URL, Headers
+from starlette.datastructures import URL, Headers, MutableHeaders
 from starlette.responses import JSONResponse
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from jllm.entrypoints.openai.errors import create_error_response
 
-# Route prefixes that need the key (vLLM's); /health, /metrics, /tokenize ... stay open.
-AUTHENTICATED_PREFIXES = ("/v1",)
+# Route prefixes that need the key (vLLM's); /health, /metrics, /tokenize, /invocations ... stay open.
+AUTHENTICATED_PREFIXES = ("/v1", "/v2", "/inference")
+
+
+def route_path(scope: Scope) -> str:
+    """The path the app routes on: under --root-path a proxy may or may not have
+    stripped the prefix, and both must be checked the same way."""
+    return URL(scope=scope).path.removeprefix(scope.get("root_path", ""))
 
 
 class AuthenticationMiddleware:
@@ -38,8 +46,7 @@ class AuthenticationMiddleware:
         if scope["type"] not in ("http", "websocket") or scope.get("method") == "OPTIONS":
             await self.app(scope, receive, send)
             return
-        path = URL(scope=scope).path.removeprefix(scope.get("root_path", ""))
-        if path.startswith(AUTHENTICATED_PREFIXES) and not self.verify_token(Headers(scope=scope)):
+        if route_path(scope).startswith(AUTHENTICATED_PREFIXES) and not self.verify_token(Headers(scope=scope)):
             await JSONResponse({"error": "Unauthorized"}, status_code=HTTPStatus.UNAUTHORIZED)(scope, receive, send)
             return
         await self.app(scope, receive, send)
@@ -91,3 +98,52 @@ class RequestSizeLimitMiddleware:
             HTTPStatus.REQUEST_ENTITY_TOO_LARGE.phrase, HTTPStatus.REQUEST_ENTITY_TOO_LARGE)
         response = JSONResponse(error.model_dump(), status_code=HTTPStatus.REQUEST_ENTITY_TOO_LARGE)
         await response(scope, receive, send)
+
+
+class XRequestIdMiddleware:
+    """--enable-request-id-headers: every response carries X-Request-Id, the client's
+    own or a new uuid4 hex (vLLM's)."""
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] not in ("http", "websocket"):
+            await self.app(scope, receive, send)
+            return
+        request_id = Headers(scope=scope).get("X-Request-Id") or uuid.uuid4().hex
+
+        async def send_with_id(message: Message) -> None:
+            if message["type"] == "http.response.start":
+                MutableHeaders(scope=message).append("X-Request-Id", request_id)
+            await send(message)
+
+        await self.app(scope, receive, send_with_id)
+
+
+class ServerLoad:
+    """The number of generation requests in flight, for GET /load."""
+
+    def __init__(self) -> None:
+        self.value = 0
+
+
+class ServerLoadMiddleware:
+    """--enable-server-load-tracking: counts a request to a generation route from its
+    arrival until its response's last byte is sent (a stream until [DONE]) or its
+    client goes; a finally, so no way out can leave the count high."""
+
+    def __init__(self, app: ASGIApp, load: ServerLoad, paths: frozenset[str]) -> None:
+        self.app = app
+        self.load = load
+        self.paths = paths
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http" or route_path(scope) not in self.paths:
+            await self.app(scope, receive, send)
+            return
+        self.load.value += 1
+        try:
+            await self.app(scope, receive, send)
+        finally:
+            self.load.value -= 1

@@ -1,11 +1,14 @@
 """The server's request and response bodies as pydantic models, with vLLM's field names,
 defaults and validation messages (vllm/entrypoints/openai/protocol.py).
 
-Requests accept unknown fields and ignore them, as vLLM does; a field of the wrong type
-or a rule broken here becomes a 400 through the server's validation handler.
+Requests accept unknown fields and ignore them with a logged warning, as vLLM does (OpenAI
+clients send fields of their own); a field jllm defines but cannot honour is refused by
+the serving layer, and a field of the wrong type or a rule broken here becomes a 400
+through the server's validation handler.
 """
 from __future__ import annotations
 
+import logging
 import time
 from typing import Any, Literal
 
@@ -21,8 +24,22 @@ _LONG_MIN, _LONG_MAX = -(1 << 63), (1 << 63) - 1
 DEFAULT_SAMPLING_PARAMS = {"repetition_penalty": 1.0, "temperature": 1.0, "top_p": 1.0, "top_k": 0, "min_p": 0.0}
 
 
+logger = logging.getLogger(__name__)
+
+
 class OpenAIBaseModel(BaseModel):
     model_config = ConfigDict(extra="allow")
+
+    @model_validator(mode="wrap")
+    @classmethod
+    def log_extra_fields(cls, data, handler):
+        result = handler(data)
+        if isinstance(data, dict):
+            known = {name for name in cls.model_fields} | {f.alias for f in cls.model_fields.values() if f.alias}
+            extra = data.keys() - known
+            if extra:
+                logger.warning("The following fields were present in the request but ignored: %s", extra)
+        return result
 
 
 # ----- errors, usage, models -------------------------------------------------------------
@@ -83,7 +100,7 @@ class ModelList(OpenAIBaseModel):
 
 
 class ResponseFormat(OpenAIBaseModel):
-    type: Literal["text", "json_object", "json_schema"]
+    type: Literal["text", "json_object", "json_schema", "structural_tag"]
     json_schema: dict[str, Any] | None = None
 
 
@@ -127,6 +144,17 @@ class SamplingRequest(OpenAIBaseModel):
     return_token_ids: bool | None = None
     cache_salt: str | None = None
     vllm_xargs: dict[str, Any] | None = None
+    # Structured outputs, and the fields vLLM had for them before 0.12: defined so that
+    # a request using them is refused (serving_engine) instead of being served
+    # unconstrained.
+    structured_outputs: dict[str, Any] | None = None
+    guided_json: Any = None
+    guided_regex: Any = None
+    guided_choice: Any = None
+    guided_grammar: Any = None
+    guided_decoding_backend: Any = None
+    guided_whitespace_pattern: Any = None
+    structural_tag: Any = None
 
     @model_validator(mode="before")
     @classmethod
@@ -386,6 +414,8 @@ class ChatCompletionStreamResponse(OpenAIBaseModel):
     model: str
     choices: list[ChatCompletionResponseStreamChoice]
     usage: UsageInfo | None = None
+    # Set on the first chunk only, with return_token_ids.
+    prompt_token_ids: list[int] | None = None
 
 
 # ----- tokenization ----------------------------------------------------------------------

@@ -19,7 +19,8 @@ from jllm.entrypoints.openai.protocol import (ChatCompletionLogProb, ChatComplet
                                               ChatMessage, ChatTemplateFields, DeltaMessage, UsageInfo)
 from jllm.entrypoints.openai.request_logger import RequestLogger
 from jllm.entrypoints.openai.serving_completion import prompt_logprobs_json
-from jllm.entrypoints.openai.serving_engine import EngineStreamingResponse, OpenAIServing, sse_error, sse_event
+from jllm.entrypoints.openai.serving_engine import (EngineStreamingResponse, OpenAIServing, ResponseOptions, sse_error,
+                                                   sse_event)
 from jllm.entrypoints.openai.serving_models import OpenAIServingModels
 from jllm.outputs import Logprob, RequestOutput
 
@@ -27,8 +28,8 @@ from jllm.outputs import Logprob, RequestOutput
 class OpenAIServingChat(OpenAIServing):
     def __init__(self, engine: AsyncLLMEngine, models: OpenAIServingModels, request_logger: RequestLogger | None,
                  tokenizer_executor: Executor, chat_template: str | None, response_role: str = "assistant",
-                 trust_request_chat_template: bool = False) -> None:
-        super().__init__(engine, models, request_logger, tokenizer_executor)
+                 trust_request_chat_template: bool = False, options: ResponseOptions = ResponseOptions()) -> None:
+        super().__init__(engine, models, request_logger, tokenizer_executor, options)
         self.chat_template = chat_template
         self.response_role = response_role
         self.trust_request_chat_template = trust_request_chat_template
@@ -117,8 +118,7 @@ class OpenAIServingChat(OpenAIServing):
             ))
         num_prompt_tokens = len(final.prompt_token_ids or ())
         num_generated_tokens = sum(len(o.token_ids) for o in final.outputs)
-        usage = UsageInfo(prompt_tokens=num_prompt_tokens, completion_tokens=num_generated_tokens,
-                          total_tokens=num_prompt_tokens + num_generated_tokens)
+        usage = self.usage(num_prompt_tokens, num_generated_tokens, final.num_cached_tokens or 0)
         return ChatCompletionResponse(
             id=request_id, created=created, model=model_name, choices=choices, usage=usage,
             prompt_logprobs=prompt_logprobs_json(final.prompt_logprobs),
@@ -127,7 +127,7 @@ class OpenAIServingChat(OpenAIServing):
 
     def _logprobs(self, token_ids: list[int], top_logprobs: list[dict[int, Logprob]] | None,
                   request: ChatCompletionRequest) -> ChatCompletionLogProbs:
-        as_ids = bool(request.return_tokens_as_token_ids)
+        as_ids = self.tokens_as_token_ids(request)
         num_top = request.top_logprobs or 0
         content = []
         for i, token_id in enumerate(token_ids):
@@ -138,29 +138,31 @@ class OpenAIServingChat(OpenAIServing):
                 continue
             chosen = step[token_id]
             token = self.decoded_token(chosen, token_id, as_ids)
+            # The chosen token's own bytes, even when it is shown as token_id:N (vLLM's).
+            chosen_text = self.decoded_token(chosen, token_id, False)
+            # The engine puts the chosen token first, so it leads and the k-th best
+            # drops out when it is not among the top k (vLLM's order and count).
             top = [
                 ChatCompletionLogProb(token=(t := self.decoded_token(lp, tid, as_ids)),
                                       logprob=max(lp.logprob, -9999.0), bytes=_utf8(t))
                 for rank, (tid, lp) in enumerate(step.items()) if rank < num_top or num_top == -1
             ]
             content.append(ChatCompletionLogProbsContent(
-                token=token, logprob=max(chosen.logprob, -9999.0), bytes=_utf8(token), top_logprobs=top))
+                token=token, logprob=max(chosen.logprob, -9999.0), bytes=_utf8(chosen_text), top_logprobs=top))
         return ChatCompletionLogProbs(content=content)
 
     async def _stream(self, request: ChatCompletionRequest, request_id: str, created: int, model_name: str,
                       role: str, echo_text: str, outputs) -> AsyncGenerator[str, None]:
         n = request.n or 1
-        num_prompt_tokens = 0
+        num_prompt_tokens = num_cached_tokens = 0
         num_tokens = [0] * n
         finish_sent = [False] * n
-        options = request.stream_options
-        include_usage = bool(options and options.include_usage)
-        continuous_usage = include_usage and bool(options.continuous_usage_stats)
+        include_usage, continuous_usage = self.stream_usage(request)
 
-        def chunk(choice: ChatCompletionResponseStreamChoice) -> str:
+        def chunk(choice: ChatCompletionResponseStreamChoice, **fields) -> str:
             # Chat chunks leave out unset fields (as vLLM's do), so the header fields are set.
             response = ChatCompletionStreamResponse(id=request_id, object="chat.completion.chunk", created=created,
-                                                    model=model_name, choices=[choice])
+                                                    model=model_name, choices=[choice], **fields)
             if continuous_usage:
                 completion_tokens = sum(num_tokens)
                 response.usage = UsageInfo(prompt_tokens=num_prompt_tokens, completion_tokens=completion_tokens,
@@ -172,9 +174,13 @@ class OpenAIServingChat(OpenAIServing):
             async for _, result in outputs:
                 if first:
                     num_prompt_tokens = len(result.prompt_token_ids or ())
+                    num_cached_tokens = result.num_cached_tokens or 0
+                    prompt_token_ids = list(result.prompt_token_ids or ()) if request.return_token_ids else None
                     for i in range(n):
+                        # The role chunk carries prompt_token_ids (null when not asked for), as vLLM's.
                         yield chunk(ChatCompletionResponseStreamChoice(
-                            index=i, delta=DeltaMessage(role=role, content=""), logprobs=None, finish_reason=None))
+                            index=i, delta=DeltaMessage(role=role, content=""), logprobs=None, finish_reason=None),
+                            prompt_token_ids=prompt_token_ids)
                         if echo_text:
                             yield chunk(ChatCompletionResponseStreamChoice(
                                 index=i, delta=DeltaMessage(content=echo_text), logprobs=None, finish_reason=None))
@@ -192,16 +198,13 @@ class OpenAIServingChat(OpenAIServing):
                     if output.finish_reason is not None:
                         choice.stop_reason = output.stop_reason
                         finish_sent[i] = True
-                    if request.return_token_ids:
-                        choice.token_ids = list(output.token_ids)
+                    choice.token_ids = list(output.token_ids) if request.return_token_ids else None
                     yield chunk(choice)
             if include_usage:
-                completion_tokens = sum(num_tokens)
-                usage = UsageInfo(prompt_tokens=num_prompt_tokens, completion_tokens=completion_tokens,
-                                  total_tokens=num_prompt_tokens + completion_tokens)
+                usage = self.usage(num_prompt_tokens, sum(num_tokens), num_cached_tokens)
                 yield sse_event(ChatCompletionStreamResponse(
                     id=request_id, object="chat.completion.chunk", created=created, model=model_name, choices=[],
-                    usage=usage), exclude_unset=True)
+                    usage=usage), exclude_unset=True, exclude_none=True)
         except Exception as e:  # noqa: BLE001 - the status line is gone; the error goes in the stream
             yield sse_error(e)
         finally:

@@ -73,11 +73,12 @@ class OpenAIServingCompletion(OpenAIServing):
     def _response(self, request: CompletionRequest, request_id: str, created: int, model_name: str,
                   finals: list[RequestOutput]) -> CompletionResponse:
         choices = []
-        num_prompt_tokens = num_generated_tokens = 0
+        num_prompt_tokens = num_generated_tokens = num_cached_tokens = 0
         for final in finals:
             prompt_ids = list(final.prompt_token_ids or [])
             prompt_logprobs = final.prompt_logprobs
             num_prompt_tokens += len(prompt_ids)
+            num_cached_tokens += final.num_cached_tokens or 0
             for output in final.outputs:
                 token_ids, logprobs, text = list(output.token_ids), output.logprobs, output.text
                 if request.echo:
@@ -98,15 +99,14 @@ class OpenAIServingCompletion(OpenAIServing):
                     token_ids=list(output.token_ids) if request.return_token_ids else None,
                 ))
                 num_generated_tokens += len(output.token_ids)
-        usage = UsageInfo(prompt_tokens=num_prompt_tokens, completion_tokens=num_generated_tokens,
-                          total_tokens=num_prompt_tokens + num_generated_tokens)
+        usage = self.usage(num_prompt_tokens, num_generated_tokens, num_cached_tokens)
         return CompletionResponse(id=request_id, created=created, model=model_name, choices=choices, usage=usage)
 
     def _logprobs(self, token_ids: list[int], top_logprobs: list[dict[int, Logprob] | None] | None,
                   request: CompletionRequest, initial_text_offset: int = 0) -> CompletionLogProbs:
         """OpenAI's completion logprobs: per token its text, logprob, the top `logprobs`
         alternatives (plus the chosen one) and its character offset."""
-        as_ids = bool(request.return_tokens_as_token_ids)
+        as_ids = self.tokens_as_token_ids(request)
         num_top = request.logprobs
         result = CompletionLogProbs()
         last_token_len = 0
@@ -140,13 +140,13 @@ class OpenAIServingCompletion(OpenAIServing):
         first_sent = [False] * n * num_prompts
         has_echoed = [False] * n * num_prompts
         num_prompt_tokens = [0] * num_prompts
-        options = request.stream_options
-        include_usage = bool(options and options.include_usage)
-        continuous_usage = include_usage and bool(options.continuous_usage_stats)
+        num_cached_tokens = [0] * num_prompts
+        include_usage, continuous_usage = self.stream_usage(request)
         try:
             async for prompt_index, result in outputs:
                 prompt_ids = list(result.prompt_token_ids or [])
                 num_prompt_tokens[prompt_index] = len(prompt_ids)
+                num_cached_tokens[prompt_index] = result.num_cached_tokens or 0
                 for output in result.outputs:
                     i = output.index + prompt_index * n
                     if finish_sent[i]:
@@ -182,11 +182,9 @@ class OpenAIServingCompletion(OpenAIServing):
                                                 total_tokens=prompt_tokens + previous_num_tokens[i])
                     yield sse_event(chunk)
             if include_usage:
-                prompt_tokens, completion_tokens = sum(num_prompt_tokens), sum(previous_num_tokens)
-                usage = UsageInfo(prompt_tokens=prompt_tokens, completion_tokens=completion_tokens,
-                                  total_tokens=prompt_tokens + completion_tokens)
+                usage = self.usage(sum(num_prompt_tokens), sum(previous_num_tokens), sum(num_cached_tokens))
                 yield sse_event(CompletionStreamResponse(id=request_id, created=created, model=model_name,
-                                                         choices=[], usage=usage))
+                                                         choices=[], usage=usage), exclude_none=True)
         except Exception as e:  # noqa: BLE001 - the status line is gone; the error goes in the stream
             yield sse_error(e)
         finally:

@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import uuid
 from concurrent.futures import Executor
+from dataclasses import dataclass
 from http import HTTPStatus
 
 from fastapi import Request
@@ -16,7 +17,7 @@ from jllm.engine.async_llm_engine import AsyncLLMEngine, RequestStream
 from jllm.engine.prompts import bad_words_token_ids
 from jllm.transformers_utils.config import get_diff_sampling_param
 from jllm.entrypoints.openai.errors import OpenAIServingError, create_error_response
-from jllm.entrypoints.openai.protocol import SamplingRequest
+from jllm.entrypoints.openai.protocol import SamplingRequest, UsageInfo
 from jllm.entrypoints.openai.request_logger import RequestLogger
 from jllm.entrypoints.openai.serving_models import OpenAIServingModels
 from jllm.outputs import Logprob
@@ -24,14 +25,26 @@ from jllm.sampling_params import SamplingParams
 
 # vLLM's VLLM_MAX_NUM_BAD_WORDS: token sequences per request after tokenization.
 MAX_NUM_BAD_WORDS = 128
+# Request fields that ask for structured outputs (guided_* are vLLM's names before 0.12).
+STRUCTURED_OUTPUT_FIELDS = ("structured_outputs", "guided_json", "guided_regex", "guided_choice", "guided_grammar",
+                            "guided_decoding_backend", "guided_whitespace_pattern", "structural_tag")
+
+
+@dataclass(frozen=True)
+class ResponseOptions:
+    """Server flags that shape every response (vLLM's frontend flags of the same names)."""
+    return_tokens_as_token_ids: bool = False
+    enable_force_include_usage: bool = False
+    enable_prompt_tokens_details: bool = False
 
 
 def random_uuid() -> str:
     return uuid.uuid4().hex
 
 
-def sse_event(chunk: BaseModel | str, exclude_unset: bool = False) -> str:
-    data = chunk if isinstance(chunk, str) else chunk.model_dump_json(exclude_unset=exclude_unset)
+def sse_event(chunk: BaseModel | str, exclude_unset: bool = False, exclude_none: bool = False) -> str:
+    data = chunk if isinstance(chunk, str) else chunk.model_dump_json(exclude_unset=exclude_unset,
+                                                                        exclude_none=exclude_none)
     return f"data: {data}\n\n"
 
 
@@ -69,8 +82,10 @@ class EngineStreamingResponse(StreamingResponse):
 
 class OpenAIServing:
     def __init__(self, engine: AsyncLLMEngine, models: OpenAIServingModels,
-                 request_logger: RequestLogger | None, tokenizer_executor: Executor) -> None:
+                 request_logger: RequestLogger | None, tokenizer_executor: Executor,
+                 options: ResponseOptions = ResponseOptions()) -> None:
         self.engine = engine
+        self.options = options
         self.models = models
         self.request_logger = request_logger
         self.tokenizer = engine.tokenizer
@@ -88,12 +103,22 @@ class OpenAIServing:
 
     @staticmethod
     def check_sampling_support(request: SamplingRequest) -> None:
+        """Refuse what jllm cannot honour yet, rather than serve the request without it."""
         if request.use_beam_search:
             raise OpenAIServingError("Beam search is not supported by jllm.", param="use_beam_search")
         if request.response_format is not None and request.response_format.type != "text":
             raise OpenAIServingError(
                 f"response_format type '{request.response_format.type}' needs structured outputs, "
                 "which jllm does not support.", param="response_format")
+        for name in STRUCTURED_OUTPUT_FIELDS:
+            if getattr(request, name) is not None:
+                raise OpenAIServingError(
+                    f"`{name}` asks for structured outputs, which jllm does not support yet; the output "
+                    "would not be constrained, so the request is refused.", param=name)
+        if request.vllm_xargs:
+            raise OpenAIServingError(
+                "`vllm_xargs` is read by engine-level logits processors and plugins, and this server has none.",
+                param="vllm_xargs")
 
     @staticmethod
     def base_request_id(raw_request: Request | None, default: str | None = None) -> str:
@@ -190,6 +215,28 @@ class OpenAIServing:
         raise error
 
     # ----- outputs --------------------------------------------------------------------
+
+    def tokens_as_token_ids(self, request: SamplingRequest) -> bool:
+        """The request's return_tokens_as_token_ids, else the server's flag."""
+        if request.return_tokens_as_token_ids is not None:
+            return request.return_tokens_as_token_ids
+        return self.options.return_tokens_as_token_ids
+
+    def stream_usage(self, request: SamplingRequest) -> tuple[bool, bool]:
+        """(a final usage chunk, usage on every chunk), as vLLM's should_include_usage."""
+        options = request.stream_options
+        force = self.options.enable_force_include_usage
+        if options is None:
+            return force, False
+        include = bool(options.include_usage) or force
+        return include, include and bool(options.continuous_usage_stats)
+
+    def usage(self, num_prompt_tokens: int, num_generated_tokens: int, num_cached_tokens: int = 0) -> UsageInfo:
+        usage = UsageInfo(prompt_tokens=num_prompt_tokens, completion_tokens=num_generated_tokens,
+                          total_tokens=num_prompt_tokens + num_generated_tokens)
+        if self.options.enable_prompt_tokens_details and num_cached_tokens:
+            usage.prompt_tokens_details = {"cached_tokens": num_cached_tokens}
+        return usage
 
     def decoded_token(self, logprob: Logprob | None, token_id: int, as_token_id: bool) -> str:
         if as_token_id or self.tokenizer is None:

@@ -1,6 +1,10 @@
 """`POST /tokenize` and `POST /detokenize` (vLLM's OpenAIServingTokenization): a prompt or
-a conversation (through the same chat template as chat completions) to token ids, and back."""
+a conversation (through the same chat template as chat completions) to token ids, and back;
+and `GET /tokenizer_info`, the tokenizer's configuration."""
 from __future__ import annotations
+
+import json
+from typing import Any
 
 from jllm.entrypoints.openai.errors import OpenAIServingError
 from jllm.entrypoints.openai.protocol import (DetokenizeRequest, DetokenizeResponse, TokenizeChatRequest,
@@ -38,3 +42,33 @@ class OpenAIServingTokenization(OpenAIServing):
             raise OpenAIServingError(f"Token id {bad[0]} is out of vocabulary", param="tokens")
         text = await self.run_in_tokenizer_thread(tokenizer.decode, request.tokens)
         return DetokenizeResponse(prompt=text)
+
+    def get_tokenizer_info(self) -> dict[str, Any]:
+        """vLLM's TokenizerInfo: the tokenizer's init kwargs (its tokenizer_config.json)
+        less the vocabulary file paths, added tokens as their text, its class name, and
+        the server's --chat-template when there is one."""
+        tokenizer = self.require_tokenizer("Tokenizer info")
+        config = dict(getattr(tokenizer, "init_kwargs", None) or {})
+        config.pop("vocab_file", None)
+        config.pop("merges_file", None)
+        config = _json_value(config)
+        config["tokenizer_class"] = type(tokenizer).__name__
+        if self.serving_chat.chat_template:
+            config["chat_template"] = self.serving_chat.chat_template
+        return config
+
+
+def _json_value(value):
+    """AddedToken (anything with .content) as its text, containers recursively; any
+    other value JSON cannot hold as its str, so the answer never fails to encode."""
+    if hasattr(value, "content"):
+        return value.content
+    if isinstance(value, dict):
+        return {str(k): _json_value(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_json_value(v) for v in value]
+    try:
+        json.dumps(value, allow_nan=False)
+    except (TypeError, ValueError):
+        return str(value)
+    return value
