@@ -44,11 +44,9 @@ class InProcessServer:
     """build_app + init_app_state + uvicorn.Server on a daemon thread."""
 
     def __init__(self, args: argparse.Namespace) -> None:
-        import uvicorn
-
         from jllm.engine.arg_utils import EngineArgs
         from jllm.engine.async_llm_engine import AsyncLLMEngine
-        from jllm.entrypoints.openai.api_server import build_app, init_app_state
+        from jllm.entrypoints.openai.api_server import build_app, init_app_state, make_server
 
         self.engine = AsyncLLMEngine.from_engine_args(EngineArgs.from_cli_args(args))
         self.app = build_app(args)
@@ -56,7 +54,8 @@ class InProcessServer:
         sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
         sock.bind(("127.0.0.1", 0))
         self.port = sock.getsockname()[1]
-        self.server = uvicorn.Server(uvicorn.Config(self.app, log_level="warning", timeout_keep_alive=5))
+        args.uvicorn_log_level = "warning"
+        self.server = make_server(self.app, args)
         self.thread = threading.Thread(target=self.server.run, kwargs={"sockets": [sock]}, daemon=True)
         self.thread.start()
         deadline = time.monotonic() + STARTUP_TIMEOUT_S
@@ -99,21 +98,26 @@ def free_port() -> int:
 class RemoteServer:
     """`python -m jllm.entrypoints.cli serve MODEL ...` in a subprocess, logging to a file."""
 
-    def __init__(self, model: str, extra: list[str], log_path: str) -> None:
+    def __init__(self, model: str, extra: list[str], log_path: str, env: dict[str, str] | None = None,
+                 uds: str | None = None) -> None:
+        """`env` is added to this process's environment; with `uds` the server listens on
+        that unix socket instead of a port."""
         self.port = free_port()
+        self.uds = uds
         self.log_path = log_path
-        cmd = [sys.executable, "-m", "jllm.entrypoints.cli", "serve", model, "--host", "127.0.0.1",
-               "--port", str(self.port), *engine_flags(), *extra]
+        address = ["--uds", uds] if uds else ["--host", "127.0.0.1", "--port", str(self.port)]
+        cmd = [sys.executable, "-m", "jllm.entrypoints.cli", "serve", model, *address, *engine_flags(), *extra]
         self.log_file = open(log_path, "w")
         self.proc = subprocess.Popen(cmd, stdout=self.log_file, stderr=subprocess.STDOUT,
-                                     env={**os.environ, "PYTHONUNBUFFERED": "1"})
+                                     env={**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})})
         deadline = time.monotonic() + STARTUP_TIMEOUT_S
         while True:
             if self.proc.poll() is not None:
                 raise RuntimeError(f"`jllm serve` exited with {self.proc.returncode}:\n{self.log()}")
             try:
-                if httpx.get(f"{self.base_url}/health", timeout=2).status_code == 200:
-                    return
+                with self.client(timeout=2) as client:
+                    if client.get("/health").status_code == 200:
+                        return
             except httpx.TransportError:
                 pass
             if time.monotonic() > deadline:
@@ -124,6 +128,12 @@ class RemoteServer:
     @property
     def base_url(self) -> str:
         return f"http://127.0.0.1:{self.port}"
+
+    def client(self, **kwargs) -> httpx.Client:
+        """An httpx client for this server, over its unix socket where it has one."""
+        if self.uds:
+            return httpx.Client(transport=httpx.HTTPTransport(uds=self.uds), base_url="http://jllm", **kwargs)
+        return httpx.Client(base_url=self.base_url, **kwargs)
 
     def log(self) -> str:
         self.log_file.flush()

@@ -83,7 +83,9 @@ def make_batch(rng, context_lens, query_lens, *, num_tokens, group, head_dim,
       seq_lens=jnp.asarray(context_lens, jnp.int32),
       query_start_loc=jnp.asarray(query_start_loc))
   cache_shape = (NUM_KV_HEADS, num_blocks, block_size, head_dim)
-  normal = lambda shape: jnp.asarray(rng.standard_normal(shape), dtype)
+  def normal(shape):
+    return jnp.asarray(rng.standard_normal(shape), dtype)
+
   return PagedBatch(md, normal((num_tokens, NUM_KV_HEADS * group, head_dim)),
                     normal(cache_shape), normal(cache_shape), token_to_seq)
 

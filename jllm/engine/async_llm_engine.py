@@ -138,6 +138,7 @@ class AsyncLLMEngine:
         self._streams: dict[str, tuple[RequestStream, _OutputAccumulator]] = {}
         self._stats = RequestStatsTracker()
         self._dead: EngineDeadError | None = None
+        self._errored = False
         self._stopping = False
         # (loop, future) of each wait_until_dead caller.
         self._death_waiters: list[tuple[asyncio.AbstractEventLoop, asyncio.Future]] = []
@@ -176,7 +177,8 @@ class AsyncLLMEngine:
 
     @property
     def errored(self) -> bool:
-        return self._dead is not None
+        """The loop died of an error (a shutdown is not one)."""
+        return self._errored
 
     def add_stat_logger(self, stat_logger: StatLogger) -> None:
         self._stat_loggers.append(stat_logger)
@@ -191,7 +193,7 @@ class AsyncLLMEngine:
         loop = asyncio.get_running_loop()
         future = loop.create_future()
         with self._lock:
-            if self._dead is not None and not self._stopping:
+            if self._errored:
                 return self._dead
             self._death_waiters.append((loop, future))
         return await future
@@ -293,6 +295,7 @@ class AsyncLLMEngine:
         except BaseException as e:  # noqa: BLE001 - anything that escapes a step ends the engine
             logger.exception("The engine loop failed; no further requests can be served.")
             error = EngineDeadError(f"Engine loop has died: {e!r}")
+            self._errored = True
             self._fail_all(error)
             with self._lock:
                 waiters, self._death_waiters = self._death_waiters, []

@@ -85,7 +85,7 @@ def resolve_api_keys(flag_keys: list[str] | None, environ=os.environ) -> list[st
 def validate_frontend_args(args: argparse.Namespace) -> None:
     """Refuse a bad flag before the engine spends time loading the model."""
     if args.model is None:
-        raise ValueError("No model given: pass it as `jllm serve MODEL` or --model MODEL.")
+        raise ValueError("No model given: pass --model MODEL (or `jllm serve MODEL`).")
     load_chat_template(args.chat_template)
     if args.max_log_len is not None and args.max_log_len < 0:
         raise ValueError(f"--max-log-len must be non-negative, got {args.max_log_len}.")

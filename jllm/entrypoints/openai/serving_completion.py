@@ -121,7 +121,7 @@ class OpenAIServingCompletion(OpenAIServing):
                 result.token_logprobs.append(max(step[token_id].logprob, -9999.0))
                 result.top_logprobs.append({
                     self.decoded_token(lp, tid, as_ids): max(lp.logprob, -9999.0)
-                    for rank, (tid, lp) in enumerate(step.items()) if rank <= num_top
+                    for rank, (tid, lp) in enumerate(step.items()) if rank <= num_top or num_top == -1
                 })
             result.tokens.append(token)
             result.text_offset.append(
