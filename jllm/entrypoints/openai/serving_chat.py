@@ -68,7 +68,7 @@ class OpenAIServingChat(OpenAIServing):
         engine_prompt = {"prompt_token_ids": token_ids, "prompt": text}
         if request.cache_salt is not None:
             engine_prompt["cache_salt"] = request.cache_salt
-        self.log_inputs(request_id, text, token_ids, params)
+        self.log_inputs(request_id, text, token_ids, params, request.user)
         streams = await self.add_requests([(request_id, engine_prompt, params)])
         outputs = self.engine.stream_outputs(streams)
         role = self.response_role if request.add_generation_prompt else conversation[-1]["role"]

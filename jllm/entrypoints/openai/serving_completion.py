@@ -36,7 +36,7 @@ class OpenAIServingCompletion(OpenAIServing):
             if request.cache_salt is not None:
                 engine_prompt["cache_salt"] = request.cache_salt
             sub_id = request_id if len(prompts) == 1 else f"{request_id}-{i}"
-            self.log_inputs(sub_id, text, token_ids, params)
+            self.log_inputs(sub_id, text, token_ids, params, request.user)
             engine_requests.append((sub_id, engine_prompt, params))
         streams = await self.add_requests(engine_requests)
         outputs = self.engine.stream_outputs(streams)

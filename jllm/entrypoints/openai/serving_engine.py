@@ -191,9 +191,9 @@ class OpenAIServing:
                                  f"The max number is {MAX_NUM_BAD_WORDS}.")
 
     def log_inputs(self, request_id: str, prompt: str | None, prompt_token_ids: list[int] | None,
-                   params: SamplingParams | None) -> None:
+                   params: SamplingParams | None, user: str | None = None) -> None:
         if self.request_logger is not None:
-            self.request_logger.log_inputs(request_id, prompt, prompt_token_ids, params)
+            self.request_logger.log_inputs(request_id, prompt, prompt_token_ids, params, user)
 
     # ----- the engine -----------------------------------------------------------------
 
