@@ -39,9 +39,10 @@ def server(tiny_llama_path):
 
 @pytest.fixture(scope="module")
 def plain_server(tiny_llama_path):
-    """No optional flag but --return-tokens-as-token-ids."""
+    """No optional flag but --return-tokens-as-token-ids and --response-role."""
     server = InProcessServer(server_args(tiny_llama_path, "--served-model-name", MODEL_NAME,
-                                         "--chat-template", CHAT_TEMPLATE, "--return-tokens-as-token-ids"))
+                                         "--chat-template", CHAT_TEMPLATE, "--return-tokens-as-token-ids",
+                                         "--response-role", "bot"))
     yield server
     server.stop()
 
@@ -191,6 +192,13 @@ def test_tokens_as_token_ids_by_request_and_by_server_flag(server, plain_server,
     # A request's false overrides the server's flag.
     tokens, _ = completion_tokens(plain_server, return_tokens_as_token_ids=False)
     assert tokens == as_text
+
+
+def test_response_role_names_the_reply(server, plain_server):
+    assert post(server, "/v1/chat/completions", chat()).json()["choices"][0]["message"]["role"] == "assistant"
+    assert post(plain_server, "/v1/chat/completions", chat()).json()["choices"][0]["message"]["role"] == "bot"
+    first = events(post(plain_server, "/v1/chat/completions", chat(stream=True)))[0]
+    assert first["choices"][0]["delta"]["role"] == "bot"
 
 
 # ----- usage ------------------------------------------------------------------------------

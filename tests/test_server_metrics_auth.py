@@ -9,11 +9,14 @@ import os
 import subprocess
 import sys
 
+import time
+
 import httpx
 import openai
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
+import jllm
 from openai_server import RemoteServer
 from tiny_model import VOCAB_SIZE
 
@@ -146,3 +149,155 @@ def test_serve_without_a_model_is_a_usage_error():
     done = subprocess.run([sys.executable, "-m", "jllm.entrypoints.cli", "serve", "--port", "0"],
                           capture_output=True, text=True, timeout=120)
     assert done.returncode == 2 and "No model given" in done.stderr
+
+
+# ----- the API key from the environment, under --root-path, and on a unix socket --------------
+
+
+@pytest.fixture(scope="module")
+def env_key_server(tiny_llama_path, tmp_path_factory):
+    """VLLM_API_KEY set as vLLM's users set it, behind a path-based proxy's root path."""
+    log_path = str(tmp_path_factory.mktemp("jllm_serve_env") / "server.log")
+    server = RemoteServer(tiny_llama_path, ["--root-path", "/llm", "--disable-uvicorn-access-log",
+                                            "--uvicorn-log-level", "warning"], log_path, env={"VLLM_API_KEY": "sk-env"})
+    yield server
+    server.stop()
+
+
+def protected_routes(server) -> list[tuple[str, str]]:
+    """Every (method, path) of the app under an authenticated prefix, from its OpenAPI document."""
+    from jllm.entrypoints.openai.middleware import AUTHENTICATED_PREFIXES
+
+    paths = httpx.get(f"{server.base_url}/openapi.json").json()["paths"]
+    routes = [(method.upper(), path) for path, ops in paths.items() for method in ops
+              if path.startswith(AUTHENTICATED_PREFIXES)]
+    assert {("GET", "/v1/models"), ("POST", "/v1/completions"), ("POST", "/v1/chat/completions")} <= set(routes)
+    return routes
+
+
+@pytest.mark.parametrize("prefix", ["/llm", ""], ids=["with_root_path", "stripped_by_proxy"])
+def test_env_api_key_guards_every_protected_route(env_key_server, prefix):
+    body = {"prompt": "hi", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 2}
+    for method, path in protected_routes(env_key_server):
+        url = f"{env_key_server.base_url}{prefix}{path}"
+        for headers in ({}, auth("sk-wrong"), auth(KEYS[0])):
+            response = httpx.request(method, url, headers=headers, json=body)
+            assert response.status_code == 401 and response.json() == {"error": "Unauthorized"}, (method, path)
+        response = httpx.request(method, url, headers=auth("sk-env"), json=body, timeout=120)
+        assert response.status_code == 200, (method, path, response.text)
+    assert httpx.get(f"{env_key_server.base_url}{prefix}/health").status_code == 200
+
+
+def test_start_up_log_says_authentication_is_on(env_key_server):
+    assert "API key authentication is on" in env_key_server.log()
+
+
+def test_uvicorn_log_flags(server, env_key_server):
+    httpx.get(f"{server.base_url}/version")
+    httpx.get(f"{env_key_server.base_url}/version")
+    access_line = '"GET /version HTTP/1.1" 200'
+    assert access_line in server.log() and "Application startup complete." in server.log()
+    # --disable-uvicorn-access-log and --uvicorn-log-level warning
+    assert access_line not in env_key_server.log() and "Application startup complete." not in env_key_server.log()
+
+
+def test_flag_key_wins_over_the_environment_on_a_unix_socket(tiny_llama_path, tmp_path):
+    uds = str(tmp_path / "jllm.sock")
+    server = RemoteServer(tiny_llama_path, ["--api-key", "sk-flag"], str(tmp_path / "server.log"), uds=uds,
+                          env={"JLLM_API_KEY": "sk-jllm", "VLLM_API_KEY": "sk-vllm"})
+    try:
+        with server.client(timeout=120) as client:
+            assert client.get("/version").json() == {"version": jllm.__version__}
+            for key, status in (("sk-flag", 200), ("sk-jllm", 401), ("sk-vllm", 401)):
+                assert client.get("/v1/models", headers=auth(key)).status_code == status
+        assert f"Serving {tiny_llama_path} on unix:{uds}" in server.log()
+    finally:
+        server.stop()
+
+
+def test_api_key_sources_in_order():
+    from jllm.entrypoints.openai.cli_args import resolve_api_keys
+
+    both = {"JLLM_API_KEY": "sk-jllm", "VLLM_API_KEY": "sk-vllm"}
+    assert resolve_api_keys(["sk-flag"], both) == ["sk-flag"]
+    assert resolve_api_keys(None, both) == ["sk-jllm"]
+    assert resolve_api_keys(None, {"VLLM_API_KEY": "sk-vllm"}) == ["sk-vllm"]
+    assert resolve_api_keys(None, {"JLLM_API_KEY": "", "VLLM_API_KEY": ""}) is None
+
+
+# ----- the metric series of vLLM's own metrics test ----------------------------------------
+
+
+def families(server) -> dict:
+    response = httpx.get(f"{server.base_url}/metrics")
+    return {family.name: family for family in text_string_to_metric_families(response.text)}
+
+
+def test_metrics_counts_as_vllms_test_expects(server):
+    """vLLM's test_metrics_counts: N sequential requests of max_tokens tokens each."""
+    num_requests, max_tokens, prompt_ids = 3, 5, [2000 + i for i in range(9)]
+    before = scrape(server)
+    for _ in range(num_requests):
+        response = httpx.post(f"{server.base_url}/v1/completions", headers=auth(KEYS[0]), timeout=120,
+                              json={"prompt": prompt_ids, "max_tokens": max_tokens, "ignore_eos": True})
+        assert response.status_code == 200
+    after = scrape(server)
+    moved = {name: after[name] - before.get(name, 0.0) for name in after}
+    n, p, m = num_requests, len(prompt_ids), max_tokens
+    assert moved["vllm:iteration_tokens_total_count"] == n * m
+    assert moved["vllm:iteration_tokens_total_sum"] == n * (p + m)
+    for name in ("request_prefill_time_seconds", "request_decode_time_seconds", "request_queue_time_seconds",
+                 "request_inference_time_seconds", "request_time_per_output_token_seconds",
+                 "request_params_n", "request_max_num_generation_tokens"):
+        assert moved[f"vllm:{name}_count"] == n, name
+    assert moved["vllm:request_params_n_sum"] == n
+    assert moved["vllm:request_params_max_tokens_count"] == n and moved["vllm:request_params_max_tokens_sum"] == n * m
+    assert moved["vllm:request_max_num_generation_tokens_sum"] == n * m
+    assert moved["vllm:time_per_output_token_seconds_count"] == n * (m - 1)
+    assert moved["vllm:inter_token_latency_seconds_count"] == n * (m - 1)
+
+
+def test_metrics_have_vllms_names_and_no_created_series(server):
+    text = httpx.get(f"{server.base_url}/metrics").text
+    for name in ("vllm:iteration_tokens_total", "vllm:cache_config_info", "vllm:request_params_n",
+                 "vllm:request_params_max_tokens", "vllm:time_per_output_token_seconds",
+                 "vllm:request_prefill_time_seconds", "vllm:request_decode_time_seconds"):
+        assert name in text, name
+    assert "_created" not in text
+    [info] = families(server)["vllm:cache_config_info"].samples
+    assert info.value == 1 and info.labels["block_size"] == "16" and info.labels["enable_prefix_caching"] == "True"
+    assert int(info.labels["num_gpu_blocks"]) > 0
+    reasons = {s.labels["finished_reason"] for s in families(server)["vllm:request_success"].samples}
+    assert reasons == {"stop", "length", "abort", "error", "repetition"}
+
+
+def test_running_gauge_returns_to_zero_after_an_abort(server):
+    """vLLM's test_abort_metrics_reset: streams left mid-way leave no running request,
+    waiting request or KV page behind in the gauges."""
+    def gauges() -> tuple[float, float, float]:
+        samples = scrape(server)
+        return (samples["vllm:num_requests_running"], samples["vllm:num_requests_waiting"],
+                samples["vllm:kv_cache_usage_perc"])
+
+    # Long enough that the streams are still running when their clients leave (the abort
+    # counter below shows they were), and 12 sequences, so all three run at once.
+    body = {"prompt": "Count to a thousand:", "max_tokens": 300, "n": 4, "ignore_eos": True, "stream": True}
+    aborted_before = scrape(server)["vllm:request_success_total[abort]"]
+    streams = []
+    with httpx.Client(headers=auth(KEYS[0]), timeout=120) as client:
+        for _ in range(3):
+            response = client.send(client.build_request("POST", f"{server.base_url}/v1/completions", json=body),
+                                   stream=True)
+            # The line iterator is kept: closing it (when collected) would close the stream.
+            lines = response.iter_lines()
+            next(line for line in lines if line.startswith("data: "))
+            streams.append((response, lines))
+        running, _, usage = gauges()
+        assert running > 0 and usage > 0
+        for response, _ in streams:
+            response.close()
+    deadline = time.monotonic() + 20
+    while gauges() != (0, 0, 0):
+        assert time.monotonic() < deadline, gauges()
+        time.sleep(0.1)
+    assert scrape(server)["vllm:request_success_total[abort]"] - aborted_before == 3
