@@ -63,6 +63,13 @@ def bad_words_token_ids(params: SamplingParams, tokenizer, vocab_size: int) -> l
     words: list[list[int]] = []
     for bad_word in params.bad_words:
         plain = list(tokenizer.encode(bad_word.lstrip(), add_special_tokens=False))
+        if not plain:
+            # Nothing left once stripped (whitespace, or characters the tokenizer drops):
+            # the word is banned as given, if it has any tokens at all.
+            given = list(tokenizer.encode(bad_word, add_special_tokens=False))
+            if given:
+                words.append(given)
+            continue
         words.append(plain)
         spaced = list(tokenizer.encode(" " + bad_word.lstrip(), add_special_tokens=False))
         # The spaced variant counts only where the space makes a different first token.

@@ -105,8 +105,9 @@ def build_app(args: argparse.Namespace) -> FastAPI:
             return Response(status_code=503)
         return Response(status_code=200)
 
-    # SageMaker's health check.
-    app.add_api_route("/ping", health, methods=["GET", "POST"], response_class=Response)
+    # SageMaker's health check; a route per method, so each has its own OpenAPI operation id.
+    app.add_api_route("/ping", health, methods=["GET"], response_class=Response, name="ping")
+    app.add_api_route("/ping", health, methods=["POST"], response_class=Response, name="ping_post")
 
     @app.get("/version")
     async def show_version() -> JSONResponse:
@@ -165,7 +166,7 @@ def build_app(args: argparse.Namespace) -> FastAPI:
     async def invocations(raw_request: Request):
         try:
             body = await raw_request.json()
-        except ValueError as e:
+        except (ValueError, RecursionError) as e:  # RecursionError: nested deeper than json can read
             raise HTTPException(HTTPStatus.BAD_REQUEST, detail=f"JSON decode error: {e}") from e
         for request_type, endpoint in invocation_types:
             try:

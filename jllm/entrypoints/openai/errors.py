@@ -58,7 +58,11 @@ def install_exception_handlers(app: FastAPI) -> None:
     async def validation_exception_handler(_: Request, exc: RequestValidationError) -> JSONResponse:
         # The error list alone, as vLLM's message read before FastAPI's str() began to
         # append the endpoint's source file and line, which a client has no use for.
-        message = str(list(exc.errors()))
+        errors = list(exc.errors())
+        try:
+            message = str(errors)
+        except RecursionError:  # an input nested deeper than repr can go: the errors without it
+            message = str([{k: v for k, v in e.items() if k != "input"} for e in errors])
         return error_json_response(
             create_error_response(message, HTTPStatus.BAD_REQUEST.phrase, HTTPStatus.BAD_REQUEST))
 

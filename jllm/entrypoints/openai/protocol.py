@@ -9,6 +9,7 @@ through the server's validation handler.
 from __future__ import annotations
 
 import logging
+import re
 import time
 from typing import Any, Literal
 
@@ -27,8 +28,36 @@ DEFAULT_SAMPLING_PARAMS = {"repetition_penalty": 1.0, "temperature": 1.0, "top_p
 logger = logging.getLogger(__name__)
 
 
+# Half a UTF-16 pair: JSON's \\uXXXX escapes can spell one, and Python keeps it in a str.
+_LONE_SURROGATE = re.compile("[\ud800-\udfff]")
+
+
+def reject_lone_surrogates(data):
+    """Refuses a body holding a lone surrogate up front: no tokenizer, log or JSON
+    encoder accepts one. Walked with a stack, since a body may nest deeper than Python
+    recurses."""
+    stack = [data]
+    while stack:
+        value = stack.pop()
+        if isinstance(value, str):
+            if _LONE_SURROGATE.search(value):
+                raise ValueError("The request holds a lone UTF-16 surrogate (an unpaired \\ud800-\\udfff "
+                                 "escape), which is not valid Unicode.")
+        elif isinstance(value, dict):
+            stack.extend(value.keys())
+            stack.extend(value.values())
+        elif isinstance(value, list):
+            stack.extend(value)
+    return data
+
+
 class OpenAIBaseModel(BaseModel):
     model_config = ConfigDict(extra="allow")
+
+    @model_validator(mode="before")
+    @classmethod
+    def check_unicode(cls, data):
+        return reject_lone_surrogates(data)
 
     @model_validator(mode="wrap")
     @classmethod
@@ -464,6 +493,12 @@ class GenerateRequest(BaseModel):
 
     prompt: str
     stream: bool = False
+
+    @model_validator(mode="before")
+    @classmethod
+    def check_unicode(cls, data):
+        return reject_lone_surrogates(data)
+
     n: int = 1
     presence_penalty: float = 0.0
     frequency_penalty: float = 0.0
