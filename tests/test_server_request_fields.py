@@ -457,3 +457,66 @@ def test_request_field_is_honoured_or_refused(server, llm, route, field):
 @pytest.mark.parametrize("route", ["completion", "chat"])
 def test_user_is_logged(server, llm, route, caplog):
     check_user(Audit(server, llm, route), caplog)
+
+
+# ----- /tokenize, /detokenize and /generate -------------------------------------------------
+
+
+def tokenize(server, **fields) -> dict:
+    response = httpx.post(f"{server.base_url}/tokenize", json={"model": MODEL_NAME, **fields}, timeout=60)
+    assert response.status_code == 200, response.text
+    return response.json()
+
+
+def chat_tokens_text(server, llm, **fields) -> str:
+    tokens = tokenize(server, messages=MESSAGES, chat_template=TEMPLATE, **fields)["tokens"]
+    return llm.get_tokenizer().decode(tokens)
+
+
+TOKENIZE_AUDIT = {
+    "model": lambda s, llm: httpx.post(f"{s.base_url}/tokenize", json={"model": "other", "prompt": "a"}
+                                       ).status_code == 404,
+    "prompt": lambda s, llm: tokenize(s, prompt=PROMPT)["tokens"] == llm.get_tokenizer().encode(PROMPT),
+    "add_special_tokens": lambda s, llm: (tokenize(s, prompt=PROMPT)["tokens"]
+                                          == [llm.get_tokenizer().bos_token_id]
+                                          + tokenize(s, prompt=PROMPT, add_special_tokens=False)["tokens"]),
+    "return_token_strs": lambda s, llm: (tokenize(s, prompt=PROMPT, return_token_strs=True)["token_strs"]
+                                         == llm.get_tokenizer().convert_ids_to_tokens(
+                                             llm.get_tokenizer().encode(PROMPT))),
+    "messages": lambda s, llm: chat_tokens_text(s, llm) == "user: Name a colour.<end>assistant:",
+    "add_generation_prompt": lambda s, llm: (chat_tokens_text(s, llm, add_generation_prompt=False)
+                                             == "user: Name a colour.<end>"),
+    "continue_final_message": lambda s, llm: llm.get_tokenizer().decode(tokenize(
+        s, messages=[*MESSAGES, {"role": "assistant", "content": "Bl"}], chat_template=TEMPLATE,
+        add_generation_prompt=False, continue_final_message=True)["tokens"]) == "user: Name a colour.<end>assistant: Bl",
+    "chat_template": lambda s, llm: (llm.get_tokenizer().decode(tokenize(s, messages=MESSAGES)["tokens"])
+                                     == "Name a colour."),
+    "chat_template_kwargs": lambda s, llm: chat_tokens_text(
+        s, llm, chat_template_kwargs={"greeting": "hi"}).startswith("hi;user:"),
+    "tools": lambda s, llm: chat_tokens_text(s, llm, tools=[TOOL]).startswith("tools=["),
+    "documents": lambda s, llm: chat_tokens_text(s, llm, documents=[{"title": "t", "text": "x"}]).startswith("docs=["),
+}
+
+
+def test_every_tokenize_field_is_audited():
+    from jllm.entrypoints.openai.protocol import TokenizeChatRequest, TokenizeCompletionRequest
+
+    fields = set(TokenizeCompletionRequest.model_fields) | set(TokenizeChatRequest.model_fields)
+    assert fields == set(TOKENIZE_AUDIT) | {"add_special_tokens"}
+
+
+@pytest.mark.parametrize("field", list(TOKENIZE_AUDIT))
+def test_tokenize_field_is_honoured(server, llm, field):
+    assert TOKENIZE_AUDIT[field](server, llm)
+
+
+def test_detokenize_and_generate_fields_all_reach_their_use():
+    """/detokenize reads model and tokens; /generate passes every field but prompt and
+    stream to SamplingParams by name (and refuses unknown ones)."""
+    import dataclasses
+
+    from jllm.entrypoints.openai.protocol import DetokenizeRequest, GenerateRequest
+
+    assert set(DetokenizeRequest.model_fields) == {"model", "tokens"}
+    sampling_fields = {f.name for f in dataclasses.fields(SamplingParams) if f.init}
+    assert set(GenerateRequest.model_fields) - {"prompt", "stream"} <= sampling_fields

@@ -24,6 +24,7 @@ from jllm.worker.buckets import pick_bucket, pow2_buckets
 from pallas_kernels import DecodeConfig, decode_config
 
 _UINT32 = (1 << 32) - 1
+_FLOAT32_MAX = float(np.finfo(np.float32).max)
 # A row's logprobs setting when it asked for none.
 _NO_LOGPROBS = -1
 
@@ -175,7 +176,9 @@ class RequestRows:
             self.with_processors.add(req.request_id)
         else:
             self.with_processors.discard(req.request_id)
-        self.floats[row] = [getattr(p, name) for name in _FLOAT_FIELDS]
+        # Finite but past float32 (a repetition_penalty of 1e300 is valid) would turn to inf
+        # here, and the penalty's 0 * inf to NaN: such values stop at float32's largest.
+        self.floats[row] = np.clip([getattr(p, name) for name in _FLOAT_FIELDS], -_FLOAT32_MAX, _FLOAT32_MAX)
         # A top_k of the vocabulary or more keeps every token, as 0 does, and would
         # overflow the step's int32 row.
         self.top_k[row] = p.top_k if p.top_k < self.vocab_size else 0
