@@ -42,6 +42,8 @@ class CacheConfig:
     num_gpu_blocks: int | None = None
     # Share full pages of identical prefixes between requests (automatic prefix caching).
     enable_prefix_caching: bool = True
+    # How a page's prefix is hashed (jllm/core/block_hash.py).
+    prefix_caching_hash_algo: str = "sha256"
 
 
 @dataclass(frozen=True)

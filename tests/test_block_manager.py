@@ -1,8 +1,12 @@
 """BlockManager: page ref counts, the free queue and automatic prefix caching."""
+import os
+import subprocess
+import sys
 from types import SimpleNamespace
 
 import pytest
 
+from jllm.core.block_hash import PREFIX_CACHING_HASH_ALGOS, get_block_hash_function, sha256_block_hash
 from jllm.core.block_manager import BlockManager
 from jllm.engine.request import Request
 
@@ -245,3 +249,65 @@ def test_prefix_cache_stats_count_tokens_queried_and_hit():
     resumed.num_preemptions = 1
     prefill(bm, resumed)
     assert (stats.queries, stats.preempted_queries, stats.preempted_hits) == (20, 10, 8)
+
+
+# ----- hashing that no prompt can poison -----------------------------------------------------
+
+
+@pytest.mark.parametrize("algo", PREFIX_CACHING_HASH_ALGOS)
+def test_a_prompt_starting_with_anothers_second_page_gets_no_hit(algo):
+    """A page's hash is its whole prefix: the same tokens after another prefix are not it."""
+    bm = BlockManager(BLOCK_SIZE, num_blocks=8, prefix_caching_hash_algo=algo)
+    prefill(bm, make_request("victim", [1, 2, 3, 4, 5, 6, 7, 8, 9]))
+    assert prefill(bm, make_request("attacker", [5, 6, 7, 8, 9, 10])) == 0
+    assert prefill(bm, make_request("same_prefix", [1, 2, 3, 4, 5, 6, 7, 8, 0])) == 8
+
+
+def test_a_forced_hash_collision_cannot_hand_out_another_prompts_page():
+    """With a hash function that collides everywhere (a test double), the stored key of
+    each cached page still tells prompts apart: no wrong page is reused."""
+    bm = BlockManager(BLOCK_SIZE, num_blocks=8)
+    bm.hash_function = lambda parent, tokens, extra_keys: b"collision"
+    victim = make_request("victim", [1, 2, 3, 4, 5])
+    prefill(bm, victim)
+    assert list(bm.cached_block_hash_to_block) == [b"collision"]
+    attacker = make_request("attacker", [9, 9, 9, 9, 5])
+    assert bm.get_computed_blocks(attacker) == ([], 0)
+    assert prefill(bm, attacker) == 0 and attacker.block_ids[0] != victim.block_ids[0]
+    # The attacker's page does not replace the victim's under the shared hash either.
+    assert bm.cached_block_hash_to_block[b"collision"].block_id == victim.block_ids[0]
+    assert prefill(bm, make_request("victim_again", [1, 2, 3, 4, 6])) == BLOCK_SIZE
+
+
+def test_salted_pages_are_apart_from_unsalted_and_other_salts():
+    bm = BlockManager(BLOCK_SIZE, num_blocks=16)
+    prefill(bm, make_request("a", range(9), cache_salt="alice"))
+    assert prefill(bm, make_request("b", range(9))) == 0
+    assert prefill(bm, make_request("c", range(9), cache_salt="bob")) == 0
+    assert prefill(bm, make_request("d", range(9), cache_salt="")) == 0
+    assert prefill(bm, make_request("e", range(9), cache_salt="alice")) == 8
+
+
+def test_sha256_key_encoding_has_no_ambiguity():
+    """Length prefixes and None flags: no two different keys share their encoded bytes."""
+    keys = [(None, [1, 2], None), (None, [1, 2], ""), (b"", [1, 2], None), (None, [1], "\x02"),
+            (None, [258], None), (None, [1, 2], "a"), (sha256_block_hash(None, [1], None), [2], None)]
+    for algo in PREFIX_CACHING_HASH_ALGOS:
+        digests = {get_block_hash_function(algo)(*key) for key in keys}
+        assert len(digests) == len(keys) and all(len(d) == 32 for d in digests)
+
+
+def test_block_hashes_do_not_depend_on_the_process():
+    """Unlike Python's hash(), the digest is the same in every process (PYTHONHASHSEED)."""
+    code = ("from jllm.core.block_hash import sha256_block_hash as h; "
+            "print(h(h(None, [1, 2, 3, 4], 'salt'), [5, 6, 7, 8], None).hex())")
+    runs = {subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
+                           env={**os.environ, "PYTHONHASHSEED": seed}).stdout for seed in ("1", "2")}
+    assert len(runs) == 1
+    assert runs.pop().strip() == sha256_block_hash(sha256_block_hash(None, [1, 2, 3, 4], "salt"), [5, 6, 7, 8],
+                                                   None).hex()
+
+
+def test_an_unknown_hash_algo_is_refused():
+    with pytest.raises(ValueError, match="Unknown prefix_caching_hash_algo: 'md5'"):
+        BlockManager(BLOCK_SIZE, num_blocks=4, prefix_caching_hash_algo="md5")

@@ -13,6 +13,7 @@ from collections import OrderedDict
 from collections.abc import Sequence
 from dataclasses import dataclass
 
+from jllm.core.block_hash import BlockHash, get_block_hash_function
 from jllm.engine.request import Request
 
 logger = logging.getLogger(__name__)
@@ -22,20 +23,15 @@ def cdiv(a: int, b: int) -> int:
     return -(-a // b)
 
 
-def hash_block_tokens(parent_block_hash: int | None, block_token_ids: Sequence[int],
-                      extra_keys: object = None) -> int:
-    # Chaining the parent's hash makes a page's identity its whole prefix, so equal
-    # tokens after a different prefix (and so different K/V) never match.
-    return hash((parent_block_hash, tuple(block_token_ids), extra_keys))
-
-
 @dataclass
 class KVCacheBlock:
     block_id: int
     # Live requests holding the page.
     ref_cnt: int = 0
-    # Set while the page is full and registered in the prefix cache.
-    block_hash: int | None = None
+    # Set while the page is full and registered in the prefix cache, with what was
+    # hashed: a hit must match it, so even a hash collision cannot hand out the page.
+    block_hash: BlockHash | None = None
+    block_key: tuple | None = None
 
 
 @dataclass
@@ -68,15 +64,17 @@ class PrefixCacheStats:
 
 
 class BlockManager:
-    def __init__(self, block_size: int, num_blocks: int, enable_prefix_caching: bool = True):
+    def __init__(self, block_size: int, num_blocks: int, enable_prefix_caching: bool = True,
+                 prefix_caching_hash_algo: str = "sha256"):
         self.block_size = block_size
+        self.hash_function = get_block_hash_function(prefix_caching_hash_algo)
         self.num_blocks = num_blocks
         self.enable_prefix_caching = enable_prefix_caching
         self.blocks = [KVCacheBlock(i) for i in range(num_blocks)]
         # Pages with ref_cnt 0, next to be handed out first. A cached page is appended
         # when freed, so cached pages are evicted least recently freed first.
         self.free_block_queue: OrderedDict[int, None] = OrderedDict.fromkeys(range(num_blocks))
-        self.cached_block_hash_to_block: dict[int, KVCacheBlock] = {}
+        self.cached_block_hash_to_block: dict[BlockHash, KVCacheBlock] = {}
         # Per request: how many of its leading pages are already in the prefix cache.
         self.num_cached_block: dict[str, int] = {}
         self.prefix_cache_stats = PrefixCacheStats()
@@ -99,9 +97,10 @@ class BlockManager:
         # At least the last token is recomputed: the model must produce its logits.
         max_num_blocks = (request.num_tokens - 1) // self.block_size
         computed_block_ids = []
-        for block_hash in request.block_hashes[:max_num_blocks]:
+        token_ids = request.all_token_ids
+        for i, block_hash in enumerate(request.block_hashes[:max_num_blocks]):
             block = self.cached_block_hash_to_block.get(block_hash)
-            if block is None:
+            if block is None or block.block_key != self._block_key(request, i, token_ids):
                 break
             computed_block_ids.append(block.block_id)
         return computed_block_ids, len(computed_block_ids) * self.block_size
@@ -145,13 +144,16 @@ class BlockManager:
         if num_full_blocks <= num_cached_blocks:
             return
         self._update_block_hashes(request)
+        token_ids = request.all_token_ids
         for i in range(num_cached_blocks, num_full_blocks):
             block_hash = request.block_hashes[i]
-            # Two requests may compute the same page at once; the first stays the
-            # cached copy and the other is an ordinary page, recycled when freed.
+            # Two requests may compute the same page at once (or, were the hash broken,
+            # different pages under one hash): the first stays the cached copy and the
+            # other is an ordinary page, recycled when freed.
             if block_hash not in self.cached_block_hash_to_block:
                 block = self.blocks[request.block_ids[i]]
                 block.block_hash = block_hash
+                block.block_key = self._block_key(request, i, token_ids)
                 self.cached_block_hash_to_block[block_hash] = block
         self.num_cached_block[request.request_id] = num_full_blocks
 
@@ -181,6 +183,7 @@ class BlockManager:
         self.cached_block_hash_to_block.clear()
         for block in self.blocks:
             block.block_hash = None
+            block.block_key = None
         logger.info("Successfully reset prefix cache")
         return True
 
@@ -204,11 +207,20 @@ class BlockManager:
         token_ids = request.all_token_ids
         parent_hash = block_hashes[-1] if block_hashes else None
         for i in range(len(block_hashes), num_full_blocks):
+            # Chaining the parent's hash makes a page's identity its whole prefix, so
+            # equal tokens after a different prefix (and so different K/V) never match.
             # The salt enters the first hash only; chaining carries it to the rest.
             extra_keys = request.cache_salt if i == 0 else None
-            parent_hash = hash_block_tokens(
+            parent_hash = self.hash_function(
                 parent_hash, token_ids[i * self.block_size:(i + 1) * self.block_size], extra_keys)
             block_hashes.append(parent_hash)
+
+    def _block_key(self, request: Request, i: int, token_ids: list[int]) -> tuple:
+        """What the request's i-th page hash covers: its parent's hash, its tokens (of
+        `token_ids`, the request's all_token_ids) and the salt."""
+        start = i * self.block_size
+        return (request.block_hashes[i - 1] if i else None, tuple(token_ids[start:start + self.block_size]),
+                request.cache_salt if i == 0 else None)
 
     def _touch(self, block: KVCacheBlock) -> None:
         if block.ref_cnt == 0:
@@ -222,5 +234,6 @@ class BlockManager:
             # Evicted: its contents are about to be overwritten.
             del self.cached_block_hash_to_block[block.block_hash]
             block.block_hash = None
+            block.block_key = None
         block.ref_cnt = 1
         return block

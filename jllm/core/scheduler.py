@@ -80,8 +80,8 @@ class Scheduler:
                 f"({scheduler_config.max_model_len}), {blocks_per_seq} KV cache blocks are "
                 f"needed, which is more than the available {num_blocks} blocks. Try "
                 "increasing `gpu_memory_utilization` or decreasing `max_model_len`.")
-        self.block_manager = BlockManager(
-            cache_config.block_size, num_blocks, cache_config.enable_prefix_caching)
+        self.block_manager = BlockManager(cache_config.block_size, num_blocks, cache_config.enable_prefix_caching,
+                                          cache_config.prefix_caching_hash_algo)
         self.requests: dict[str, Request] = {}
         self.waiting: deque[Request] = deque()
         self.running: list[Request] = []

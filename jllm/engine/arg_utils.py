@@ -10,6 +10,8 @@ import json
 from dataclasses import dataclass
 from typing import Any
 
+from jllm.core.block_hash import PREFIX_CACHING_HASH_ALGOS
+
 _DTYPES = ("auto", "half", "float16", "bfloat16", "float", "float32")
 _ATTENTION_BACKENDS = ("reference", "pallas")
 _LOAD_FORMATS = ("auto", "safetensors", "gguf", "dummy")
@@ -30,6 +32,8 @@ _HELP = {
     "load_format": "'dummy' loads random weights at the real shapes (benchmarks).",
     "block_size": "Tokens per KV-cache page.",
     "enable_prefix_caching": "Reuse KV pages of identical prompt prefixes.",
+    "prefix_caching_hash_algo": "How a page's prefix is hashed: 'sha256' (a canonical encoding) or 'sha256_cbor' "
+                                "(canonical CBOR, reproducible in other languages).",
     "gpu_memory_utilization": "Fraction of accelerator memory the engine may use.",
     "kv_cache_memory_bytes": "Bytes for the KV cache, instead of gpu_memory_utilization.",
     "num_gpu_blocks_override": "Number of KV pages, overriding the memory-based size.",
@@ -63,6 +67,7 @@ class EngineArgs:
     load_format: str = "auto"
     block_size: int = 16
     enable_prefix_caching: bool = True
+    prefix_caching_hash_algo: str = "sha256"
     gpu_memory_utilization: float = 0.9
     kv_cache_memory_bytes: int | None = None
     num_gpu_blocks_override: int | None = None
@@ -91,6 +96,9 @@ class EngineArgs:
             raise ValueError(f"Unknown tokenizer mode: {self.tokenizer_mode}. Must be one of {list(_TOKENIZER_MODES)}.")
         if self.load_format not in _LOAD_FORMATS:
             raise ValueError(f"Unknown load_format: {self.load_format!r}. Supported: {list(_LOAD_FORMATS)}")
+        if self.prefix_caching_hash_algo not in PREFIX_CACHING_HASH_ALGOS:
+            raise ValueError(f"Unknown prefix_caching_hash_algo: {self.prefix_caching_hash_algo!r}. "
+                             f"Supported: {list(PREFIX_CACHING_HASH_ALGOS)}")
         if self.attention_backend is not None and self.attention_backend not in _ATTENTION_BACKENDS:
             raise ValueError(
                 f"Unknown attention_backend: {self.attention_backend!r}. Supported: {list(_ATTENTION_BACKENDS)}"
@@ -133,7 +141,7 @@ class EngineArgs:
                     kind = int
                 choices = {
                     "dtype": _DTYPES, "load_format": _LOAD_FORMATS, "tokenizer_mode": _TOKENIZER_MODES,
-                    "attention_backend": _ATTENTION_BACKENDS,
+                    "attention_backend": _ATTENTION_BACKENDS, "prefix_caching_hash_algo": PREFIX_CACHING_HASH_ALGOS,
                 }.get(f.name)
                 parser.add_argument(*flags, type=kind, default=default, choices=choices, help=_HELP.get(f.name))
         return parser

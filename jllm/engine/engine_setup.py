@@ -153,7 +153,8 @@ def build_engine_parts(args: EngineArgs) -> EngineParts:
         num_gpu_blocks_override=args.num_gpu_blocks_override, activation_bytes=activation_bytes,
     )
     cache_config = CacheConfig(block_size=block_size, num_gpu_blocks=num_blocks,
-                               enable_prefix_caching=args.enable_prefix_caching)
+                               enable_prefix_caching=args.enable_prefix_caching,
+                               prefix_caching_hash_algo=args.prefix_caching_hash_algo)
     kv_caches = allocate_kv_caches(spec, num_blocks, block_size, jdtype, scheduler_config.max_num_seqs)
     logger.info("KV cache: %d pages of %d tokens (%d tokens, %.2f GiB).", num_blocks, block_size,
                 num_blocks * block_size,

@@ -65,7 +65,7 @@ class Request:
     # Physical page ids, in order; owned by the BlockManager.
     block_ids: list[int] = field(default_factory=list)
     # Chained hashes of the full blocks of all_token_ids, computed lazily.
-    block_hashes: list[int] = field(default_factory=list)
+    block_hashes: list[bytes] = field(default_factory=list)
     stop_reason: int | str | None = None
     num_preemptions: int = 0
     # Timestamps for RequestMetrics.
