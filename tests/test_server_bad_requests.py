@@ -39,7 +39,10 @@ CATALOGUE = [
     ("json_string_body", (COMPLETIONS, b'"hello"', "application/json"), 400, "Bad Request",
      "Input should be a valid dictionary"),
     ("empty_body", (COMPLETIONS, b"", "application/json"), 400, "Bad Request", "Field required"),
-    ("invalid_utf8", (COMPLETIONS, b'{"prompt": "\xff\xfe"}', "application/json"), 400, "Bad Request", ""),
+    ("invalid_utf8", (COMPLETIONS, b'{"prompt": "\xff\xfe"}', "application/json"), 400, "Bad Request",
+     "There was an error parsing the body"),
+    ("lone_surrogate", (COMPLETIONS, b'{"prompt": "\\ud800"}', "application/json"), 400, "Bad Request",
+     "lone UTF-16 surrogate"),
     ("deeply_nested_json", (COMPLETIONS, b"[" * 20_000 + b"]" * 20_000, "application/json"), 400,
      "Bad Request", "There was an error parsing the body"),
     ("not_json_content_type", (COMPLETIONS, json.dumps(GOOD).encode(), "text/plain"), 400, "Bad Request",
@@ -176,6 +179,11 @@ def send(client: httpx.Client, request) -> httpx.Response:
 
 def test_the_catalogue_has_at_least_30_cases():
     assert len(CATALOGUE) >= 30 and len({case[0] for case in CATALOGUE}) == len(CATALOGUE)
+
+
+def test_every_case_expects_a_message():
+    """An empty expected message would match any answer."""
+    assert all(case[-1] for case in CATALOGUE)
 
 
 @pytest.mark.parametrize("request_, status, err_type, message", [c[1:] for c in CATALOGUE],
