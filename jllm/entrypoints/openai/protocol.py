@@ -54,6 +54,11 @@ def reject_lone_surrogates(data):
 class OpenAIBaseModel(BaseModel):
     model_config = ConfigDict(extra="allow")
 
+
+class OpenAIRequestModel(OpenAIBaseModel):
+    """A request body (or part of one): checked and logged as it arrives. Responses
+    skip this, since they are built by the server (one per token when streaming)."""
+
     @model_validator(mode="before")
     @classmethod
     def check_unicode(cls, data):
@@ -92,7 +97,7 @@ class UsageInfo(OpenAIBaseModel):
     prompt_tokens_details: dict[str, int] | None = None
 
 
-class StreamOptions(OpenAIBaseModel):
+class StreamOptions(OpenAIRequestModel):
     include_usage: bool | None = True
     continuous_usage_stats: bool | None = False
 
@@ -128,7 +133,7 @@ class ModelList(OpenAIBaseModel):
     data: list[ModelCard] = Field(default_factory=list)
 
 
-class ResponseFormat(OpenAIBaseModel):
+class ResponseFormat(OpenAIRequestModel):
     type: Literal["text", "json_object", "json_schema", "structural_tag"]
     json_schema: dict[str, Any] | None = None
 
@@ -136,7 +141,7 @@ class ResponseFormat(OpenAIBaseModel):
 # ----- sampling fields shared by completions and chat ------------------------------------
 
 
-class SamplingRequest(OpenAIBaseModel):
+class SamplingRequest(OpenAIRequestModel):
     """The OpenAI sampling fields and vLLM's extras, common to both generation APIs."""
 
     model: str | None = None
@@ -321,12 +326,12 @@ class CompletionStreamResponse(OpenAIBaseModel):
 # ----- chat ------------------------------------------------------------------------------
 
 
-class ChatCompletionContentPart(OpenAIBaseModel):
+class ChatCompletionContentPart(OpenAIRequestModel):
     type: str
     text: str | None = None
 
 
-class ChatCompletionMessageParam(OpenAIBaseModel):
+class ChatCompletionMessageParam(OpenAIRequestModel):
     role: str
     content: str | list[ChatCompletionContentPart] | None = None
     name: str | None = None
@@ -334,7 +339,7 @@ class ChatCompletionMessageParam(OpenAIBaseModel):
     tool_call_id: str | None = None
 
 
-class ChatTemplateFields(OpenAIBaseModel):
+class ChatTemplateFields(OpenAIRequestModel):
     """How a conversation becomes a prompt; shared by chat completions and /tokenize."""
 
     messages: list[ChatCompletionMessageParam] = Field(min_length=1)
@@ -450,7 +455,7 @@ class ChatCompletionStreamResponse(OpenAIBaseModel):
 # ----- tokenization ----------------------------------------------------------------------
 
 
-class TokenizeCompletionRequest(OpenAIBaseModel):
+class TokenizeCompletionRequest(OpenAIRequestModel):
     model: str | None = None
     prompt: str
     add_special_tokens: bool = True
@@ -472,7 +477,7 @@ class TokenizeResponse(OpenAIBaseModel):
     token_strs: list[str] | None = None
 
 
-class DetokenizeRequest(OpenAIBaseModel):
+class DetokenizeRequest(OpenAIRequestModel):
     model: str | None = None
     tokens: list[int]
 

@@ -38,6 +38,7 @@ from jllm.entrypoints.openai.protocol import (
     ChatCompletionRequest,
     CompletionRequest,
     OpenAIBaseModel,
+    OpenAIRequestModel,
 )
 from jllm.entrypoints.openai.serving_engine import random_uuid
 
@@ -65,7 +66,7 @@ BATCH_ENDPOINTS = {
 }
 
 
-class BatchRequestInput(OpenAIBaseModel):
+class BatchRequestInput(OpenAIRequestModel):
     """One input line. `method` is not checked (vLLM's behaviour); `body` is validated as the
     request of its url, and kept as given for a url jllm does not serve (that line gets an error)."""
 
