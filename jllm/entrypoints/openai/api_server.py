@@ -15,7 +15,6 @@ import os
 import socket
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager
-
 from http import HTTPStatus
 
 from fastapi import Depends, FastAPI, HTTPException, Request
@@ -30,9 +29,8 @@ from jllm.engine.async_llm_engine import AsyncLLMEngine, EngineDeadError
 from jllm.entrypoints.openai.cancellation import with_cancellation
 from jllm.entrypoints.openai.chat_utils import load_chat_template
 from jllm.entrypoints.openai.cli_args import make_arg_parser, resolve_api_keys, validate_parsed_serve_args
-from jllm.entrypoints.openai.errors import install_exception_handlers
+from jllm.entrypoints.openai.errors import OpenAIServingError, install_exception_handlers
 from jllm.entrypoints.openai.metrics import PrometheusStatLogger
-from jllm.entrypoints.openai.errors import OpenAIServingError
 from jllm.entrypoints.openai.middleware import (AUTHENTICATED_PREFIXES, AuthenticationMiddleware,
                                                 RequestSizeLimitMiddleware, ServerLoad, ServerLoadMiddleware,
                                                 XRequestIdMiddleware)
