@@ -23,7 +23,7 @@ from tiny_model import VOCAB_SIZE
 KEYS = ("sk-first", "sk-second")
 MODEL_NAME = "tiny"
 MAX_LOG_LEN = 12
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
 @pytest.fixture(scope="module")

@@ -109,7 +109,7 @@ def test_skip_tokenizer_init_takes_token_ids_and_returns_no_text(tiny_llama_path
 
 
 def test_generate_script_runs_on_the_default_model(smollm2_gguf_path):
-    repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    repo = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
     result = subprocess.run(
         [sys.executable, os.path.join(repo, "scripts", "generate.py"), "--max-tokens", "5",
          "--max-model-len", "256", "--prompt", "The capital of France is"],
