@@ -42,11 +42,6 @@ class DecodeConfig:
   # (looped) timing (scripts/results/kernels_nvidia-h100-80gb-hbm3_2026-11-26_
   # decode_params.json); under chained timing the two are within noise there.
   num_stages: int = 3
-  # Where set, and where the Mosaic GPU kernel can take the step (16-bit, head_dim a
-  # multiple of 64: paged_decode_attention_mgpu.mgpu_decode_supported), the engine runs
-  # that kernel with this many splits instead of the Triton one. No cell sets it: on the
-  # device it ran slower than the Triton kernel at d64 1 x 512 (BUILD_NOTES.md, session 9).
-  mgpu_splits: int | None = None
 
 
 # Decode configs by head_dim, then (batch, context). Rows: batch up to; columns: context

@@ -39,7 +39,7 @@ def chained(fn: Callable, reps: int, rotating: tuple[int, ...] = (), carry: int 
     themselves (no loop counter, no slicing of per-call inputs). XLA may still fuse one
     call's last op with the next call's first (JAX's paged_attention: its split merge
     with the next call's q padding), which a model's projections between calls prevent;
-    scripts/decode_call_breakdown.py times calls one program each. The calls are
+    `bench_kernels.py --reps 1` times calls one program each. The calls are
     unrolled, not a `fori_loop`: an XLA while loop adds several microseconds per
     iteration.
 

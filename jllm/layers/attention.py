@@ -29,7 +29,6 @@ from pallas_kernels import (
     write_kv_reference,
 )
 from pallas_kernels.paged_decode_attention import gather_pages
-from pallas_kernels.paged_decode_attention_mgpu import mgpu_decode_supported, paged_decode_attention_mgpu
 
 
 class KVCache(NamedTuple):
@@ -85,15 +84,8 @@ def paged_attention(
     elif md.decode_only:
         # Token i is sequence i's query (S <= T); the tokens past S are padding.
         num_seqs = md.seq_lens.shape[0]
-        args = (q[:num_seqs], k_cache, v_cache, md.seq_lens, md.block_tables)
-        config = md.decode_config
-        if (config is not None and config.mgpu_splits
-                and mgpu_decode_supported(q.shape, q.dtype, k_cache.shape, config.mgpu_splits)):
-            # Its splits merge in a cluster's shared memory: no tickets to thread.
-            out = paged_decode_attention_mgpu(*args, num_splits=config.mgpu_splits, **kwargs)
-        else:
-            out, tickets = paged_decode_attention(*args, config=config, decode_tickets=tickets,
-                                                  **kwargs)
+        out, tickets = paged_decode_attention(q[:num_seqs], k_cache, v_cache, md.seq_lens, md.block_tables,
+                                              config=md.decode_config, decode_tickets=tickets, **kwargs)
         out = jnp.pad(out, ((0, q.shape[0] - num_seqs), (0, 0), (0, 0)))
     else:
         out = ragged_paged_attention(

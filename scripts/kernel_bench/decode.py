@@ -19,11 +19,6 @@ from pallas_kernels import (
     paged_decode_attention_reference,
 )
 from pallas_kernels.paged_decode_attention import _DECODE_TABLES, _TABLE_BATCHES, _TABLE_CONTEXTS
-from pallas_kernels.paged_decode_attention_mgpu import (
-    MERGES,
-    check_mgpu_decode_args,
-    paged_decode_attention_mgpu,
-)
 from scripts.bench_utils import log, rel_err
 from scripts.kernel_bench.common import (
     CHECK_ROWS,
@@ -64,12 +59,6 @@ DECODE_PARAM_SETTINGS = (
     {"num_warps": 2}, {"num_warps": 2, "num_stages": 2}, {"num_warps": 2, "num_stages": 1},
     {"block_kv": 32, "num_warps": 2, "num_stages": 2}, {"block_kv": 32, "num_stages": 2},
 )
-
-
-# The Mosaic GPU kernel (cluster-merged splits) runs where the merge is a visible share of
-# a call: small batches. Its split counts, where its shared memory holds them.
-MGPU_SPLITS = (1, 2, 4, 8)
-MGPU_MAX_BATCH = 8
 
 
 def kv_bytes(heads: Heads, batch: int, context: int) -> int:
@@ -161,9 +150,8 @@ def bench_decode_shape(bench, rng, heads, batch, context, k_cache, v_cache, cach
                                           config=config, interpret=bench.interpret,
                                           decode_tickets=tickets)
 
-        return Variant("jllm_decode", config_params(config), call, jllm_args, (5,), carry=2)
+        return Variant("jllm_decode", dataclasses.asdict(config), call, jllm_args, (5,), carry=2)
 
-    mgpu = mgpu_variants(bench, batch, args, scale)
     configs = [DecodeConfig(s) for s in splits]
     jllm = [jllm_variant(c) for c in configs + ([table] if table not in configs else [])]
     # JAX's kernel takes no softmax scale: q is scaled beforehand, outside the timing.
@@ -178,7 +166,7 @@ def bench_decode_shape(bench, rng, heads, batch, context, k_cache, v_cache, cach
         xla = [Variant("xla_reference", {}, reference, args, rotating)]
     else:
         log("  xla_reference: skipped (memory)")
-    run_variants(bench, jllm + mgpu + jax_variants + xla, guess, check, figure, profile=True)
+    run_variants(bench, jllm + jax_variants + xla, guess, check, figure, profile=True)
     if bench.decode_params:  # Launch settings at the best split count and the table's.
         best = fastest_on_device(jllm) or jllm[0]
         more = [jllm_variant(c) for c in launch_setting_configs(
@@ -200,37 +188,7 @@ def bench_decode_shape(bench, rng, heads, batch, context, k_cache, v_cache, cach
                 for launch in JAX_LAUNCH_SETTINGS]
         run_variants(bench, more, guess, check, figure, profile=True)
         jax_variants += more
-    record_decode(bench, heads, batch, context, nbytes, jllm, table, jax_variants, xla, mgpu)
-
-
-def config_params(config: DecodeConfig) -> dict:
-    """A config's fields as a variant's params, mgpu_splits only where set (the Triton
-    launcher ignores it; the Mosaic kernel's variants are timed on their own)."""
-    params = dataclasses.asdict(config)
-    if params["mgpu_splits"] is None:
-        del params["mgpu_splits"]
-    return params
-
-
-def mgpu_variants(bench, batch: int, args: tuple, scale: float) -> list[Variant]:
-    """The Mosaic GPU kernel at each of MGPU_SPLITS it can run, with each of its merges
-    (none in interpret mode: its interpreter run is the tests' job, and slow)."""
-    if bench.interpret or batch > MGPU_MAX_BATCH:
-        return []
-    q, k_cache = args[0], args[1]
-    variants = []
-    for splits in MGPU_SPLITS:
-        try:
-            check_mgpu_decode_args(q.shape, q.dtype, k_cache.shape, splits)
-        except ValueError as e:
-            log(f"  jllm_decode_mgpu num_splits={splits}: skipped ({e})")
-            continue
-        for merge in MERGES:
-            fn = functools.partial(paged_decode_attention_mgpu, scale=scale, num_splits=splits,
-                                   merge=merge)
-            variants.append(Variant("jllm_decode_mgpu", {"num_splits": splits, "merge": merge},
-                                    fn, args, (4,)))
-    return variants
+    record_decode(bench, heads, batch, context, nbytes, jllm, table, jax_variants, xla)
 
 
 def launch_setting_configs(split_counts, context: int, tried=frozenset()) -> list[DecodeConfig]:
@@ -291,26 +249,22 @@ def decode_row(kernel, heads, batch, context, page_size, variant=None, nbytes=No
     return row
 
 
-def record_decode(bench, heads, batch, context, nbytes, jllm, table, jax_variants, xla,
-                  mgpu=()):
+def record_decode(bench, heads, batch, context, nbytes, jllm, table, jax_variants, xla):
     page_size, results = bench.plan.page_size, bench.results
-    mgpu = list(mgpu)
     # run_variants profiled every variant; a second trace for any that one left without a
     # kernel time (bursts not told apart). At the smallest shapes the wall time per call
     # also holds the launch gaps, which move with the host.
-    profile_kernel_ms(bench, jllm + mgpu + jax_variants + xla)
-    for v in jllm + mgpu + jax_variants + xla:
+    profile_kernel_ms(bench, jllm + jax_variants + xla)
+    for v in jllm + jax_variants + xla:
         results.add_sweep(kernel=v.kernel, model=heads.model, batch=batch, context=context,
                           head_dim=heads.head_dim, **v.params, ms=v.ms, kernel_ms=v.kernel_ms,
                           max_rel_err=v.max_rel_err, error=v.error)
         v.program = None  # Done with the compiled programs.
-    table_variant = next(v for v in jllm if v.params == config_params(table))
+    table_variant = next(v for v in jllm if v.params == dataclasses.asdict(table))
     best, best_jax = fastest(jllm) or jllm[0], fastest(jax_variants)
     picks = [("jllm_decode", best, jllm), ("jllm_decode_table", table_variant, [table_variant]),
              ("jax_paged_attention", best_jax or (jax_variants or [None])[0], jax_variants),
              ("xla_reference", xla[0] if xla else None, xla)]
-    if mgpu:
-        picks.append(("jllm_decode_mgpu", fastest(mgpu) or mgpu[0], mgpu))
     if best.ms and table_variant.ms:
         versus = f"; jax paged's best takes {best_jax.ms / best.ms:.2f}x" if best_jax else ""
         log(f"  -> best {best.label}; the table's takes {table_variant.ms / best.ms:.2f}x its "
@@ -336,18 +290,12 @@ TABLE_TIE = 0.01
 
 def suggested_decode_table(sweeps: list[dict]) -> str:
     """`_DECODE_TABLES` with each measured cell set to its head_dim's fastest config (or,
-    within TABLE_TIE of it, the one closest to the defaults), and with `mgpu_splits` set
-    where the Mosaic GPU kernel's fastest split count beat that config by more than
-    TABLE_TIE (with its DSMEM merge: the one the engine runs). Times are the profiled
+    within TABLE_TIE of it, the one closest to the defaults). Times are the profiled
     kernel times where every variant of the cell has one, else wall times."""
     entries: dict[tuple[int, int, int], list[dict]] = {}
-    mgpu: dict[tuple[int, int, int], list[dict]] = {}
     for s in sweeps:
-        if s["kernel"] == "jllm_decode_mgpu" and s.get("merge", "dsmem") != "dsmem":
-            continue
-        if s["kernel"] in ("jllm_decode", "jllm_decode_mgpu") and s["ms"] is not None:
-            pool = entries if s["kernel"] == "jllm_decode" else mgpu
-            pool.setdefault((s["head_dim"], s["batch"], s["context"]), []).append(s)
+        if s["kernel"] == "jllm_decode" and s["ms"] is not None:
+            entries.setdefault((s["head_dim"], s["batch"], s["context"]), []).append(s)
     lines, kept = ["_DECODE_TABLES = {"], False
     for head_dim in sorted({*_DECODE_TABLES, *(d for d, _, _ in entries)}):
         current = _DECODE_TABLES.get(head_dim) or _DECODE_TABLES[max(_DECODE_TABLES)]
@@ -357,8 +305,7 @@ def suggested_decode_table(sweeps: list[dict]) -> str:
             for j, context in enumerate(_TABLE_CONTEXTS):
                 cell = entries.get((head_dim, batch, context))
                 kept |= not cell
-                cells.append(config_code(_best_config(cell, mgpu.get((head_dim, batch, context))))
-                             if cell else config_code(current[i][j]) + "?")
+                cells.append(config_code(_best_config(cell)) if cell else config_code(current[i][j]) + "?")
             bound = "" if i == 0 else "<= "
             lines.append(f"        ({', '.join(cells)}),  # batch {bound}{batch}")
         lines.append("    ),")
@@ -367,22 +314,17 @@ def suggested_decode_table(sweeps: list[dict]) -> str:
 
 
 def config_code(config: DecodeConfig) -> str:
-    """`_C(...)` as the table writes it: the Triton fields past the last non-default one
-    left out, and mgpu_splits by name where set."""
-    triton = dataclasses.replace(config, mgpu_splits=None)
-    values = dataclasses.astuple(triton)[:-1]
+    """`_C(...)` as the table writes it: the fields past the last non-default one left out."""
+    values = dataclasses.astuple(config)
     defaults = dataclasses.astuple(DecodeConfig(config.num_splits))
     while len(values) > 1 and values[-1] == defaults[len(values) - 1]:
         values = values[:-1]
-    parts = [*map(str, values)] + ([f"mgpu_splits={config.mgpu_splits}"] if config.mgpu_splits else [])
-    return f"_C({', '.join(parts)})"
+    return f"_C({', '.join(map(str, values))})"
 
 
-def _best_config(entries: list[dict], mgpu_entries: list[dict] | None = None) -> DecodeConfig:
-    everything = entries + (mgpu_entries or [])
-    key = "kernel_ms" if all(e.get("kernel_ms") is not None for e in everything) else "ms"
-    # The Triton kernel's fields of a sweep (mgpu_splits is the table's, not a launch's).
-    fields = [f.name for f in dataclasses.fields(DecodeConfig) if f.name != "mgpu_splits"]
+def _best_config(entries: list[dict]) -> DecodeConfig:
+    key = "kernel_ms" if all(e.get("kernel_ms") is not None for e in entries) else "ms"
+    fields = [f.name for f in dataclasses.fields(DecodeConfig)]
     times = {DecodeConfig(**{name: e[name] for name in fields}): e[key] for e in entries}
     fastest_time = min(times.values())
     close = [c for c, t in times.items() if t <= fastest_time * (1 + TABLE_TIE)]
@@ -391,9 +333,4 @@ def _best_config(entries: list[dict], mgpu_entries: list[dict] | None = None) ->
         return sum(a != b for a, b in zip(dataclasses.astuple(config)[1:],
                                           dataclasses.astuple(DecodeConfig(1))[1:]))
 
-    best = min(close, key=lambda c: (changed(c), times[c]))
-    if mgpu_entries:
-        mgpu_best = min(mgpu_entries, key=lambda e: e[key])
-        if mgpu_best[key] * (1 + TABLE_TIE) < fastest_time:
-            best = dataclasses.replace(best, mgpu_splits=mgpu_best["num_splits"])
-    return best
+    return min(close, key=lambda c: (changed(c), times[c]))

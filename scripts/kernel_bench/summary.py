@@ -8,8 +8,7 @@ def _fmt(value, spec):
     return "-" if value is None else format(value, spec)
 
 
-DECODE_KERNELS = ("jllm_decode", "jllm_decode_table", "jax_paged_attention", "xla_reference",
-                  "jllm_decode_mgpu")
+DECODE_KERNELS = ("jllm_decode", "jllm_decode_table", "jax_paged_attention", "xla_reference")
 
 
 def _times(value):
@@ -24,8 +23,7 @@ def decode_summary(rows: list[dict]) -> list[str]:
     """TB/s per decode shape: jllm's best variant (its splits and share of the copy
     bandwidth), the table's config, JAX's paged_attention at its best settings, the XLA
     reference; and jllm's speedup over JAX's kernel in wall time and in kernel (profiled
-    device) time, each kernel at its fastest variant by that measure. Then the Mosaic GPU
-    kernel where it ran (small batches): its best splits and its kernel-time speedup."""
+    device) time, each kernel at its fastest variant by that measure."""
     shapes: dict[tuple, dict[str, dict]] = {}
     for r in rows:
         if r["kernel"] in DECODE_KERNELS:
@@ -35,17 +33,16 @@ def decode_summary(rows: list[dict]) -> list[str]:
     lines = ["### Decode attention, TB/s", "",
              "| model | batch | context | jllm (splits, % of copy) | table (splits) "
              "| jax paged (k_splits/ppcb) | xla ref | jllm speedup vs jax paged "
-             "| same, kernel time | mgpu (splits, merge) | mgpu vs jax paged, kernel time |",
-             "|---|---|---|---|---|---|---|---|---|---|---|"]
+             "| same, kernel time |",
+             "|---|---|---|---|---|---|---|---|---|"]
     models = list(dict.fromkeys(model for model, _, _ in shapes))
     for (model, batch, context), k in sorted(
             shapes.items(), key=lambda item: (models.index(item[0][0]), *item[0][1:])):
         jllm, table = k.get("jllm_decode", {}), k.get("jllm_decode_table", {})
         jaxp, xla = k.get("jax_paged_attention", {}), k.get("xla_reference", {})
-        mgpu = k.get("jllm_decode_mgpu", {})
         if jllm.get("skipped"):
             lines.append(f"| {model} | {batch} | {context} | skipped ({jllm['skipped']}) "
-                         "| | | | | | | |")
+                         "| | | | | |")
             continue
         jax_kernel_ms = jaxp.get("best_kernel_ms") or jaxp.get("kernel_ms")
         share = jllm.get("share_of_copy")
@@ -53,19 +50,13 @@ def decode_summary(rows: list[dict]) -> list[str]:
         speedup = _ratio(jaxp.get("ms"), jllm.get("ms"))
         # Each kernel's least kernel time over its variants (older records: the pick's).
         kernel_speedup = _ratio(jax_kernel_ms, jllm.get("best_kernel_ms") or jllm.get("kernel_ms"))
-        mgpu_speedup = _ratio(jax_kernel_ms, mgpu.get("best_kernel_ms") or mgpu.get("kernel_ms"))
-        mgpu_cell = "-" if not mgpu else (
-            f"failed ({mgpu['error'][:60]})" if mgpu.get("error") and mgpu.get("ms") is None
-            else f"{_fmt(mgpu.get('tbps'), '.2f')} "
-                 f"({', '.join(str(mgpu[k]) for k in ('num_splits', 'merge') if k in mgpu)})")
         jax_settings = f"{jaxp.get('k_splits')}/{jaxp.get('pages_per_compute_block')}"
         lines.append(
             f"| {model} | {batch} | {context} "
             f"| {_fmt(jllm.get('tbps'), '.2f')} ({jllm.get('num_splits')}{share}) "
             f"| {_fmt(table.get('tbps'), '.2f')} ({table.get('num_splits')}) "
             f"| {_fmt(jaxp.get('tbps'), '.2f')} ({jax_settings}) "
-            f"| {_fmt(xla.get('tbps'), '.2f')} | {_times(speedup)} | {_times(kernel_speedup)} "
-            f"| {mgpu_cell} | {_times(mgpu_speedup)} |")
+            f"| {_fmt(xla.get('tbps'), '.2f')} | {_times(speedup)} | {_times(kernel_speedup)} |")
     return lines
 
 

@@ -1,6 +1,7 @@
 """The kernel benchmark's timing harness (scripts/bench_utils.py, scripts/kernel_bench/):
 what each timed program computes, the page sets decode rotates over, and a tiny CPU run
 of the script end to end (Pallas interpret mode)."""
+import dataclasses
 import json
 import types
 
@@ -74,7 +75,7 @@ def test_decode_tables_rotate_over_disjoint_pages_spanning_twice_the_l2():
 
 
 def _sweep(head_dim, splits, ms, kernel_ms=None, **launch):
-    config = decode.config_params(DecodeConfig(splits, **launch))
+    config = dataclasses.asdict(DecodeConfig(splits, **launch))
     return dict(kernel="jllm_decode", batch=1, context=512, head_dim=head_dim, **config, ms=ms,
                 kernel_ms=kernel_ms)
 
@@ -88,23 +89,6 @@ def test_decode_table_suggestion_takes_each_head_dims_fastest_config():
     assert lines[d64 + 1].startswith("(_C(4), ")
     assert lines[d64 + 2].startswith("(_C(4, 64, 2)?, ")  # Not measured: kept.
     assert lines[d128 + 1].startswith("(_C(16, 64, 2), ")
-
-
-def test_decode_table_suggestion_sets_mgpu_splits_where_the_mosaic_kernel_wins():
-    mgpu = [dict(kernel="jllm_decode_mgpu", batch=1, context=512, head_dim=64, num_splits=s,
-                 ms=1.0, kernel_ms=t) for s, t in ((2, 0.9), (4, 0.7))]
-    sweeps = [_sweep(64, 8, 1.0, kernel_ms=1.0), _sweep(64, 4, 1.0, kernel_ms=1.2)]
-    first_row = decode.suggested_decode_table(sweeps + mgpu).splitlines()[2].strip()
-    assert first_row.startswith("(_C(8, mgpu_splits=4), ")  # Triton's best, and mgpu's splits.
-    assert decode.config_code(DecodeConfig(8, 32, mgpu_splits=2)) == "_C(8, 32, mgpu_splits=2)"
-    # A faster merge through global memory is not the engine's: not suggested.
-    glob = dict(mgpu[1], merge="global", kernel_ms=0.5)
-    first_row = decode.suggested_decode_table(sweeps + mgpu + [glob]).splitlines()[2].strip()
-    assert first_row.startswith("(_C(8, mgpu_splits=4), ")
-    for m in mgpu:  # Within the tie margin of the Triton kernel: not taken.
-        m["kernel_ms"] = 0.995
-    first_row = decode.suggested_decode_table(sweeps + mgpu).splitlines()[2].strip()
-    assert first_row.startswith("(_C(8), ")
 
 
 def test_decode_table_suggestion_prefers_default_settings_within_the_tie_margin():
@@ -240,8 +224,4 @@ def test_decode_summary_compares_each_kernels_least_kernel_time():
             dict(shape, kernel="jax_paged_attention", ms=0.012, kernel_ms=0.005, best_kernel_ms=0.005,
                  tbps=0.17, k_splits=8, pages_per_compute_block=4)]
     line = decode_summary(rows)[-1]
-    assert line.endswith("| 1.20x | 1.25x | - | - |")  # Wall 12/10; kernel 5/4, not 5/6.
-    rows.append(dict(shape, kernel="jllm_decode_mgpu", ms=0.009, kernel_ms=0.0045,
-                     best_kernel_ms=0.0025, tbps=0.25, num_splits=4, merge="dsmem"))
-    line = decode_summary(rows)[-1]
-    assert line.endswith("| 1.20x | 1.25x | 0.25 (4, dsmem) | 2.00x |")  # mgpu: kernel 5/2.5
+    assert line.endswith("| 1.20x | 1.25x |")  # Wall 12/10; kernel 5/4, not 5/6.
