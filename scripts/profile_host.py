@@ -9,7 +9,7 @@ right shape. What is left of `engine.step` is the host's work per step; its CPU 
 (not wall-clock, so that other processes on a shared machine count less) is measured
 whole, then broken down (ms per step, median, min or mean of --steps):
   schedule            Scheduler.schedule
-  build inputs        InputBatchBuilder.build (the scheduler's rows -> numpy)
+  build inputs        InputBatchBuilder.build (the scheduler's message -> numpy)
   rest of runner      execute_model around build and the stub: packing, results to host
   update_from_output  Scheduler.update_from_output
   output processing   the engine's per-token work: stop checks, detokenizing, logprobs
@@ -67,7 +67,7 @@ class DeviceStub:
 
         def recording_build(*args, **kwargs):
             built = build(*args, **kwargs)
-            self.num_seqs = built[0].num_seqs
+            self.num_seqs = built.shape.num_seqs
             return built
 
         runner.builder.build = recording_build

@@ -71,11 +71,11 @@ def profile_batch(args, folder: str, vocab: int, tbps: float, batch: int) -> tup
 
     # One decode step's inputs, built as execute_model builds them.
     sched = engine.scheduler.schedule()
-    rows = sched.scheduled_requests
-    banned = [[] for _ in rows]
-    build_ms = median_ms(lambda: runner.builder.build(rows, banned), args.iters)
-    shape, inputs, md = runner.builder.build(rows, banned)
-    assert len(rows) == batch and shape.decode_only == (engine.model_config.attention_backend == "pallas")
+    runner.builder.update_states(sched)
+    build_ms = median_ms(lambda: runner.builder.build(sched), args.iters)
+    built = runner.builder.build(sched)
+    shape, inputs, md = built.shape, built.inputs, built.sampling
+    assert len(built.req_ids) == batch and shape.decode_only == (engine.model_config.attention_backend == "pallas")
 
     # Packing, the transfer, the fused program and the fetch of the sampled tokens.
     step_only_ms = median_ms(lambda: runner.run_step(shape, inputs, md, batch), args.iters)

@@ -6,6 +6,9 @@ budget of `max_num_batched_tokens` tokens and `max_num_seqs` sequences, spent fi
 running requests (a decode costs one token), then on waiting ones in arrival order,
 splitting a prompt that does not fit (chunked prefill). When pages run out the most
 recently admitted request is preempted and later recomputed from scratch.
+
+Each step's decision goes to the worker as one `SchedulerOutput`: a request's prompt,
+settings and pages once, then only its new pages and progress.
 """
 from __future__ import annotations
 
@@ -13,56 +16,16 @@ import logging
 import time
 from collections import deque
 from collections.abc import Iterable, Mapping
-from dataclasses import dataclass, field
 
 from jllm.config import CacheConfig, SchedulerConfig
 from jllm.core.block_manager import BlockManager, cdiv
+from jllm.core.scheduler_output import NewRequestData, SchedulerOutput
 from jllm.engine.request import Request, RequestStatus
 
 logger = logging.getLogger(__name__)
 
 # Preemption is logged as a warning once per this many; the rest at debug level.
 PREEMPTION_WARNING_INTERVAL = 50
-
-
-@dataclass(slots=True)
-class ScheduledRequest:
-    request: Request
-    num_scheduled_tokens: int
-    # Tokens already in the KV cache before this step: the position of the first
-    # scheduled token.
-    num_computed_tokens: int
-    # The request's pages after allocation, in order (a copy: an abort during the
-    # step must not change what the runner reads).
-    block_ids: list[int]
-    # This step brings all known tokens into the cache, so the logits of its last
-    # position are sampled; False for all but the last chunk of a prefill.
-    sample: bool
-    # First schedule since arrival: the runner has never seen the request.
-    is_new: bool = False
-    # First schedule since a preemption: the runner's state for it is stale.
-    resumed_from_preemption: bool = False
-
-    @property
-    def token_ids(self) -> list[int]:
-        """The tokens this step feeds the model."""
-        start = self.num_computed_tokens
-        return self.request.all_token_ids[start:start + self.num_scheduled_tokens]
-
-
-@dataclass
-class SchedulerOutput:
-    # Running requests first, then those admitted from the waiting queue.
-    scheduled_requests: list[ScheduledRequest] = field(default_factory=list)
-    num_scheduled_tokens: dict[str, int] = field(default_factory=dict)
-    total_num_scheduled_tokens: int = 0
-    preempted_req_ids: set[str] = field(default_factory=set)
-    # Finished (or aborted) since the previous step: the runner may drop their state.
-    finished_req_ids: set[str] = field(default_factory=set)
-
-    @property
-    def is_empty(self) -> bool:
-        return not self.scheduled_requests
 
 
 class Scheduler:
@@ -118,9 +81,10 @@ class Scheduler:
                 # Its sampled token has not come back yet (schedule called twice).
                 req_index += 1
                 continue
+            num_known_blocks = len(request.block_ids)  # what the worker has
             if not self._allocate_or_preempt(request, num_new_tokens, output):
                 break  # It preempted itself: everything after it is gone too.
-            self._add_scheduled(output, request, num_new_tokens)
+            self._add_cached(output, request, num_new_tokens, request.block_ids[num_known_blocks:], False)
             token_budget -= num_new_tokens
             req_index += 1
 
@@ -129,8 +93,9 @@ class Scheduler:
             self._schedule_waiting(output, token_budget)
 
         # Advanced now, as vLLM does: the tokens are in the cache once the step runs.
-        for scheduled in output.scheduled_requests:
-            scheduled.request.num_computed_tokens += scheduled.num_scheduled_tokens
+        requests = self.requests
+        for request_id, num_tokens in output.num_scheduled_tokens.items():
+            requests[request_id].num_computed_tokens += num_tokens
         return output
 
     def _allocate_or_preempt(self, request: Request, num_new_tokens: int,
@@ -166,18 +131,28 @@ class Scheduler:
                 request.first_scheduled_time = time.time()
             if request.num_cached_tokens < 0:
                 request.num_cached_tokens = num_computed_tokens
-            self._add_scheduled(output, request, num_new_tokens,
-                                is_new=not resumed, resumed=resumed)
+            if resumed:
+                self._add_cached(output, request, num_new_tokens, list(request.block_ids), True)
+            else:
+                output.scheduled_new_reqs.append(NewRequestData(
+                    request.request_id, request.prompt_token_ids, request.sampling_settings,
+                    list(request.block_ids), num_computed_tokens))
+                self._count(output, request, num_new_tokens)
             token_budget -= num_new_tokens
 
-    def _add_scheduled(self, output: SchedulerOutput, request: Request, num_new_tokens: int,
-                       is_new: bool = False, resumed: bool = False) -> None:
-        num_computed_tokens = request.num_computed_tokens
-        # Positional: this runs for every request every step.
-        output.scheduled_requests.append(ScheduledRequest(
-            request, num_new_tokens, num_computed_tokens, list(request.block_ids),
-            num_computed_tokens + num_new_tokens == request.num_tokens, is_new, resumed,
-        ))
+    def _add_cached(self, output: SchedulerOutput, request: Request, num_new_tokens: int,
+                    new_block_ids: list[int], resumed: bool) -> None:
+        """A request the worker knows: only its new pages (all of them if resumed) and
+        progress. Lists are copies: an abort during the step must not change them."""
+        cached = output.scheduled_cached_reqs
+        cached.req_ids.append(request.request_id)
+        cached.resumed_from_preemption.append(resumed)
+        cached.new_block_ids.append(new_block_ids)
+        cached.num_computed_tokens.append(request.num_computed_tokens)
+        self._count(output, request, num_new_tokens)
+
+    @staticmethod
+    def _count(output: SchedulerOutput, request: Request, num_new_tokens: int) -> None:
         output.num_scheduled_tokens[request.request_id] = num_new_tokens
         output.total_num_scheduled_tokens += num_new_tokens
 
@@ -205,12 +180,14 @@ class Scheduler:
         them with `finish_requests`.
         """
         updated = []
-        for scheduled in scheduler_output.scheduled_requests:
-            request = scheduled.request
-            if request.is_finished:
-                continue  # Aborted while the step ran; its pages are gone.
-            if scheduled.sample:
-                request.append_output_token_id(sampled_token_ids[request.request_id])
+        requests = self.requests
+        for request_id in scheduler_output.num_scheduled_tokens:
+            request = requests.get(request_id)
+            if request is None:
+                continue  # Ended while the step ran; its pages are gone.
+            token = sampled_token_ids.get(request_id)
+            if token is not None:
+                request.append_output_token_id(token)
                 updated.append(request)
             self.block_manager.cache_full_blocks(request)
         return updated

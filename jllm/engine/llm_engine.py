@@ -13,8 +13,10 @@ from jllm.engine.engine_setup import EngineParts, build_engine_parts
 from jllm.engine.output_processor import RequestState, SampleState, check_stop
 from jllm.engine.prompts import bad_words_token_ids, process_prompt
 from jllm.engine.request import Request, RequestStatus
+from jllm.engine.sampling_settings import sampling_settings
 from jllm.outputs import RequestOutput
 from jllm.sampling_params import SamplingParams
+from jllm.worker.model_runner import ModelRunnerOutput
 
 logger = logging.getLogger(__name__)
 
@@ -38,9 +40,6 @@ class LLMEngine:
         # user request id -> state; each sample's Request id -> (state, sample index)
         self._states: dict[str, RequestState] = {}
         self._sample_of: dict[str, tuple[RequestState, SampleState]] = {}
-        self._bad_words: dict[str, list[list[int]]] = {}
-        # Samples that may ban tokens (bad words, or stop tokens until min_tokens).
-        self._may_ban: set[str] = set()
 
     @classmethod
     def from_engine_args(cls, engine_args: EngineArgs) -> "LLMEngine":
@@ -69,11 +68,12 @@ class LLMEngine:
                              arrival_time=arrival)
         for index in range(params.n):
             sample_id = request_id if params.n == 1 else f"{index}_{request_id}"
+            seed = (base_seed + index * _SAMPLE_SEED_STRIDE) & _SEED_MASK
             req = Request(
                 request_id=sample_id, prompt_token_ids=list(prompt_ids), sampling_params=params,
                 arrival_time=arrival, index=index, parent_id=request_id, cache_salt=cache_salt,
-                eos_token_id=eos_token_id, max_tokens=max_tokens,
-                seed=(base_seed + index * _SAMPLE_SEED_STRIDE) & _SEED_MASK,
+                eos_token_id=eos_token_id, max_tokens=max_tokens, seed=seed,
+                sampling_settings=sampling_settings(params, seed, bad_words, with_prompt_logprobs=index == 0),
             )
             state.samples.append(SampleState(
                 req, IncrementalDetokenizer(self.tokenizer, prompt_ids, params),
@@ -83,12 +83,7 @@ class LLMEngine:
         # Registered only once all of it is built: a request that fails above leaves nothing.
         self._states[request_id] = state
         for sample in state.samples:
-            sample_id = sample.request.request_id
-            self._sample_of[sample_id] = (state, sample)
-            if bad_words:
-                self._bad_words[sample_id] = bad_words
-            if bad_words or (params.min_tokens and params.all_stop_token_ids):
-                self._may_ban.add(sample_id)
+            self._sample_of[sample.request.request_id] = (state, sample)
             self.scheduler.add_request(sample.request)
 
     def abort_request(self, request_ids: str | Iterable[str]) -> None:
@@ -105,8 +100,6 @@ class LLMEngine:
     def _forget(self, sample_ids: list[str]) -> None:
         for sid in sample_ids:
             self._sample_of.pop(sid, None)
-            self._bad_words.pop(sid, None)
-            self._may_ban.discard(sid)
 
     def has_unfinished_requests(self) -> bool:
         return self.scheduler.has_unfinished_requests()
@@ -121,31 +114,28 @@ class LLMEngine:
         processor, logprobs, detokenization, stop checks) ends with finish_reason
         "error" and its exception in `RequestOutput.error`; the others go on."""
         sched = self.scheduler.schedule()
-        # Before the empty check: a step that runs nothing may still report finished ids.
-        self.runner.remove_requests(sched.finished_req_ids | sched.preempted_req_ids)
-        if sched.is_empty:
-            return []
-        rows = sched.scheduled_requests
         failed: dict[str, RequestState] = {}
         try:
-            result = self.runner.execute_model(rows, self._banned_rows(rows))
+            # Even a step that runs nothing tells the worker which requests finished.
+            result = self.runner.execute_model(sched)
         except Exception as e:
             if not self.runner.kv_cache_alive():
                 raise  # the step consumed the KV cache: no request can go on
             # Raised before the device ran (the cache is intact), so one of this step's
             # requests may be the cause and no other has lost anything: those fail.
-            logger.exception("A model step failed; its %d requests fail, the engine goes on.", len(rows))
-            for row in rows:
-                self._fail(row.request.request_id, e, failed)
+            logger.exception("A model step failed; its %d requests fail, the engine goes on.",
+                             len(sched.num_scheduled_tokens))
+            for sample_id in sched.num_scheduled_tokens:
+                self._fail(sample_id, e, failed)
             return self._make_outputs(list(failed.values()))
+        if sched.is_empty:
+            return []
         now = time.time()
         for sample_id, error in result.failed.items():
             self._fail(sample_id, error, failed)
-        sampled = {row.request.request_id: token
-                   for row, token in zip(rows, result.sampled_token_ids.tolist()) if row.sample}
-        self._record_prompt_logprobs(rows, result, failed)
-        updated = self.scheduler.update_from_output(sched, sampled)
-        touched = self._process_sampled(updated, rows, result, now, failed)
+        self._record_prompt_logprobs(result, failed)
+        updated = self.scheduler.update_from_output(sched, result.sampled_token_ids)
+        touched = self._process_sampled(updated, result, now, failed)
         return self._make_outputs([*touched.values(), *(s for r, s in failed.items() if r not in touched)])
 
     def _fail(self, sample_id: str, error: BaseException, failed: dict[str, RequestState]) -> None:
@@ -161,13 +151,12 @@ class LLMEngine:
         self.scheduler.finish_requests([s.request.request_id for s in state.samples], RequestStatus.FINISHED_ERROR)
         failed[state.request_id] = state
 
-    def _process_sampled(self, updated: list[Request], rows, result, now: float,
+    def _process_sampled(self, updated: list[Request], result: ModelRunnerOutput, now: float,
                          failed: dict[str, RequestState]) -> dict[str, RequestState]:
         """Per new token: timestamps, logprobs, stop checks and text; ends the requests
         that stopped. Returns the user requests touched, by id."""
         touched: dict[str, RequestState] = {}
         finished_ids: dict[RequestStatus, list[str]] = {}
-        row_of = None
         max_model_len = self.model_config.max_model_len
         for req in updated:
             state, sample = self._sample_of[req.request_id]
@@ -180,9 +169,7 @@ class LLMEngine:
             token = req.output_token_ids[-1]
             try:
                 if sample.logprobs is not None:
-                    if row_of is None:
-                        row_of = {row.request.request_id: i for i, row in enumerate(rows)}
-                    i = row_of[req.request_id]
+                    i = result.req_id_to_index[req.request_id]
                     state.add_sampled_logprobs(sample, token, result.sampled_logprobs[i], result.sampled_ranks[i],
                                                result.topk_token_ids[i], result.topk_logprobs[i])
                 stopped = check_stop(req, max_model_len)
@@ -223,44 +210,14 @@ class LLMEngine:
                 self._forget([s.request.request_id for s in state.samples])
         return outputs
 
-    def _record_prompt_logprobs(self, rows, result, failed: dict[str, RequestState]) -> None:
-        if result.prompt_topk_ids is None:
-            return
-        start = 0
-        for row in rows:
-            req = row.request
-            n = row.num_scheduled_tokens
-            state = self._sample_of[req.request_id][0]
-            if (state.prompt_logprobs is not None and state.error is None and req.index == 0
-                    and row.num_computed_tokens < req.num_prompt_tokens):
-                positions = list(range(row.num_computed_tokens + 1,
-                                       min(row.num_computed_tokens + n + 1, req.num_prompt_tokens)))
-                sl = slice(start, start + len(positions))
-                try:
-                    state.add_prompt_logprobs(
-                        positions, result.prompt_target_logprobs[sl], result.prompt_target_ranks[sl],
-                        result.prompt_topk_ids[sl], result.prompt_topk_logprobs[sl],
-                    )
-                except Exception as e:  # noqa: BLE001 - this request's fault alone
-                    self._fail(req.request_id, e, failed)
-            start += n
-
-    def _banned_rows(self, rows) -> list[list[int]]:
-        """Each row's banned tokens; one shared empty list when no request can ban any."""
-        if not self._may_ban:
-            return [[]] * len(rows)
-        may_ban = self._may_ban
-        return [self._banned_token_ids(row.request) if row.request.request_id in may_ban else []
-                for row in rows]
-
-    def _banned_token_ids(self, req: Request) -> list[int]:
-        """Tokens this request may not sample next: min_tokens stops and bad words."""
-        banned: list[int] = []
-        params = req.sampling_params
-        if req.num_output_tokens < params.min_tokens:
-            banned.extend(params.all_stop_token_ids)
-        for word in self._bad_words.get(req.request_id, ()):
-            prefix = word[:-1]
-            if not prefix or req.output_token_ids[-len(prefix):] == prefix:
-                banned.append(word[-1])
-        return banned
+    def _record_prompt_logprobs(self, result: ModelRunnerOutput, failed: dict[str, RequestState]) -> None:
+        for sample_id, lp in result.prompt_logprobs.items():
+            entry = self._sample_of.get(sample_id)
+            if entry is None or entry[0].error is not None or not len(lp.target_logprobs):
+                continue
+            positions = range(lp.first_position, lp.first_position + len(lp.target_logprobs))
+            try:
+                entry[0].add_prompt_logprobs(positions, lp.target_logprobs, lp.target_ranks, lp.topk_token_ids,
+                                             lp.topk_logprobs)
+            except Exception as e:  # noqa: BLE001 - this request's fault alone
+                self._fail(sample_id, e, failed)

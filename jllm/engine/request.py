@@ -10,6 +10,8 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
+from jllm.core.scheduler_output import SamplingSettings
+
 
 class RequestStatus(enum.IntEnum):
     WAITING = 0
@@ -55,6 +57,8 @@ class Request:
     # The 64-bit seed of this sample's random stream (the request's seed, or one
     # drawn from the engine's generator), folded with the output position per token.
     seed: int = 0
+    # What the worker gets of sampling_params (and the seed, bad words), resolved once.
+    sampling_settings: SamplingSettings | None = None
 
     status: RequestStatus = RequestStatus.WAITING
     output_token_ids: list[int] = field(default_factory=list)

@@ -14,6 +14,7 @@ import logging
 import jax
 import jax.numpy as jnp
 
+from jllm.config import SchedulerConfig
 from jllm.layers.attention import KVCache, allocate_kv_cache
 from jllm.models.llama import DecoderSpec
 
@@ -36,6 +37,23 @@ def available_kv_cache_bytes(gpu_memory_utilization: float, activation_bytes: in
         return None
     budget = int(stats["bytes_limit"] * gpu_memory_utilization)
     return budget - int(stats.get("bytes_in_use", 0)) - activation_bytes
+
+
+def activation_bytes(spec: DecoderSpec, sched: SchedulerConfig, dtype, prefix_gather_tokens: int = 0) -> int:
+    """A bound on the largest step's live activations: the widest intermediate per
+    token plus the float32 logits of every sequence, with 2x headroom for XLA's temps;
+    with `prefix_gather_tokens`, also a prefix-prefill step's gathered K/V of that many
+    tokens and its three float32 [tokens, q heads, head_dim] outputs to merge."""
+    itemsize = jnp.dtype(dtype).itemsize
+    per_token = (3 * spec.hidden_size + 2 * spec.intermediate_size
+                 + (spec.num_attention_heads + 2 * spec.num_key_value_heads) * spec.head_dim) * itemsize
+    logits = min(sched.max_num_seqs, sched.max_num_batched_tokens) * spec.vocab_size * 4 * 3
+    prefix = 0
+    if prefix_gather_tokens:
+        gather = 2 * prefix_gather_tokens * spec.num_key_value_heads * spec.head_dim * itemsize
+        merge = 3 * sched.max_num_batched_tokens * spec.num_attention_heads * spec.head_dim * 4
+        prefix = gather + merge
+    return 2 * (sched.max_num_batched_tokens * per_token + logits + prefix)
 
 
 def determine_num_blocks(

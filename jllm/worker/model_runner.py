@@ -1,9 +1,10 @@
 """The model runner: weights and KV pool on the device, one jitted call per engine step.
 
-`execute_model` turns the scheduler's decision into bucketed arrays packed into one
-buffer (one host-to-device transfer), runs the jitted step (model forward with the KV
-pool donated, logits of the rows that sample, on-device sampling) and brings back only
-the sampled tokens and any logprobs asked for.
+`execute_model` takes the scheduler's one message per step (SchedulerOutput), applies
+its request changes to the worker's persistent rows, turns it into bucketed arrays
+packed into one buffer (one host-to-device transfer), runs the jitted step (model
+forward with the KV pool donated, logits of the rows that sample, on-device sampling)
+and brings back only the sampled tokens and any logprobs asked for.
 """
 from __future__ import annotations
 
@@ -17,30 +18,56 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jllm.core.scheduler import ScheduledRequest
+from jllm.core.scheduler_output import SchedulerOutput
 from jllm.layers.attention_metadata import AttentionMetadata
 from jllm.layers.rotary import cos_sin_cache, rope_parameters
 from jllm.layers.sampler import SamplingMetadata, compute_logprobs, sample
-from jllm.worker.input_batch import InputBatchBuilder, ModelInputs, PackedLayout, StepShape, pack, unpack
+from jllm.worker.attention_plan import AttentionPlanner
+from jllm.worker.input_batch import InputBatchBuilder, ModelInputs, StepBatch, StepShape
+from jllm.worker.packing import PackedLayout, pack, unpack
 
 logger = logging.getLogger(__name__)
 
 
 @dataclass
-class RunnerOutput:
-    """Host copies of one step's results, one row per scheduled request."""
-    sampled_token_ids: np.ndarray  # [n]
-    topk_token_ids: np.ndarray | None  # [n, k]
-    topk_logprobs: np.ndarray | None
-    sampled_logprobs: np.ndarray | None  # [n]
-    sampled_ranks: np.ndarray | None
-    # Per request with prompt logprobs this step: (token slice start, length) into these.
-    prompt_topk_ids: np.ndarray | None = None  # [T, k]
-    prompt_topk_logprobs: np.ndarray | None = None
-    prompt_target_logprobs: np.ndarray | None = None  # [T]
-    prompt_target_ranks: np.ndarray | None = None
-    # Requests whose own logits processor raised, by request id; their sampled token
-    # is meaningless.
+class PromptLogprobs:
+    """A request's prompt logprobs from one step: of the prompt tokens at positions
+    first_position .. first_position + len - 1."""
+    first_position: int
+    target_logprobs: np.ndarray  # [len]
+    target_ranks: np.ndarray
+    topk_token_ids: np.ndarray  # [len, k]
+    topk_logprobs: np.ndarray
+
+
+@dataclass
+class ModelRunnerOutput:
+    """Host copies of one step's results (vLLM's ModelRunnerOutput)."""
+    req_ids: list[str]  # the step's rows, in order
+    req_id_to_index: dict[str, int]
+    # The token each request that reached its last known token sampled.
+    sampled_token_ids: dict[str, int]
+    # Per row, where the step computed logprobs ([n, k], [n, k], [n], [n]).
+    topk_token_ids: np.ndarray | None = None
+    topk_logprobs: np.ndarray | None = None
+    sampled_logprobs: np.ndarray | None = None
+    sampled_ranks: np.ndarray | None = None
+    prompt_logprobs: dict[str, PromptLogprobs] = field(default_factory=dict)
+    # Requests whose own logits processor raised; they sampled nothing.
+    failed: dict[str, BaseException] = field(default_factory=dict)
+
+
+EMPTY_MODEL_RUNNER_OUTPUT = ModelRunnerOutput([], {}, {})
+
+
+@dataclass
+class StepResults:
+    """What a step brought to the host, by row: the sampled tokens, compute_logprobs'
+    tuples for the sampled rows and the prompt (None where not asked for), and the
+    requests whose logits processor raised."""
+    sampled: np.ndarray
+    logprobs: tuple | None = None
+    prompt: tuple | None = None
     failed: dict[str, BaseException] = field(default_factory=dict)
 
 
@@ -78,12 +105,12 @@ def _forward_logits(model, params, kv_caches, cos_sin_table, inputs: ModelInputs
     return kv_caches, model.apply(params, hidden[inputs.logits_indices], method=type(model).compute_logits)
 
 
-def _apply_logits_processor(fn, req, logits: np.ndarray) -> np.ndarray:
+def _apply_logits_processor(fn, prompt_ids: list[int], output_ids: list[int], logits: np.ndarray) -> np.ndarray:
     """vLLM V0's two signatures, told apart by arity as V0 does: (prompt_ids, output_ids,
     logits) or (output_ids, logits). A TypeError raised inside is then the processor's own."""
     if len(inspect.signature(fn).parameters) == 3:
-        return fn(req.prompt_token_ids, req.output_token_ids, logits)
-    return fn(req.output_token_ids, logits)
+        return fn(prompt_ids, output_ids, logits)
+    return fn(output_ids, logits)
 
 
 class ModelRunner:
@@ -96,12 +123,13 @@ class ModelRunner:
         self.spec = spec
         self.kv_caches = kv_caches
         self.block_size = block_size
-        self.builder = InputBatchBuilder(
+        self.planner = AttentionPlanner(
             block_size=block_size, token_buckets=token_buckets, max_num_seqs=max_num_seqs,
-            page_buckets=page_buckets, max_logprobs=max_logprobs, vocab_size=spec.vocab_size,
             decode_kernel=decode_kernel, fresh_prefill_min_tokens=fresh_prefill_min_tokens,
             head_dim=spec.head_dim, num_queries_per_kv=spec.num_attention_heads // spec.num_key_value_heads,
         )
+        self.builder = InputBatchBuilder(planner=self.planner, page_buckets=page_buckets,
+                                         max_logprobs=max_logprobs, vocab_size=spec.vocab_size)
         table = cos_sin_cache(spec.head_dim, rope_parameters(hf_config),
                               getattr(hf_config, "max_position_embeddings", max_model_len), max_model_len)
         self.cos_sin_table = jnp.asarray(table)
@@ -123,64 +151,78 @@ class ModelRunner:
         """False once a step that raised had already consumed the donated KV pool."""
         return not any(leaf.is_deleted() for leaf in jax.tree.leaves(self.kv_caches))
 
-    def remove_requests(self, request_ids) -> None:
-        """Forgets requests that finished or were preempted (their persistent rows)."""
-        self.builder.remove_requests(request_ids)
-
-    def execute_model(self, rows: list[ScheduledRequest], banned: list[list[int]]) -> RunnerOutput:
-        shape, inputs, sampling_md = self.builder.build(rows, banned)
+    def execute_model(self, scheduler_output: SchedulerOutput) -> ModelRunnerOutput:
+        self.builder.update_states(scheduler_output)
+        if scheduler_output.is_empty:
+            return EMPTY_MODEL_RUNNER_OUTPUT
+        batch = self.builder.build(scheduler_output)
+        shape = batch.shape
         if shape not in self.seen_shapes:
             logger.debug("Compiling step for %s", shape)
             self.seen_shapes.add(shape)
-        if self.builder.rows.with_processors and any(r.request.sampling_params.logits_processors for r in rows):
-            result = self._execute_with_processors(rows, shape, inputs, sampling_md)
+        with_processors = self.builder.rows.with_processors
+        if with_processors and not with_processors.isdisjoint(batch.rows.tolist()):
+            result = self._execute_with_processors(batch)
         else:
-            result = self.run_step(shape, inputs, sampling_md, len(rows))
-        self.builder.record_sampled(result.sampled_token_ids)
-        return result
+            result = self.run_step(shape, batch.inputs, batch.sampling, len(batch.req_ids))
+        self.builder.record_sampled(batch, result.sampled)
+        return self._output(batch, result)
 
     def run_step(self, shape: StepShape, inputs: ModelInputs, sampling_md: SamplingMetadata,
-                 num_rows: int) -> RunnerOutput:
-        """The fused jitted step on built (numpy) inputs; results of the first num_rows rows."""
+                 num_rows: int) -> StepResults:
+        """The fused jitted step on built (numpy) inputs; the results of its first num_rows rows."""
         packed, layout = pack((inputs, sampling_md))
         self.kv_caches, sampled, logprobs, prompt = self._step(
             self.params, self.kv_caches, self.cos_sin_table, packed, layout=layout,
             num_logprobs=shape.num_logprobs, num_prompt_logprobs=shape.num_prompt_logprobs,
         )
-        return self._to_host(sampled, logprobs, prompt, num_rows)
+        # One device-to-host copy per array the host reads, started together.
+        sampled, logprobs, prompt = jax.device_get((sampled, logprobs, prompt))
+        return StepResults(sampled[:num_rows], logprobs, prompt)
 
-    def _execute_with_processors(self, rows, shape: StepShape, inputs, sampling_md) -> RunnerOutput:
-        self.kv_caches, logits = self._forward_logits(self.params, self.kv_caches, self.cos_sin_table, inputs)
+    def _execute_with_processors(self, batch: StepBatch) -> StepResults:
+        shape, rows = batch.shape, self.builder.rows
+        self.kv_caches, logits = self._forward_logits(self.params, self.kv_caches, self.cos_sin_table, batch.inputs)
         logits = np.array(logits)
         failed: dict[str, BaseException] = {}
-        for i, row in enumerate(rows):
-            req = row.request
+        for i, (req_id, row) in enumerate(zip(batch.req_ids, batch.rows.tolist())):
+            processors = rows.settings[row].logits_processors
+            if not processors:
+                continue
+            prompt_ids, output_ids = rows.prompt_token_ids(row).tolist(), rows.output_token_ids(row).tolist()
             try:
-                for fn in req.sampling_params.logits_processors or ():
-                    logits[i] = _apply_logits_processor(fn, req, logits[i])
+                for fn in processors:
+                    logits[i] = _apply_logits_processor(fn, prompt_ids, output_ids, logits[i])
             except Exception as e:  # noqa: BLE001 - user code: its request fails, not the step
-                failed[req.request_id] = e
+                failed[req_id] = e
                 logits[i] = 0.0
-        out = self._sample(jnp.asarray(logits), sampling_md, num_logprobs=shape.num_logprobs)
+        out = self._sample(jnp.asarray(logits), batch.sampling, num_logprobs=shape.num_logprobs)
         logprobs = None
         if shape.num_logprobs:
             logprobs = (out.topk_token_ids, out.topk_logprobs, out.sampled_logprobs, out.sampled_ranks)
-        result = self._to_host(out.sampled_token_ids, logprobs, None, len(rows))
-        result.failed = failed
-        return result
+        sampled, logprobs = jax.device_get((out.sampled_token_ids, logprobs))
+        return StepResults(sampled[:len(batch.req_ids)], logprobs, None, failed)
 
     @staticmethod
-    def _to_host(sampled, logprobs, prompt, n: int) -> RunnerOutput:
-        # One device-to-host copy per array the host reads, started together.
-        sampled, logprobs, prompt = jax.device_get((sampled, logprobs, prompt))
-        result = RunnerOutput(sampled_token_ids=sampled[:n], topk_token_ids=None, topk_logprobs=None,
-                              sampled_logprobs=None, sampled_ranks=None)
-        if logprobs is not None:
+    def _output(batch: StepBatch, results: StepResults) -> ModelRunnerOutput:
+        req_ids, failed = batch.req_ids, results.failed
+        n = len(req_ids)
+        tokens = results.sampled.tolist()
+        result = ModelRunnerOutput(
+            req_ids, {req_id: i for i, req_id in enumerate(req_ids)},
+            {req_id: tokens[i] for i in np.flatnonzero(batch.samples).tolist()
+             if (req_id := req_ids[i]) not in failed},
+            failed=failed,
+        )
+        if results.logprobs is not None:
             (result.topk_token_ids, result.topk_logprobs, result.sampled_logprobs,
-             result.sampled_ranks) = (x[:n] for x in logprobs)
-        if prompt is not None:
-            (result.prompt_topk_ids, result.prompt_topk_logprobs, result.prompt_target_logprobs,
-             result.prompt_target_ranks) = prompt
+             result.sampled_ranks) = (x[:n] for x in results.logprobs)
+        if results.prompt is not None:
+            top_ids, top_lps, target_lps, target_ranks = results.prompt
+            for s in batch.prompt_logprobs:
+                sl = slice(s.start, s.start + s.count)
+                result.prompt_logprobs[s.req_id] = PromptLogprobs(
+                    s.first_position, target_lps[sl], target_ranks[sl], top_ids[sl], top_lps[sl])
         return result
 
     def warmup(self, shapes: list[tuple[int, int]]) -> float:
@@ -188,10 +230,10 @@ class ModelRunner:
         fresh-prefill and prefix-prefill variants where such steps can land; returns
         seconds."""
         start = time.perf_counter()
-        decode_buckets = self.builder.decode_token_buckets()
-        fresh_buckets = self.builder.fresh_prefill_token_buckets()
+        decode_buckets = self.planner.decode_token_buckets()
+        fresh_buckets = self.planner.fresh_prefill_token_buckets()
         for num_tokens, num_pages in shapes:
-            S = self.builder.num_seqs_for(num_tokens)
+            S = self.planner.num_seqs_for(num_tokens)
             self._compile(num_tokens, S, num_pages)
             if num_tokens in decode_buckets:
                 self._compile(num_tokens, S, num_pages, decode_only=True)
@@ -208,7 +250,7 @@ class ModelRunner:
         # Slot -1 drops the writes: warm-up must not touch pages a request may own.
         attn = AttentionMetadata(i32(T), np.full((T,), -1, np.int32), i32(S, P), i32(S), i32(S + 1),
                                  decode_only=decode_only, fresh_prefill=fresh_prefill, prefix_prefill=prefix_prefill,
-                                 decode_config=self.builder.decode_config(T, P) if decode_only else None)
+                                 decode_config=self.planner.decode_config(T, P) if decode_only else None)
         inputs = ModelInputs(i32(T), attn, i32(S), i32(0))
         md = SamplingMetadata(f32(S), i32(S), f32(S), f32(S), u32(S), u32(S), i32(S), f32(S), f32(S), f32(S),
                               i32(S, 0), i32(S, 0), i32(S, 0), f32(S, 0), i32(S, 0), i32(S, 0),

@@ -1,7 +1,10 @@
 """Scheduler: token-budget scheduling, chunked prefill, preemption, aborts, and a
-randomized simulation against a fake model that checks the page bookkeeping."""
+randomized simulation against a fake model that checks the page bookkeeping. The
+fake worker knows only what the scheduler's messages tell it (a request's prompt and
+pages once, then deltas), so the simulation checks the message protocol too."""
 import random
 from collections import Counter
+from dataclasses import dataclass, field
 from types import SimpleNamespace
 
 import pytest
@@ -27,12 +30,85 @@ def make_request(request_id, prompt, *, max_tokens=16, cache_salt=None, prompt_l
     return Request(request_id, list(prompt), params, cache_salt=cache_salt)
 
 
+@dataclass
+class Row:
+    """A scheduled request as the worker sees it, beside the scheduler's request (for checks)."""
+    request: Request
+    num_scheduled_tokens: int
+    num_computed_tokens: int
+    block_ids: list
+    sample: bool
+    is_new: bool
+    resumed_from_preemption: bool
+
+    @property
+    def token_ids(self):
+        return self.request.all_token_ids[self.num_computed_tokens:self.num_computed_tokens + self.num_scheduled_tokens]
+
+
+@dataclass
+class WorkerView:
+    """Each request's pages and token count as a worker rebuilds them from the messages."""
+    block_ids: dict = field(default_factory=dict)
+    num_tokens: dict = field(default_factory=dict)
+
+    def apply(self, scheduler, output) -> list[Row]:
+        for req_id in output.finished_req_ids:
+            self.block_ids.pop(req_id, None)
+            self.num_tokens.pop(req_id, None)
+        for req_id in output.preempted_req_ids:
+            self.block_ids[req_id] = []
+        rows = []
+        for new in output.scheduled_new_reqs:
+            assert new.req_id not in self.block_ids, "a known request sent as new"
+            self.block_ids[new.req_id] = list(new.block_ids)
+            self.num_tokens[new.req_id] = len(new.prompt_token_ids)
+            rows.append((new.req_id, new.num_computed_tokens, True, False))
+        cached = output.scheduled_cached_reqs
+        for req_id, resumed, new_block_ids, computed in zip(cached.req_ids, cached.resumed_from_preemption,
+                                                            cached.new_block_ids, cached.num_computed_tokens):
+            assert req_id in self.block_ids, "a delta for a request never sent"
+            if resumed:
+                assert self.block_ids[req_id] == [], "resumed without being preempted"
+            self.block_ids[req_id] += new_block_ids
+            rows.append((req_id, computed, False, resumed))
+        out = []
+        for req_id, computed, is_new, resumed in rows:
+            n = output.num_scheduled_tokens[req_id]
+            out.append(Row(scheduler.requests[req_id], n, computed, list(self.block_ids[req_id]),
+                           computed + n == self.num_tokens[req_id], is_new, resumed))
+        return out
+
+
+@dataclass
+class Step:
+    """A step's SchedulerOutput and its rows as the worker sees them."""
+    output: object
+    scheduled_requests: list[Row]
+
+    def __getattr__(self, name):
+        return getattr(self.output, name)
+
+
+def schedule(scheduler) -> Step:
+    view = scheduler.__dict__.setdefault("test_worker_view", WorkerView())
+    output = scheduler.schedule()
+    return Step(output, view.apply(scheduler, output))
+
+
 def step(scheduler, token=0):
     """One engine step with a fake model that samples `token` wherever asked."""
-    output = scheduler.schedule()
-    sampled = {s.request.request_id: token for s in output.scheduled_requests if s.sample}
-    scheduler.update_from_output(output, sampled)
-    return output
+    scheduled = schedule(scheduler)
+    sampled = {s.request.request_id: token for s in scheduled.scheduled_requests if s.sample}
+    record(scheduler, sampled)
+    scheduler.update_from_output(scheduled.output, sampled)
+    return scheduled
+
+
+def record(scheduler, sampled):
+    view = scheduler.test_worker_view
+    for req_id in sampled:
+        view.num_tokens[req_id] += 1
 
 
 def scheduled_tokens(output):
@@ -43,7 +119,7 @@ def test_prompt_that_fits_is_prefilled_in_one_step_and_sampled():
     scheduler = make_scheduler()
     request = make_request("a", range(10))
     scheduler.add_request(request)
-    output = scheduler.schedule()
+    output = schedule(scheduler)
     [scheduled] = output.scheduled_requests
     assert (scheduled.num_computed_tokens, scheduled.num_scheduled_tokens) == (0, 10)
     assert scheduled.sample and scheduled.is_new and not scheduled.resumed_from_preemption
@@ -344,12 +420,13 @@ def test_random_workload_keeps_page_invariants(seed, enable_chunked_prefill,
                 cache_salt=rng.choice([None, None, "salt"]),
                 prompt_logprobs=rng.choice([None] * 5 + [1])))
             num_added += 1
-        output = scheduler.schedule()
+        output = schedule(scheduler)
         check_invariants(scheduler, output)
         sampled = model.execute(scheduler, output)
+        record(scheduler, sampled)
         if scheduler.requests and rng.random() < 0.05:  # An abort arriving mid-step.
             scheduler.abort_requests(rng.choice(list(scheduler.requests)))
-        for request in scheduler.update_from_output(output, sampled):
+        for request in scheduler.update_from_output(output.output, sampled):
             if request.num_output_tokens >= request.sampling_params.max_tokens:
                 scheduler.finish_requests(request.request_id, RequestStatus.FINISHED_LENGTH_CAPPED)
         check_invariants(scheduler)

@@ -129,8 +129,12 @@ def llm(tiny_llama_path):
 @pytest.fixture
 def nothing_may_run(llm, monkeypatch):
     """Fails the test if the model runs; afterwards nothing may be queued or hold pages."""
-    def execute_model(*args):
-        raise AssertionError("the model ran")
+    original = llm.llm_engine.runner.execute_model
+
+    def execute_model(scheduler_output):
+        if not scheduler_output.is_empty:
+            raise AssertionError("the model ran")
+        return original(scheduler_output)
 
     monkeypatch.setattr(llm.llm_engine.runner, "execute_model", execute_model)
     yield
@@ -231,7 +235,7 @@ def test_activation_bound_covers_a_prefix_prefill_steps_gather():
     """Where lone prompt chunks run cuDNN, the KV budget leaves room for a prefix-prefill
     step's table-wide K/V gather and its float32 merge, on top of the usual bound."""
     from jllm.config import SchedulerConfig
-    from jllm.engine.engine_setup import _activation_bytes
+    from jllm.worker.kv_cache import activation_bytes as _activation_bytes
     from jllm.models.llama import DecoderSpec
 
     spec = DecoderSpec(vocab_size=1000, hidden_size=256, intermediate_size=512, num_hidden_layers=2,

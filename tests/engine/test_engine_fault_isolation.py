@@ -44,8 +44,12 @@ def run(engine: LLMEngine) -> dict:
 
 def assert_clean(engine: LLMEngine) -> None:
     assert not engine.has_unfinished_requests() and engine.get_num_unfinished_requests() == 0
-    assert not engine._sample_of and not engine._bad_words and not engine._may_ban
+    assert not engine._sample_of
     engine.scheduler.block_manager.check_no_leaks()
+    # The worker hears of the last finishes with the next step's message; then it holds no row.
+    assert engine.step() == []
+    rows = engine.runner.builder.rows
+    assert not rows.row_of and not rows.with_processors and not rows.may_ban
 
 
 @pytest.fixture(scope="module")
@@ -176,10 +180,10 @@ def test_step_raising_before_the_device_ran_fails_its_requests_and_the_engine_go
                                                                                      monkeypatch):
     original = engine.runner.execute_model
 
-    def execute_model(rows, banned):
-        if any(row.request.request_id == "bad" for row in rows):
+    def execute_model(scheduler_output):
+        if "bad" in scheduler_output.num_scheduled_tokens:
             raise Boom("trace-time failure")
-        return original(rows, banned)
+        return original(scheduler_output)
 
     monkeypatch.setattr(engine.runner, "execute_model", execute_model)
     engine.add_request("bad", BAD_PROMPT, greedy())
@@ -194,7 +198,7 @@ def test_step_raising_before_the_device_ran_fails_its_requests_and_the_engine_go
 def test_step_that_consumed_the_kv_cache_is_fatal(engine, monkeypatch):
     monkeypatch.setattr(engine.runner, "kv_cache_alive", lambda: False)
 
-    def execute_model(rows, banned):
+    def execute_model(scheduler_output):
         raise Boom("device lost")
 
     monkeypatch.setattr(engine.runner, "execute_model", execute_model)
@@ -202,6 +206,7 @@ def test_step_that_consumed_the_kv_cache_is_fatal(engine, monkeypatch):
     with pytest.raises(Boom):
         engine.step()
     engine.abort_request("doomed")
+    monkeypatch.undo()  # The module's engine is shared: give it its runner back.
     assert_clean(engine)
 
 

@@ -36,14 +36,14 @@ def run(path: str, backend: str, prompts, fresh_prefill_min_tokens=None):
     shapes = []
     runner = llm.llm_engine.runner
     # Off on the CPU by default (cuDNN is the GPU's); here the XLA implementation runs it.
-    assert runner.builder.fresh_prefill_min_tokens is None
-    runner.builder.fresh_prefill_min_tokens = fresh_prefill_min_tokens
+    assert runner.planner.fresh_prefill_min_tokens is None
+    runner.planner.fresh_prefill_min_tokens = fresh_prefill_min_tokens
     build = runner.builder.build
 
-    def recording_build(rows, banned):
-        shape, inputs, md = build(rows, banned)
-        shapes.append(shape)
-        return shape, inputs, md
+    def recording_build(scheduler_output):
+        batch = build(scheduler_output)
+        shapes.append(batch.shape)
+        return batch
 
     runner.builder.build = recording_build
     outputs = llm.generate(prompts, GREEDY, use_tqdm=False)
@@ -69,7 +69,7 @@ def test_lone_prompt_chunks_run_fresh_and_prefix_prefill_attention(tiny_llama_pa
     takes the prefix-prefill path (two flash attentions merged); greedy tokens equal the
     reference backend's. The tiny chunk would not pay for its gather on a real model:
     the test lifts that limit."""
-    monkeypatch.setattr("jllm.worker.input_batch.PREFIX_PREFILL_TABLE_TOKENS_PER_PAIR", float("inf"))
+    monkeypatch.setattr("jllm.worker.attention_plan.PREFIX_PREFILL_TABLE_TOKENS_PER_PAIR", float("inf"))
     long_prompt = [(7 * i) % 30000 + 100 for i in range(100)]
     for prompt in prompts[1:] + [long_prompt]:
         expected, _ = run(tiny_llama_path, "reference", [prompt])

@@ -91,9 +91,9 @@ def test_warm_up_covers_fresh_and_prefix_prefill_steps(tiny_llama_path, monkeypa
     compiles the fresh- and prefix-prefill programs of those buckets too: a chunked
     prompt then compiles nothing. The flags are part of the jit key on any backend, so
     the reference backend shows it on the CPU."""
-    monkeypatch.setattr("jllm.engine.engine_setup._fresh_prefill_min_tokens", lambda *args: 16)
-    # The tiny chunk would not pay for its gather on a real model (input_batch.py).
-    monkeypatch.setattr("jllm.worker.input_batch.PREFIX_PREFILL_TABLE_TOKENS_PER_PAIR", float("inf"))
+    monkeypatch.setattr("jllm.engine.engine_setup.fresh_prefill_min_tokens", lambda *args: 16)
+    # The tiny chunk would not pay for its gather on a real model (attention_plan.py).
+    monkeypatch.setattr("jllm.worker.attention_plan.PREFIX_PREFILL_TABLE_TOKENS_PER_PAIR", float("inf"))
     llm = LLM(model=tiny_llama_path, enforce_eager=False, max_seq_len_to_capture=MAX_SEQ_LEN_TO_CAPTURE,
               **ENGINE_ARGS)
     runner = llm.llm_engine.runner
@@ -101,10 +101,10 @@ def test_warm_up_covers_fresh_and_prefix_prefill_steps(tiny_llama_path, monkeypa
     assert runner.num_compiled_steps == 3 * len(TOKEN_BUCKETS) * len(CAPTURED_PAGE_BUCKETS)
     shapes, build = [], runner.builder.build
 
-    def recording_build(rows, banned):
-        shape, inputs, md = build(rows, banned)
-        shapes.append(shape)
-        return shape, inputs, md
+    def recording_build(scheduler_output):
+        batch = build(scheduler_output)
+        shapes.append(batch.shape)
+        return batch
 
     runner.builder.build = recording_build
     prompt = [(7 * i) % 30000 + 100 for i in range(100)]  # Chunks of 64 and 36 tokens.
