@@ -186,7 +186,8 @@ class IncrementalDetokenizer:
 
     `output_text` is the text so far, already cut at a matched stop string (after it with
     include_stop_str_in_output, before it otherwise). With `detokenize=False` or no
-    tokenizer it only records token ids and the text stays "".
+    tokenizer the text stays "". The token ids themselves are the engine's Request's:
+    the detokenizer keeps only the token strings its window needs.
     """
 
     def __init__(self, tokenizer: PreTrainedTokenizerBase | None,
@@ -198,12 +199,9 @@ class IncrementalDetokenizer:
             self.tokenizer = _FastTokenizerCalls(tokenizer)
         else:
             self.tokenizer = tokenizer
-        self.token_ids: list[int] = list(prompt_token_ids)
-        self.prompt_len = len(prompt_token_ids)
         self.output_text = ""
         self.stop = params.stop
         self.include_stop_str_in_output = params.include_stop_str_in_output
-        self.min_tokens = params.min_tokens
         self.skip_special_tokens = params.skip_special_tokens
         self.spaces_between_special_tokens = params.spaces_between_special_tokens
         # Held back while streaming so a half-generated stop string is never shown.
@@ -214,37 +212,23 @@ class IncrementalDetokenizer:
                 convert_prompt_ids_to_tokens(self.tokenizer, prompt_token_ids,
                                              self.skip_special_tokens))
 
-    @property
-    def output_token_ids(self) -> list[int]:
-        return self.token_ids[self.prompt_len:]
-
-    def update(self, new_token_ids: list[int], stop_terminated: bool = False) -> str | None:
+    def update(self, new_token_ids: list[int], stop_terminated: bool = False,
+               may_stop: bool = True) -> str | None:
         """Append new tokens' text and check stop strings; returns the matched one.
 
         `stop_terminated` says the last token is a stop token or EOS: it is then left out
-        of the text unless include_stop_str_in_output.
+        of the text unless include_stop_str_in_output. `may_stop` is False while the
+        request may not stop yet (min_tokens: output_processor.past_min_tokens).
         """
-        if self.tokenizer is None:
-            self.token_ids.extend(new_token_ids)
+        if self.tokenizer is None or not new_token_ids:
             return None
-        if not new_token_ids:
-            return None
-        skipped_stop_token_id = None
         if stop_terminated and not self.include_stop_str_in_output:
-            skipped_stop_token_id = new_token_ids[-1]
             new_token_ids = new_token_ids[:-1]
 
         stop_check_offset = len(self.output_text)
         for token_id in new_token_ids:
-            self.token_ids.append(token_id)
-            self.output_text += self._decode_next()
-            # Text produced within the first min_tokens tokens may not trigger a stop.
-            if self.min_tokens and len(self.output_token_ids) <= self.min_tokens:
-                stop_check_offset = len(self.output_text)
-        if skipped_stop_token_id is not None:
-            self.token_ids.append(skipped_stop_token_id)
-
-        if not self.stop or len(self.output_token_ids) <= self.min_tokens:
+            self.output_text += self._decode_next(token_id)
+        if not self.stop or not may_stop:
             return None
         match = check_stop_strings(self.output_text,
                                    len(self.output_text) - stop_check_offset,
@@ -256,9 +240,10 @@ class IncrementalDetokenizer:
             self.output_text = self.output_text[:truncate_to]
         return stop_str
 
-    def _decode_next(self) -> str:
+    def _decode_next(self, token_id: int) -> str:
+        # With the previous token strings given, only the last id of the list is read.
         new_tokens, text, self.prefix_offset, self.read_offset = detokenize_incrementally(
-            self.tokenizer, self.token_ids, self.tokens, self.prefix_offset,
+            self.tokenizer, [token_id], self.tokens, self.prefix_offset,
             self.read_offset, self.skip_special_tokens,
             self.spaces_between_special_tokens)
         self.tokens.extend(new_tokens)

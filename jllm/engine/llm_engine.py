@@ -10,7 +10,7 @@ from jllm.core.scheduler import Scheduler
 from jllm.engine.arg_utils import EngineArgs
 from jllm.engine.detokenizer import IncrementalDetokenizer
 from jllm.engine.engine_setup import EngineParts, build_engine_parts
-from jllm.engine.output_processor import RequestState, SampleState, check_stop
+from jllm.engine.output_processor import RequestState, SampleState, check_stop, past_min_tokens
 from jllm.engine.prompts import bad_words_token_ids, process_prompt
 from jllm.engine.request import Request, RequestStatus
 from jllm.engine.sampling_settings import sampling_settings
@@ -174,7 +174,7 @@ class LLMEngine:
                                                result.topk_token_ids[i], result.topk_logprobs[i])
                 stopped = check_stop(req, max_model_len)
                 stop_str = sample.detokenizer.update(
-                    [token], stopped and req.status == RequestStatus.FINISHED_STOPPED
+                    [token], stopped and req.status == RequestStatus.FINISHED_STOPPED, past_min_tokens(req)
                 )
             except Exception as e:  # noqa: BLE001 - this request's fault alone
                 self._fail(req.request_id, e, failed)

@@ -16,6 +16,13 @@ from jllm.outputs import CompletionOutput, Logprob, RequestMetrics, RequestOutpu
 from jllm.sampling_params import RequestOutputKind, SamplingParams
 
 
+def past_min_tokens(request: Request) -> bool:
+    """min_tokens, the one rule on the engine's side: the first min_tokens output tokens
+    cannot end the request with a stop token, EOS or a stop string. (The worker bans stop
+    tokens until then: SamplingSettings.min_tokens.)"""
+    return request.num_output_tokens > request.sampling_params.min_tokens
+
+
 def check_stop(request: Request, max_model_len: int) -> bool:
     """Sets a terminal status when the newest token ends the request.
 
@@ -25,7 +32,7 @@ def check_stop(request: Request, max_model_len: int) -> bool:
     params = request.sampling_params
     output_ids = request.output_token_ids
     last, num_output = output_ids[-1], len(output_ids)
-    if num_output >= params.min_tokens:
+    if past_min_tokens(request):
         if not params.ignore_eos and last == request.eos_token_id:
             request.status = RequestStatus.FINISHED_STOPPED
             return True
