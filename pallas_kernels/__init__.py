@@ -1,4 +1,5 @@
 """Pallas (Triton backend) GPU kernels for jllm, each next to its plain-jnp reference."""
+
 from pallas_kernels.kv_write import write_kv, write_kv_reference
 from pallas_kernels.paged_decode_attention import (
     DecodeConfig,

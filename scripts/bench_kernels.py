@@ -38,6 +38,7 @@ Shapes whose data would not fit print "skipped (memory)"; shapes past `--budget-
 "skipped (time budget)", so the run ends before the 10-minute cap. The JSON record under
 scripts/results/ is rewritten after every shape.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -62,32 +63,44 @@ from scripts.kernel_bench.summary import summary  # noqa: E402
 
 
 def parse_args(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     size = parser.add_mutually_exclusive_group()
     size.add_argument("--quick", action="store_true", help="a subset for a fast first run (~2 min)")
     size.add_argument("--tiny", action="store_true", help="tiny shapes, for --interpret on CPU")
-    parser.add_argument("--interpret", action="store_true",
-                        help="run the Pallas kernels in interpret mode (CPU)")
-    parser.add_argument("--only", action="append", choices=("decode", "prefill", "kv_write"),
-                        help="a section to run (repeatable); default all")
-    parser.add_argument("--model", action="append",
-                        choices=[h.model for h in (LLAMA_8B, LLAMA_1B)],
-                        help="decode heads to run (repeatable); default the plan's")
-    parser.add_argument("--batch", action="append", type=int,
-                        help="decode batch sizes to run (repeatable); default the plan's")
-    parser.add_argument("--iters", type=int, default=None,
-                        help="timed programs per kernel (default 20; tiny 3)")
-    parser.add_argument("--reps", type=int, default=0,
-                        help="calls per timed program (default: by shape, ~1 ms a program)")
-    parser.add_argument("--out", default=None,
-                        help="JSON path (default scripts/results/kernels_<device>_<date>_<time>.json)")
-    parser.add_argument("--budget-s", type=float, default=None,
-                        help="start no shape after this many seconds (default 450; quick 100)")
-    parser.add_argument("--decode-param-sweep", action="store_true",
-                        help="also time the decode kernel's block_kv / warps / stages at the best and the table's splits")
-    parser.add_argument("--compile-threads", type=int, default=8,
-                        help="threads compiling a shape's variants; 1 compiles one at a time")
+    parser.add_argument("--interpret", action="store_true", help="run the Pallas kernels in interpret mode (CPU)")
+    parser.add_argument(
+        "--only",
+        action="append",
+        choices=("decode", "prefill", "kv_write"),
+        help="a section to run (repeatable); default all",
+    )
+    parser.add_argument(
+        "--model",
+        action="append",
+        choices=[h.model for h in (LLAMA_8B, LLAMA_1B)],
+        help="decode heads to run (repeatable); default the plan's",
+    )
+    parser.add_argument(
+        "--batch", action="append", type=int, help="decode batch sizes to run (repeatable); default the plan's"
+    )
+    parser.add_argument("--iters", type=int, default=None, help="timed programs per kernel (default 20; tiny 3)")
+    parser.add_argument(
+        "--reps", type=int, default=0, help="calls per timed program (default: by shape, ~1 ms a program)"
+    )
+    parser.add_argument(
+        "--out", default=None, help="JSON path (default scripts/results/kernels_<device>_<date>_<time>.json)"
+    )
+    parser.add_argument(
+        "--budget-s", type=float, default=None, help="start no shape after this many seconds (default 450; quick 100)"
+    )
+    parser.add_argument(
+        "--decode-param-sweep",
+        action="store_true",
+        help="also time the decode kernel's block_kv / warps / stages at the best and the table's splits",
+    )
+    parser.add_argument(
+        "--compile-threads", type=int, default=8, help="threads compiling a shape's variants; 1 compiles one at a time"
+    )
     return parser.parse_args(argv)
 
 
@@ -101,8 +114,7 @@ def select_plan(args) -> Plan:
     """The size's plan, narrowed to the models and batch sizes asked for."""
     plan = PLANS["tiny" if args.tiny else "quick" if args.quick else "full"]
     if args.model:
-        plan = dataclasses.replace(
-            plan, decode_heads=tuple(h for h in plan.decode_heads if h.model in args.model))
+        plan = dataclasses.replace(plan, decode_heads=tuple(h for h in plan.decode_heads if h.model in args.model))
     if args.batch:
         plan = dataclasses.replace(plan, batches=tuple(b for b in plan.batches if b in args.batch))
     return plan
@@ -117,30 +129,46 @@ def main(argv=None) -> None:
     now = datetime.datetime.now()
     out = args.out or default_out_path(device.device_kind, now)
     iters = args.iters or (3 if args.tiny else 20)
-    results = Results(out, dict(
-        date=now.isoformat(timespec="seconds"), device=device.device_kind,
-        jax_version=jax.__version__,
-        command=" ".join(sys.argv if argv is None else ["bench_kernels.py", *argv]),
-        interpret=args.interpret, iters=iters,
-        timing="median over iters (fewer past 3 s) of samples of back-to-back programs of "
-               "reps chained calls (each call's output is the next call's query; decode "
-               "rotates block tables over disjoint pages spanning >= 2x L2), one "
-               "block_until_ready per sample, / programs / reps",
-        xla_flags=os.environ.get("XLA_FLAGS", "")))
-    bench = Bench(plan=plan, iters=iters, reps=args.reps, interpret=args.interpret,
-                  threads=args.compile_threads,
-                  deadline=start + (args.budget_s if args.budget_s is not None else plan.budget_s),
-                  memory_bytes=device_memory_bytes(device),
-                  num_sms=getattr(device, "core_count", None) or 132, results=results,
-                  decode_params=args.decode_param_sweep)
-    log(f"{device.device_kind}, jax {jax.__version__}, {bench.memory_bytes / 2**30:.1f} GiB, "
-        f"{bench.num_sms} SMs; writing {out}")
+    results = Results(
+        out,
+        dict(
+            date=now.isoformat(timespec="seconds"),
+            device=device.device_kind,
+            jax_version=jax.__version__,
+            command=" ".join(sys.argv if argv is None else ["bench_kernels.py", *argv]),
+            interpret=args.interpret,
+            iters=iters,
+            timing="median over iters (fewer past 3 s) of samples of back-to-back programs of "
+            "reps chained calls (each call's output is the next call's query; decode "
+            "rotates block tables over disjoint pages spanning >= 2x L2), one "
+            "block_until_ready per sample, / programs / reps",
+            xla_flags=os.environ.get("XLA_FLAGS", ""),
+        ),
+    )
+    bench = Bench(
+        plan=plan,
+        iters=iters,
+        reps=args.reps,
+        interpret=args.interpret,
+        threads=args.compile_threads,
+        deadline=start + (args.budget_s if args.budget_s is not None else plan.budget_s),
+        memory_bytes=device_memory_bytes(device),
+        num_sms=getattr(device, "core_count", None) or 132,
+        results=results,
+        decode_params=args.decode_param_sweep,
+    )
+    log(
+        f"{device.device_kind}, jax {jax.__version__}, {bench.memory_bytes / 2**30:.1f} GiB, "
+        f"{bench.num_sms} SMs; writing {out}"
+    )
 
     bandwidth = bandwidth_tbps(plan.copy_bytes, iters)
     bench.copy_tbps = results.record["copy_tbps"] = bandwidth["copy"]
     results.record["elementwise_tbps"] = bandwidth["elementwise"]
-    log(f"copy {bandwidth['copy']:.3f} TB/s, x+1 {bandwidth['elementwise']:.3f} TB/s "
-        f"({plan.copy_bytes / 2**30:.2f} GiB bf16, read + written)")
+    log(
+        f"copy {bandwidth['copy']:.3f} TB/s, x+1 {bandwidth['elementwise']:.3f} TB/s "
+        f"({plan.copy_bytes / 2**30:.2f} GiB bf16, read + written)"
+    )
     results.write()
 
     rng = np.random.default_rng(0)

@@ -1,4 +1,5 @@
 """Timing, compiling and result-file helpers for scripts/bench_kernels.py."""
+
 from __future__ import annotations
 
 import concurrent.futures
@@ -47,11 +48,11 @@ def chained(fn: Callable, reps: int, rotating: tuple[int, ...] = (), carry: int 
     alternative i % len: decode rotates block tables over disjoint pages, so that calls
     on small shapes cannot find the previous calls' K/V in L2.
     """
+
     def run(*args):
         out, rest = tuple(args[:carry]), args[carry:]
         for i in range(reps):
-            per_call = [a[i % len(a)] if n in rotating else a
-                        for n, a in enumerate(rest, start=carry)]
+            per_call = [a[i % len(a)] if n in rotating else a for n, a in enumerate(rest, start=carry)]
             out = fn(*out, *per_call)
             out = (out,) if carry == 1 else tuple(out)
         return out[0] if carry == 1 else out
@@ -70,22 +71,21 @@ def _count_to_fill(target_s: float, seconds_each: float, least: int, most: int) 
     return max(least, min(most, round(target_s / max(seconds_each, 1e-9))))
 
 
-def reps_for(seconds_per_call: float, target_s: float = 1e-3, least: int = 3,
-             most: int = 32) -> int:
+def reps_for(seconds_per_call: float, target_s: float = 1e-3, least: int = 3, most: int = 32) -> int:
     """Calls chained in one timed program: about `target_s` of them, at least `least`,
     at most `most` (each unrolled call is compiled anew, so this bounds compile time)."""
     return _count_to_fill(target_s, seconds_per_call, least, most)
 
 
-def programs_per_sample(seconds_per_program: float, target_s: float = 5e-3,
-                        most: int = 20) -> int:
+def programs_per_sample(seconds_per_program: float, target_s: float = 5e-3, most: int = 20) -> int:
     """Programs dispatched back to back per timing sample: enough that a sample runs
     about `target_s`, so that the one host sync at its end (~50 µs) costs about 1 %."""
     return _count_to_fill(target_s, seconds_per_program, 1, most)
 
 
-def median_seconds(call: Callable[[], Any], iters: int, warmup: int = 1,
-                   max_seconds: float = 3.0, back_to_back: int = 1) -> float:
+def median_seconds(
+    call: Callable[[], Any], iters: int, warmup: int = 1, max_seconds: float = 3.0, back_to_back: int = 1
+) -> float:
     """Median wall time of `call()` after `warmup` runs, over `iters` samples (or fewer, at
     least 3, once `max_seconds` have passed, so that a slow kernel setting does not eat
     the run's time budget). A sample dispatches `back_to_back` calls, waits for the last
@@ -114,8 +114,9 @@ def gpu_events(profile, names: bool = False) -> list[tuple] | None:
         for line in plane.lines:
             if "stream" in line.name.lower():
                 found = True
-                events += [(event.start_ns, event.duration_ns, *([event.name] if names else []))
-                           for event in line.events]
+                events += [
+                    (event.start_ns, event.duration_ns, *([event.name] if names else [])) for event in line.events
+                ]
     return sorted(events) if found else None
 
 
@@ -195,13 +196,13 @@ def kernel_seconds_each(runs: list[tuple[Callable[[], Any], int, int]]) -> list[
     if len(spans) < len(labels):
         return [None] * len(runs)
     busy = busy_ns_per_window(events, [spans[label] for label in labels])
-    return [None if b is None else b / 1e9 / (programs * calls)
-            for b, (_, programs, calls) in zip(busy, runs)]
+    return [None if b is None else b / 1e9 / (programs * calls) for b, (_, programs, calls) in zip(busy, runs)]
 
 
 @dataclasses.dataclass
 class Job:
     """One function to compile ahead of timing, with example arguments."""
+
     fn: Callable
     args: tuple
     donate_argnums: tuple[int, ...] = ()
@@ -214,6 +215,7 @@ def compile_all(jobs: dict[str, Job], threads: int) -> dict[str, Any]:
     drops the GIL): a shape's split sweep is a dozen kernels that differ only in their
     static settings.
     """
+
     def compile_one(job: Job):
         return jax.jit(job.fn, donate_argnums=job.donate_argnums).lower(*job.args).compile()
 

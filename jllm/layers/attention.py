@@ -7,6 +7,7 @@ on GPU). Every backend computes the same function: token t of sequence s attends
 causally to cache positions [0, positions[t]] of s (within the sliding window when one
 is set), after the step's own K/V have been written.
 """
+
 from __future__ import annotations
 
 import enum
@@ -14,6 +15,7 @@ from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
+
 # jax.nn.dot_product_attention hands cuDNN's softmax statistics back cast to the output
 # dtype; prefix_prefill_attention needs them in float32 (see _attention_with_lse).
 from jax._src.cudnn.fused_attention_stablehlo import MaskType
@@ -33,6 +35,7 @@ from pallas_kernels.paged_decode_attention import gather_pages
 
 class KVCache(NamedTuple):
     """One layer's state on the device, threaded (donated) through every jitted step."""
+
     k: jax.Array  # [num_kv_heads, num_blocks, block_size, head_dim]
     v: jax.Array
     # [num_kv_heads, max_num_seqs] int32, zero between steps: the decode kernel's split
@@ -40,11 +43,11 @@ class KVCache(NamedTuple):
     decode_tickets: jax.Array
 
 
-def allocate_kv_cache(num_kv_heads: int, num_blocks: int, block_size: int, head_dim: int,
-                      max_num_seqs: int, dtype) -> KVCache:
+def allocate_kv_cache(
+    num_kv_heads: int, num_blocks: int, block_size: int, head_dim: int, max_num_seqs: int, dtype
+) -> KVCache:
     shape = (num_kv_heads, num_blocks, block_size, head_dim)
-    return KVCache(jnp.zeros(shape, dtype), jnp.zeros(shape, dtype),
-                   new_decode_tickets(num_kv_heads, max_num_seqs))
+    return KVCache(jnp.zeros(shape, dtype), jnp.zeros(shape, dtype), new_decode_tickets(num_kv_heads, max_num_seqs))
 
 
 class AttentionBackend(str, enum.Enum):
@@ -59,8 +62,16 @@ def default_attention_backend(platform: str) -> AttentionBackend:
 
 
 def paged_attention(
-    q, k, v, cache: KVCache, md: AttentionMetadata, *, scale: float, backend: AttentionBackend,
-    sliding_window: int | None = None, soft_cap: float | None = None,
+    q,
+    k,
+    v,
+    cache: KVCache,
+    md: AttentionMetadata,
+    *,
+    scale: float,
+    backend: AttentionBackend,
+    sliding_window: int | None = None,
+    soft_cap: float | None = None,
 ):
     """Returns (output [T, N, H], the layer's updated cache)."""
     kwargs = dict(scale=scale, sliding_window=sliding_window, soft_cap=soft_cap)
@@ -69,7 +80,8 @@ def paged_attention(
         # An in-place scatter on the donated pages (padding slots -1 are dropped).
         k_cache, v_cache = write_kv_reference(cache.k, cache.v, k, v, md.slot_mapping)
         out = ragged_paged_attention_reference(
-            q, k_cache, v_cache, md.query_start_loc, md.seq_lens, md.block_tables, **kwargs)
+            q, k_cache, v_cache, md.query_start_loc, md.seq_lens, md.block_tables, **kwargs
+        )
         return out, KVCache(k_cache, v_cache, tickets)
     interpret = jax.default_backend() == "cpu"
     # The kernel writes the rows in place (aliased pages): 2-5x XLA's scatter on the
@@ -79,17 +91,25 @@ def paged_attention(
     if md.fresh_prefill and soft_cap is None:
         out = fresh_prefill_attention(q, k, v, md.query_start_loc[1], scale=scale, sliding_window=sliding_window)
     elif md.prefix_prefill and soft_cap is None and sliding_window is None:
-        out = prefix_prefill_attention(q, k, v, k_cache, v_cache, md.block_tables[0], md.seq_lens[0],
-                                       md.query_start_loc[1], scale=scale)
+        out = prefix_prefill_attention(
+            q, k, v, k_cache, v_cache, md.block_tables[0], md.seq_lens[0], md.query_start_loc[1], scale=scale
+        )
     elif md.decode_only:
         # Token i is sequence i's query (S <= T); the tokens past S are padding.
         num_seqs = md.seq_lens.shape[0]
-        out, tickets = paged_decode_attention(q[:num_seqs], k_cache, v_cache, md.seq_lens, md.block_tables,
-                                              config=md.decode_config, decode_tickets=tickets, **kwargs)
+        out, tickets = paged_decode_attention(
+            q[:num_seqs],
+            k_cache,
+            v_cache,
+            md.seq_lens,
+            md.block_tables,
+            config=md.decode_config,
+            decode_tickets=tickets,
+            **kwargs,
+        )
         out = jnp.pad(out, ((0, q.shape[0] - num_seqs), (0, 0), (0, 0)))
     else:
-        out = ragged_paged_attention(
-            q, k_cache, v_cache, md.query_start_loc, md.seq_lens, md.block_tables, **kwargs)
+        out = ragged_paged_attention(q, k_cache, v_cache, md.query_start_loc, md.seq_lens, md.block_tables, **kwargs)
     return out, KVCache(k_cache, v_cache, tickets)
 
 
@@ -102,8 +122,14 @@ def fresh_prefill_attention(q, k, v, num_tokens, *, scale: float, sliding_window
     # No sequence lengths: under the causal mask a real token never sees the padding
     # after it, and cuDNN's plain causal mask is faster than its padded one.
     out = jax.nn.dot_product_attention(
-        q[None], k[None], v[None], scale=scale, is_causal=True, local_window_size=window,
-        implementation="cudnn" if _use_cudnn(q) else "xla")[0]
+        q[None],
+        k[None],
+        v[None],
+        scale=scale,
+        is_causal=True,
+        local_window_size=window,
+        implementation="cudnn" if _use_cudnn(q) else "xla",
+    )[0]
     real = jnp.arange(q.shape[0]) < num_tokens
     return jnp.where(real[:, None, None], out, jnp.zeros((), out.dtype))
 
@@ -117,11 +143,13 @@ def prefix_prefill_attention(q, k, v, k_cache, v_cache, block_table, seq_len, nu
     and over its own keys, causal. On the H100 with cuDNN, at 8k and 32k tokens half of
     them cached: 453 and 565 TFLOP/s, 1.9-2x the paged kernel (scripts/results/kernels_
     nvidia-h100-80gb-hbm3_2026-11-26_162254.json). Padding rows come back as zeros."""
+
     def prefix(cache):  # [KVH, blocks, block_size, H] -> [blocks * block_size, KVH, H]
         return gather_pages(cache, block_table[None])[0].swapaxes(0, 1)
 
-    o_prefix, lse_prefix = _attention_with_lse(q, prefix(k_cache), prefix(v_cache), scale=scale,
-                                               kv_len=(seq_len - num_tokens).reshape(1))
+    o_prefix, lse_prefix = _attention_with_lse(
+        q, prefix(k_cache), prefix(v_cache), scale=scale, kv_len=(seq_len - num_tokens).reshape(1)
+    )
     o_self, lse_self = _attention_with_lse(q, k, v, scale=scale, causal=True)
     top = jnp.maximum(lse_prefix, lse_self)
     w_prefix = jnp.exp(lse_prefix - top)[..., None]
@@ -148,13 +176,21 @@ def _attention_with_lse(q, k, v, *, scale: float, causal: bool = False, kv_len=N
         if kv_len is not None:
             lengths = dict(q_seqlen=jnp.full((1,), q.shape[0], jnp.int32), kv_seqlen=kv_len)
             mask = MaskType.PADDING
-        out, lse = cudnn_dot_product_attention(q[None], k[None], v[None], scale=scale, mask_type=mask,
-                                               return_residual=True, **lengths)
+        out, lse = cudnn_dot_product_attention(
+            q[None], k[None], v[None], scale=scale, mask_type=mask, return_residual=True, **lengths
+        )
         return out[0], lse[0].T
     f32 = jnp.float32
     out, lse = jax.nn.dot_product_attention(
-        q[None].astype(f32), k[None].astype(f32), v[None].astype(f32), scale=scale, is_causal=causal,
-        key_value_seq_lengths=kv_len, implementation="xla", return_residual=True)
+        q[None].astype(f32),
+        k[None].astype(f32),
+        v[None].astype(f32),
+        scale=scale,
+        is_causal=causal,
+        key_value_seq_lengths=kv_len,
+        implementation="xla",
+        return_residual=True,
+    )
     return out[0], lse[0]
 
 

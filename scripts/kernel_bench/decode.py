@@ -2,6 +2,7 @@
 num_splits sweep (and launch settings, with --decode-param-sweep), the config table's
 choice, JAX's Pallas `paged_attention` at its best settings and the jitted XLA gather
 reference; and the per-head_dim config tables the sweep suggests."""
+
 from __future__ import annotations
 
 import dataclasses
@@ -54,10 +55,19 @@ JAX_LAUNCH_SETTINGS = ({"num_warps": 4}, {"num_stages": 3}, {"num_warps": 4, "nu
 # 4 warps, 3 stages) with --decode-param-sweep, at the split sweep's best count and the
 # table's; settings of 32-key blocks also at twice the splits (the same keys per split).
 DECODE_PARAM_SETTINGS = (
-    {"block_kv": 128}, {"block_kv": 32}, {"num_stages": 1}, {"num_stages": 2}, {"num_stages": 4},
-    {"num_warps": 8}, {"block_kv": 128, "num_warps": 8}, {"block_kv": 128, "num_stages": 2},
-    {"num_warps": 2}, {"num_warps": 2, "num_stages": 2}, {"num_warps": 2, "num_stages": 1},
-    {"block_kv": 32, "num_warps": 2, "num_stages": 2}, {"block_kv": 32, "num_stages": 2},
+    {"block_kv": 128},
+    {"block_kv": 32},
+    {"num_stages": 1},
+    {"num_stages": 2},
+    {"num_stages": 4},
+    {"num_warps": 8},
+    {"block_kv": 128, "num_warps": 8},
+    {"block_kv": 128, "num_stages": 2},
+    {"num_warps": 2},
+    {"num_warps": 2, "num_stages": 2},
+    {"num_warps": 2, "num_stages": 1},
+    {"block_kv": 32, "num_warps": 2, "num_stages": 2},
+    {"block_kv": 32, "num_stages": 2},
 )
 
 
@@ -70,8 +80,7 @@ def useful_splits(batch: int, heads: Heads, num_sms: int, most: int) -> list[int
     """Split counts worth timing: at most `most`, and doubling only while the grid of
     batch * kv heads * splits programs is still short of filling the device."""
     enough = PROGRAMS_PER_SM_ENOUGH * num_sms
-    return [s for s in SPLIT_CANDIDATES
-            if s <= most and (s == 1 or batch * heads.num_kv_heads * s // 2 < enough)]
+    return [s for s in SPLIT_CANDIDATES if s <= most and (s == 1 or batch * heads.num_kv_heads * s // 2 < enough)]
 
 
 def decode_batch(rng, heads: Heads, batch: int, context: int, cache_pages: int, page_size: int):
@@ -95,8 +104,9 @@ def bench_decode(bench: Bench, rng) -> None:
         for batch, context in shapes:
             if (batch, context) not in fits:
                 log(f"decode {heads.model} B={batch} ctx={context}: skipped (memory)")
-                bench.results.add_row(**decode_row("jllm_decode", heads, batch, context,
-                                                   plan.page_size, skipped="memory"))
+                bench.results.add_row(
+                    **decode_row("jllm_decode", heads, batch, context, plan.page_size, skipped="memory")
+                )
         if not fits:
             continue
         # One cache per model, as large as its largest shape: every shape draws its pages
@@ -108,8 +118,9 @@ def bench_decode(bench: Bench, rng) -> None:
         for batch, context in fits:
             if bench.out_of_time():
                 log(f"decode {heads.model} B={batch} ctx={context}: skipped (time budget)")
-                bench.results.add_row(**decode_row("jllm_decode", heads, batch, context,
-                                                   plan.page_size, skipped="time budget"))
+                bench.results.add_row(
+                    **decode_row("jllm_decode", heads, batch, context, plan.page_size, skipped="time budget")
+                )
                 continue
             bench_decode_shape(bench, rng, heads, batch, context, k_cache, v_cache, cache_bytes)
             bench.results.write()
@@ -120,10 +131,12 @@ def bench_decode_shape(bench, rng, heads, batch, context, k_cache, v_cache, cach
     page_size = bench.plan.page_size
     nbytes = kv_bytes(heads, batch, context)
     guess = nbytes / (GUESS_TBPS * 1e12) + 5e-6
-    log(f"decode {heads.model} B={batch} ctx={context}: K+V {nbytes / 1e9:.3f} GB, "
-        f"{bench.reps_for(guess)} calls/program")
+    log(
+        f"decode {heads.model} B={batch} ctx={context}: K+V {nbytes / 1e9:.3f} GB, "
+        f"{bench.reps_for(guess)} calls/program"
+    )
     q, seq_lens, tables = decode_batch(rng, heads, batch, context, k_cache.shape[1], page_size)
-    scale = heads.head_dim ** -0.5
+    scale = heads.head_dim**-0.5
     rows = min(batch, CHECK_ROWS)
     reference = functools.partial(paged_decode_attention_reference, scale=scale)
     expected = jax.jit(reference)(q[:rows], k_cache, v_cache, seq_lens[:rows], tables[0][:rows])
@@ -146,9 +159,17 @@ def bench_decode_shape(bench, rng, heads, batch, context, k_cache, v_cache, cach
 
     def jllm_variant(config: DecodeConfig) -> Variant:
         def call(q, tickets, k_cache, v_cache, seq_lens, table):
-            return paged_decode_attention(q, k_cache, v_cache, seq_lens, table, scale=scale,
-                                          config=config, interpret=bench.interpret,
-                                          decode_tickets=tickets)
+            return paged_decode_attention(
+                q,
+                k_cache,
+                v_cache,
+                seq_lens,
+                table,
+                scale=scale,
+                config=config,
+                interpret=bench.interpret,
+                decode_tickets=tickets,
+            )
 
         return Variant("jllm_decode", dataclasses.asdict(config), call, jllm_args, (5,), carry=2)
 
@@ -158,8 +179,7 @@ def bench_decode_shape(bench, rng, heads, batch, context, k_cache, v_cache, cach
     jax_args = (q * jnp.asarray(scale, q.dtype), k_cache, v_cache, tables, seq_lens)
     pages = context // page_size
     k_splits = [s for s in useful_splits(batch, heads, bench.num_sms, pages) if pages % s == 0]
-    jax_variants = [jax_paged_variant(bench, jax_args, s, JAX_PAGES_PER_COMPUTE_BLOCK[0])
-                    for s in k_splits]
+    jax_variants = [jax_paged_variant(bench, jax_args, s, JAX_PAGES_PER_COMPUTE_BLOCK[0]) for s in k_splits]
     xla = []
     reference_bytes = cache_bytes + REFERENCE_BYTES_PER_KV_BYTE * nbytes
     if reference_bytes <= REFERENCE_FRACTION * bench.memory_bytes:
@@ -169,9 +189,12 @@ def bench_decode_shape(bench, rng, heads, batch, context, k_cache, v_cache, cach
     run_variants(bench, jllm + jax_variants + xla, guess, check, figure, profile=True)
     if bench.decode_params:  # Launch settings at the best split count and the table's.
         best = fastest_on_device(jllm) or jllm[0]
-        more = [jllm_variant(c) for c in launch_setting_configs(
-            (best.params["num_splits"], table.num_splits), context,
-            tried={DecodeConfig(**v.params) for v in jllm})]
+        more = [
+            jllm_variant(c)
+            for c in launch_setting_configs(
+                (best.params["num_splits"], table.num_splits), context, tried={DecodeConfig(**v.params) for v in jllm}
+            )
+        ]
         run_variants(bench, more, guess, check, figure, profile=True)
         jllm += more
 
@@ -183,9 +206,12 @@ def bench_decode_shape(bench, rng, heads, batch, context, k_cache, v_cache, cach
         run_variants(bench, more, guess, check, figure, profile=True)
         jax_variants += more
         best_jax = fastest_on_device(jax_variants)
-        more = [jax_paged_variant(bench, jax_args, best_jax.params["k_splits"],
-                                  best_jax.params["pages_per_compute_block"], **launch)
-                for launch in JAX_LAUNCH_SETTINGS]
+        more = [
+            jax_paged_variant(
+                bench, jax_args, best_jax.params["k_splits"], best_jax.params["pages_per_compute_block"], **launch
+            )
+            for launch in JAX_LAUNCH_SETTINGS
+        ]
         run_variants(bench, more, guess, check, figure, profile=True)
         jax_variants += more
     record_decode(bench, heads, batch, context, nbytes, jllm, table, jax_variants, xla)
@@ -208,13 +234,20 @@ def launch_setting_configs(split_counts, context: int, tried=frozenset()) -> lis
 
 
 def jax_paged_variant(bench, jax_args, k_splits, pages_per_compute_block, **launch) -> Variant:
-    fn = functools.partial(jax_paged.paged_attention, k_splits=k_splits,
-                           pages_per_compute_block=pages_per_compute_block,
-                           interpret=bench.interpret, **launch)
-    return Variant("jax_paged_attention",
-                   {"k_splits": k_splits, "pages_per_compute_block": pages_per_compute_block,
-                    **launch},
-                   fn, jax_args, (3,))
+    fn = functools.partial(
+        jax_paged.paged_attention,
+        k_splits=k_splits,
+        pages_per_compute_block=pages_per_compute_block,
+        interpret=bench.interpret,
+        **launch,
+    )
+    return Variant(
+        "jax_paged_attention",
+        {"k_splits": k_splits, "pages_per_compute_block": pages_per_compute_block, **launch},
+        fn,
+        jax_args,
+        (3,),
+    )
 
 
 def jax_block_variants(bench, jax_args, pages, k_splits) -> list[Variant]:
@@ -231,12 +264,21 @@ def jax_block_variants(bench, jax_args, pages, k_splits) -> list[Variant]:
     return variants
 
 
-def decode_row(kernel, heads, batch, context, page_size, variant=None, nbytes=None,
-               copy_tbps=None, **extra) -> dict:
-    row = dict(kernel=kernel, model=heads.model, batch=batch, context=context,
-               num_q_heads=heads.num_q_heads, num_kv_heads=heads.num_kv_heads,
-               head_dim=heads.head_dim, page_size=page_size, ms=None, tbps=None, tflops=None,
-               max_rel_err=None)
+def decode_row(kernel, heads, batch, context, page_size, variant=None, nbytes=None, copy_tbps=None, **extra) -> dict:
+    row = dict(
+        kernel=kernel,
+        model=heads.model,
+        batch=batch,
+        context=context,
+        num_q_heads=heads.num_q_heads,
+        num_kv_heads=heads.num_kv_heads,
+        head_dim=heads.head_dim,
+        page_size=page_size,
+        ms=None,
+        tbps=None,
+        tflops=None,
+        max_rel_err=None,
+    )
     if variant is not None:
         row.update(variant.params, ms=variant.ms, max_rel_err=variant.max_rel_err)
         if variant.ms is not None:
@@ -256,19 +298,30 @@ def record_decode(bench, heads, batch, context, nbytes, jllm, table, jax_variant
     # also holds the launch gaps, which move with the host.
     profile_kernel_ms(bench, jllm + jax_variants + xla)
     for v in jllm + jax_variants + xla:
-        results.add_sweep(kernel=v.kernel, model=heads.model, batch=batch, context=context,
-                          head_dim=heads.head_dim, **v.params, ms=v.ms, kernel_ms=v.kernel_ms,
-                          max_rel_err=v.max_rel_err, error=v.error)
+        results.add_sweep(
+            kernel=v.kernel,
+            model=heads.model,
+            batch=batch,
+            context=context,
+            head_dim=heads.head_dim,
+            **v.params,
+            ms=v.ms,
+            kernel_ms=v.kernel_ms,
+            max_rel_err=v.max_rel_err,
+            error=v.error,
+        )
         v.program = None  # Done with the compiled programs.
     table_variant = next(v for v in jllm if v.params == dataclasses.asdict(table))
     best, best_jax = fastest(jllm) or jllm[0], fastest(jax_variants)
-    picks = [("jllm_decode", best, jllm), ("jllm_decode_table", table_variant, [table_variant]),
-             ("jax_paged_attention", best_jax or (jax_variants or [None])[0], jax_variants),
-             ("xla_reference", xla[0] if xla else None, xla)]
+    picks = [
+        ("jllm_decode", best, jllm),
+        ("jllm_decode_table", table_variant, [table_variant]),
+        ("jax_paged_attention", best_jax or (jax_variants or [None])[0], jax_variants),
+        ("xla_reference", xla[0] if xla else None, xla),
+    ]
     if best.ms and table_variant.ms:
         versus = f"; jax paged's best takes {best_jax.ms / best.ms:.2f}x" if best_jax else ""
-        log(f"  -> best {best.label}; the table's takes {table_variant.ms / best.ms:.2f}x its "
-            f"time{versus}")
+        log(f"  -> best {best.label}; the table's takes {table_variant.ms / best.ms:.2f}x its time{versus}")
     for kernel, variant, pool in picks:
         if variant is None:
             skipped = "memory" if kernel == "xla_reference" else "no valid settings"
@@ -277,10 +330,21 @@ def record_decode(bench, heads, batch, context, nbytes, jllm, table, jax_variant
         # The least kernel time of any of this kernel's variants: the fastest by wall
         # time need not be the fastest on the device.
         by_kernel = fastest(pool, by="kernel_ms")
-        results.add_row(**decode_row(
-            kernel, heads, batch, context, page_size, variant, nbytes, bench.copy_tbps,
-            kernel_ms=variant.kernel_ms, best_kernel_ms=by_kernel and by_kernel.kernel_ms,
-            best_kernel_params=by_kernel and by_kernel.params))
+        results.add_row(
+            **decode_row(
+                kernel,
+                heads,
+                batch,
+                context,
+                page_size,
+                variant,
+                nbytes,
+                bench.copy_tbps,
+                kernel_ms=variant.kernel_ms,
+                best_kernel_ms=by_kernel and by_kernel.kernel_ms,
+                best_kernel_params=by_kernel and by_kernel.params,
+            )
+        )
 
 
 # Within this share of a cell's fastest time, a config with fewer launch settings changed
@@ -330,7 +394,6 @@ def _best_config(entries: list[dict]) -> DecodeConfig:
     close = [c for c, t in times.items() if t <= fastest_time * (1 + TABLE_TIE)]
 
     def changed(config):  # Launch settings off the defaults.
-        return sum(a != b for a, b in zip(dataclasses.astuple(config)[1:],
-                                          dataclasses.astuple(DecodeConfig(1))[1:]))
+        return sum(a != b for a, b in zip(dataclasses.astuple(config)[1:], dataclasses.astuple(DecodeConfig(1))[1:]))
 
     return min(close, key=lambda c: (changed(c), times[c]))

@@ -1,4 +1,5 @@
 """Markdown tables of a kernel benchmark run's rows."""
+
 from __future__ import annotations
 
 from scripts.bench_utils import Results
@@ -30,19 +31,20 @@ def decode_summary(rows: list[dict]) -> list[str]:
             shapes.setdefault((r["model"], r["batch"], r["context"]), {})[r["kernel"]] = r
     if not shapes:
         return []
-    lines = ["### Decode attention, TB/s", "",
-             "| model | batch | context | jllm (splits, % of copy) | table (splits) "
-             "| jax paged (k_splits/ppcb) | xla ref | jllm speedup vs jax paged "
-             "| same, kernel time |",
-             "|---|---|---|---|---|---|---|---|---|"]
+    lines = [
+        "### Decode attention, TB/s",
+        "",
+        "| model | batch | context | jllm (splits, % of copy) | table (splits) "
+        "| jax paged (k_splits/ppcb) | xla ref | jllm speedup vs jax paged "
+        "| same, kernel time |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
     models = list(dict.fromkeys(model for model, _, _ in shapes))
-    for (model, batch, context), k in sorted(
-            shapes.items(), key=lambda item: (models.index(item[0][0]), *item[0][1:])):
+    for (model, batch, context), k in sorted(shapes.items(), key=lambda item: (models.index(item[0][0]), *item[0][1:])):
         jllm, table = k.get("jllm_decode", {}), k.get("jllm_decode_table", {})
         jaxp, xla = k.get("jax_paged_attention", {}), k.get("xla_reference", {})
         if jllm.get("skipped"):
-            lines.append(f"| {model} | {batch} | {context} | skipped ({jllm['skipped']}) "
-                         "| | | | | |")
+            lines.append(f"| {model} | {batch} | {context} | skipped ({jllm['skipped']}) | | | | | |")
             continue
         jax_kernel_ms = jaxp.get("best_kernel_ms") or jaxp.get("kernel_ms")
         share = jllm.get("share_of_copy")
@@ -56,7 +58,8 @@ def decode_summary(rows: list[dict]) -> list[str]:
             f"| {_fmt(jllm.get('tbps'), '.2f')} ({jllm.get('num_splits')}{share}) "
             f"| {_fmt(table.get('tbps'), '.2f')} ({table.get('num_splits')}) "
             f"| {_fmt(jaxp.get('tbps'), '.2f')} ({jax_settings}) "
-            f"| {_fmt(xla.get('tbps'), '.2f')} | {_times(speedup)} | {_times(kernel_speedup)} |")
+            f"| {_fmt(xla.get('tbps'), '.2f')} | {_times(speedup)} | {_times(kernel_speedup)} |"
+        )
     return lines
 
 
@@ -64,15 +67,20 @@ def prefill_summary(rows: list[dict]) -> list[str]:
     prefill = [r for r in rows if r.get("query_len") is not None]
     if not prefill:
         return []
-    lines = ["### Prefill attention, causal TFLOP/s", "",
-             "| tokens | query tokens | kernel | ms | TFLOP/s | max rel err |",
-             "|---|---|---|---|---|---|"]
+    lines = [
+        "### Prefill attention, causal TFLOP/s",
+        "",
+        "| tokens | query tokens | kernel | ms | TFLOP/s | max rel err |",
+        "|---|---|---|---|---|---|",
+    ]
     for r in prefill:
         settings = ", ".join(f"{k} {r[k]}" for k in ("block_q", "block_kv", "num_warps", "num_stages") if k in r)
         kernel = f"{r['kernel']} ({settings})" if settings else r["kernel"]
         tflops = "failed" if r.get("error") else _fmt(r["tflops"], ".1f")
-        lines.append(f"| {r['context']} | {r['query_len']} | {kernel} | {_fmt(r['ms'], '.3f')} "
-                     f"| {tflops} | {_fmt(r['max_rel_err'], '.1e')} |")
+        lines.append(
+            f"| {r['context']} | {r['query_len']} | {kernel} | {_fmt(r['ms'], '.3f')} "
+            f"| {tflops} | {_fmt(r['max_rel_err'], '.1e')} |"
+        )
     return lines
 
 
@@ -82,8 +90,7 @@ def kv_write_summary(rows: list[dict]) -> list[str]:
         return []
     lines = ["### KV write", "", "| tokens | kernel | ms | TB/s |", "|---|---|---|---|"]
     for r in sorted(writes, key=lambda r: r["batch"]):
-        lines.append(f"| {r['batch']} | {r['kernel']} | {_fmt(r['ms'], '.4f')} "
-                     f"| {_fmt(r['tbps'], '.3f')} |")
+        lines.append(f"| {r['batch']} | {r['kernel']} | {_fmt(r['ms'], '.4f')} | {_fmt(r['tbps'], '.3f')} |")
     return lines
 
 
