@@ -3,7 +3,7 @@
 Each token's K and V go to flat slot `slot_mapping[t]` (block_id * block_size +
 offset) of every kv head's pages; slots of -1 (padding tokens) are dropped. The
 caches are aliased to the outputs, so under a jit that donates them the write
-touches only the new rows (see `tests/test_kernels.py`, which checks the HLO).
+touches only the new rows (`tests/kernels/test_kernels.py` checks the HLO).
 """
 
 from __future__ import annotations
@@ -16,6 +16,7 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
 from pallas_kernels.paged_decode_attention import flatten_pages
+from pallas_kernels.tuning import KV_WRITE_BLOCK_TOKENS, KV_WRITE_NUM_WARPS
 
 
 def _kv_write_kernel(
@@ -51,8 +52,8 @@ def write_kv(
     v: jax.Array,  # [T, num_kv_heads, head_dim]
     slot_mapping: jax.Array,  # [T] int32, -1 = drop
     *,
-    block_tokens: int = 16,
-    num_warps: int = 4,
+    block_tokens: int = KV_WRITE_BLOCK_TOKENS,
+    num_warps: int = KV_WRITE_NUM_WARPS,
     interpret: bool = False,
 ) -> tuple[jax.Array, jax.Array]:
     """Returns (k_cache, v_cache) with the new rows written, in place: the caches

@@ -4,18 +4,17 @@ One program per (sequence, kv head, kv split) handles all the query heads of its
 head at once (GQA), so each K/V page is read once per step. A sequence's kv blocks
 are dealt out to `num_splits` splits in turn; the last split of a (sequence, kv
 head) to finish merges the partial softmax states, in the same kernel: one launch,
-where an XLA merge after the kernel cost 0-2.5 µs more per call at batch 1-8 on the H100
-(BUILD_NOTES.md, 2026-11-26, session 3). The splits count themselves on a ticket per
-(sequence, kv head) that starts at zero; the merging split puts it back to zero, so a
-caller that threads the tickets from call to call (the engine keeps them in each
-layer's cache) needs no memset: that memset ran as its own 0.9 µs kernel per call on
-the H100, 16 % of a 1 x 512 call (session 6). The query of sequence s sits at position
-seq_lens[s] - 1, after its own K/V has been written to the cache.
+where an XLA merge after the kernel costs a second one, a visible share of a small
+batch's call. The splits count themselves on a ticket per (sequence, kv head) that
+starts at zero; the merging split puts it back to zero, so a caller that threads the
+tickets from call to call (the engine keeps them in each layer's cache) needs no
+memset, which would run as a kernel of its own on every call. The query of sequence s
+sits at position seq_lens[s] - 1, after its own K/V has been written to the cache.
+Launch settings per shape come from `tuning.decode_config`.
 """
 
 from __future__ import annotations
 
-import bisect
 import dataclasses
 import functools
 import math
@@ -25,65 +24,12 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
+from pallas_kernels.tuning import DecodeConfig, decode_config
+
 # Finite: a kv block that masks all of a row's keys must not turn the running max
 # update into exp2(-inf - -inf) = NaN.
 MASK_VALUE = -0.7 * float(jnp.finfo(jnp.float32).max)
 _LOG2E = math.log2(math.e)
-
-
-@dataclasses.dataclass(frozen=True)
-class DecodeConfig:
-    """How the decode kernel runs on one (batch, context) shape: kv splits per (sequence,
-    kv head), keys per inner step (a power of two >= 16), and the Triton launch settings.
-    Frozen and hashable: the engine hands it to the jitted step as static metadata."""
-
-    num_splits: int
-    block_kv: int = 64
-    num_warps: int = 4
-    # Three stages ran 7-12 % faster than two at batch 64 on the H100 under the first
-    # (looped) timing (scripts/results/kernels_nvidia-h100-80gb-hbm3_2026-11-26_
-    # decode_params.json); under chained timing the two are within noise there.
-    num_stages: int = 3
-
-
-# Decode configs by head_dim, then (batch, context). Rows: batch up to; columns: context
-# (tokens) up to; a head_dim takes the table of the next listed one up (the last past
-# them). Batch 1 and 8 from scripts/bench_kernels.py's split and launch-setting sweeps on
-# the H100 (2026-11-26, session 5, jax 0.11.2; --decode-param-sweep --reps 8, ranked by
-# profiled kernel time, BUILD_NOTES.md), Llama-3.2-1B (d 64) and Llama-3.1-8B (d 128)
-# heads, 32 q / 8 kv, page 16: per cell the fastest config, or the default launch
-# settings where they came within 1 %. Except 1 x 512: since q's and the first page ids'
-# loads go out beside the length's, 16 splits of 32 keys beat 8 of 64 there, d64 4.16
-# against 4.35 us and d128 5.47 against 5.69 (2026-12-07, session 10, threaded tickets,
-# chained kernel time, one H100; BUILD_NOTES.md). Batch 64 and 256 from the
-# split sweeps of session 4 (scripts/results/kernels_nvidia-h100-80gb-hbm3_2026-11-26_
-# 083721.json and _084719.json, wall time); from batch 64 the batch alone fills the SMs.
-_C = DecodeConfig
-_TABLE_BATCHES = (1, 8, 64, 256)
-_TABLE_CONTEXTS = (512, 2048, 8192, 32768)
-_DECODE_TABLES = {
-    64: (
-        (_C(16, 32, 2, 2), _C(32), _C(32), _C(32)),  # batch 1
-        (_C(4, 64, 2), _C(4), _C(4), _C(8, 64, 2)),  # batch <= 8
-        (_C(1), _C(1), _C(1), _C(1)),  # batch <= 64
-        (_C(1), _C(1), _C(2), _C(2)),  # batch <= 256 and beyond
-    ),
-    128: (
-        (_C(16, 32, 4, 3), _C(16, 128, 4, 2), _C(32), _C(32)),  # batch 1
-        (_C(4, 64, 2), _C(4, 64, 2), _C(4, 64, 2), _C(4, 64, 2)),  # batch <= 8
-        (_C(1), _C(1), _C(1), _C(1)),  # batch <= 64
-        (_C(1), _C(1), _C(2), _C(2)),  # batch <= 256 and beyond
-    ),
-}
-
-
-def decode_config(batch: int, context: int, head_dim: int) -> DecodeConfig:
-    """The decode config for a (batch, max context) shape of `head_dim`, from the tables."""
-    dims = sorted(_DECODE_TABLES)
-    table = _DECODE_TABLES[dims[min(bisect.bisect_left(dims, head_dim), len(dims) - 1)]]
-    row = min(bisect.bisect_left(_TABLE_BATCHES, batch), len(_TABLE_BATCHES) - 1)
-    col = min(bisect.bisect_left(_TABLE_CONTEXTS, context), len(_TABLE_CONTEXTS) - 1)
-    return table[row][col]
 
 
 def flatten_pages(cache: jax.Array) -> jax.Array:
@@ -130,11 +76,8 @@ def _decode_kernel(
     # each prefetches the page ids of its next block: without a window a program's first
     # page ids then do not depend on the sequence's length, so their load goes out beside
     # the length's instead of after it: one memory round trip less on the path of the
-    # small, latency-bound shapes. Kernel time on the H100, same call, contiguous ranges
-    # against this: 1 x 512 d128 8 splits 5.65 -> 5.36 us; 1 x 8192 d128 16 splits of 32
-    # keys 28.3 -> 19.6 us, 32 of 64 keys 17.95 -> 17.54 us; but 8 x 2048 d128 8 splits
-    # 28.8 -> 30.6 us (the table takes 4 there). With one split the in-loop page-id load
-    # pipelines better (64 x 2048: 176 against 189 us), so it stays there.
+    # small, latency-bound shapes. With one split the in-loop page-id load pipelines
+    # better, so it stays there.
     num_steps = jnp.maximum(pl.cdiv(num_blocks - split, num_splits), 0)
     first = first_block + split
     prefetch = num_splits > 1
@@ -213,8 +156,8 @@ def _decode_kernel(
 
     # Every split attends before the length-dependent branches below, an idle one over
     # no block: inside a branch, q's and the first page ids' loads would wait for the
-    # length's, one memory round trip more before K and V go out (the SASS of
-    # d64 1 x 512 showed it). Out here all three loads go out together.
+    # length's, one memory round trip more before K and V go out (the SASS shows it).
+    # Out here all three loads go out together.
     o, m, l = attend()
     if num_splits == 1:
         [o_ref] = out_refs

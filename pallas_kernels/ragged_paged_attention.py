@@ -30,6 +30,7 @@ from pallas_kernels.paged_decode_attention import (
     log2_logits,
     masked_attention,
 )
+from pallas_kernels.tuning import RAGGED_BLOCK_KV, RAGGED_BLOCK_ROWS, RAGGED_NUM_STAGES
 
 
 def _find_sequence(query_start_loc_ref, block_id, *, num_seqs: int, block_q: int):
@@ -155,9 +156,9 @@ def ragged_paged_attention(
     soft_cap: float | None = None,
     sliding_window: int | None = None,
     block_q: int | None = None,
-    block_kv: int = 64,
+    block_kv: int = RAGGED_BLOCK_KV,
     num_warps: int | None = None,
-    num_stages: int = 2,
+    num_stages: int = RAGGED_NUM_STAGES,
     interpret: bool = False,
 ) -> jax.Array:
     """Causal attention of every query token over its sequence's cached keys.
@@ -166,9 +167,9 @@ def ragged_paged_attention(
     sits at position seq_lens[s] - query_len[s] + (t - query_start_loc[s]), i.e. a
     sequence's query tokens are the last ones of its context (what `positions` holds).
     Returns [T, num_q_heads, head_dim] in q's dtype; padding tokens are zeros.
-    `block_q` tokens per program (default: 128 rows of tokens x query heads); `block_kv`
-    keys per inner step; both powers of two. `num_warps` defaults to 8 for tiles of
-    128 rows x 64 dims and more, 4 below.
+    `block_q` tokens per program (default: RAGGED_BLOCK_ROWS rows of tokens x query
+    heads); `block_kv` keys per inner step; both powers of two. `num_warps` defaults
+    to 8 for tiles of 128 rows x 64 dims and more, 4 below.
     """
     num_tokens, num_q_heads, head_dim = q.shape
     num_kv_heads, num_blocks, block_size, _ = k_cache.shape
@@ -176,7 +177,7 @@ def ragged_paged_attention(
     group = num_q_heads // num_kv_heads
     group_padded = pl.next_power_of_2(group)
     if block_q is None:
-        block_q = max(1, 128 // group_padded)
+        block_q = max(1, RAGGED_BLOCK_ROWS // group_padded)
     # tl.dot wants at least 16 rows.
     block_q = max(block_q, 16 // min(group_padded, 16))
     if num_warps is None:

@@ -11,8 +11,9 @@ against the XLA scatter, and an HLO check that the donated cache is not copied);
 (causal TFLOP/s of the ragged kernel, one sequence, with and without a cached prefix, next
 to JAX's Pallas `attention.mha` and cuDNN); `decode` (TB/s of the paged decode kernel over
 a num_splits sweep, the config table's choice, JAX's Pallas `paged_attention` at its best
-sweep settings and the jitted XLA gather reference), ending with a suggested `_DECODE_TABLES`;
-`--decode-param-sweep` adds block sizes, warps and stages at the best split counts.
+sweep settings and the jitted XLA gather reference), ending with a suggested `DECODE_TABLES`
+for pallas_kernels/tuning.py; `--decode-param-sweep` adds block sizes, warps and stages at
+the best split counts.
 
 Every kernel's output is compared with the reference on the device (max |out - ref| /
 max |ref|, on a few rows: the references gather every key of every row).
@@ -181,7 +182,7 @@ def main(argv=None) -> None:
         bench_decode(bench, rng)
         table = suggested_decode_table(results.record["sweeps"])
         results.record["suggested_decode_table"] = table
-        log("\nSuggested config table (pallas_kernels/paged_decode_attention.py):\n" + table)
+        log("\nSuggested config table (pallas_kernels/tuning.py):\n" + table)
     results.record["wall_s"] = round(time.time() - start, 1)
     results.write()
     log("\n" + summary(results))

@@ -19,7 +19,7 @@ from pallas_kernels import (
     paged_decode_attention,
     paged_decode_attention_reference,
 )
-from pallas_kernels.paged_decode_attention import _DECODE_TABLES, _TABLE_BATCHES, _TABLE_CONTEXTS
+from pallas_kernels.tuning import DECODE_BATCHES, DECODE_CONTEXTS, DECODE_TABLES
 from scripts.bench_utils import log, rel_err
 from scripts.kernel_bench.common import (
     CHECK_ROWS,
@@ -353,20 +353,20 @@ TABLE_TIE = 0.01
 
 
 def suggested_decode_table(sweeps: list[dict]) -> str:
-    """`_DECODE_TABLES` with each measured cell set to its head_dim's fastest config (or,
+    """`tuning.DECODE_TABLES` with each measured cell set to its head_dim's fastest config (or,
     within TABLE_TIE of it, the one closest to the defaults). Times are the profiled
     kernel times where every variant of the cell has one, else wall times."""
     entries: dict[tuple[int, int, int], list[dict]] = {}
     for s in sweeps:
         if s["kernel"] == "jllm_decode" and s["ms"] is not None:
             entries.setdefault((s["head_dim"], s["batch"], s["context"]), []).append(s)
-    lines, kept = ["_DECODE_TABLES = {"], False
-    for head_dim in sorted({*_DECODE_TABLES, *(d for d, _, _ in entries)}):
-        current = _DECODE_TABLES.get(head_dim) or _DECODE_TABLES[max(_DECODE_TABLES)]
+    lines, kept = ["DECODE_TABLES = {"], False
+    for head_dim in sorted({*DECODE_TABLES, *(d for d, _, _ in entries)}):
+        current = DECODE_TABLES.get(head_dim) or DECODE_TABLES[max(DECODE_TABLES)]
         lines.append(f"    {head_dim}: (")
-        for i, batch in enumerate(_TABLE_BATCHES):
+        for i, batch in enumerate(DECODE_BATCHES):
             cells = []
-            for j, context in enumerate(_TABLE_CONTEXTS):
+            for j, context in enumerate(DECODE_CONTEXTS):
                 cell = entries.get((head_dim, batch, context))
                 kept |= not cell
                 cells.append(config_code(_best_config(cell)) if cell else config_code(current[i][j]) + "?")

@@ -84,7 +84,7 @@ def test_decode_table_suggestion_takes_each_head_dims_fastest_config():
     sweeps = [_sweep(128, 4, 2.0), _sweep(128, 8, 1.0), _sweep(64, 8, 1.5), _sweep(64, 4, 1.4),
               _sweep(128, 16, 0.9, num_warps=2), _sweep(64, 16, 4.2, num_warps=2)]
     lines = [line.strip() for line in decode.suggested_decode_table(sweeps).splitlines()]
-    assert lines[0] == "_DECODE_TABLES = {"
+    assert lines[0] == "DECODE_TABLES = {"
     d64, d128 = lines.index("64: ("), lines.index("128: (")
     assert lines[d64 + 1].startswith("(_C(4), ")
     assert lines[d64 + 2].startswith("(_C(4, 64, 2)?, ")  # Not measured: kept.
@@ -209,7 +209,7 @@ def test_decode_section_runs_end_to_end_in_interpret_mode(tmp_path):
         assert len(picked) == 2 and all(r["ms"] > 0 for r in picked)
         assert all(r["kernel_ms"] is None for r in picked)  # No GPU to profile.
     assert all(r["max_rel_err"] < 2e-2 for r in rows)
-    assert "_DECODE_TABLES = {" in record["suggested_decode_table"]
+    assert "DECODE_TABLES = {" in record["suggested_decode_table"]
     sweeps = [s for s in record["sweeps"] if s["kernel"] == "jllm_decode"]
     assert sweeps and all(s["num_warps"] and "kernel_ms" in s for s in sweeps)
     assert "xla_flags" in record

@@ -22,7 +22,6 @@ import numpy as np
 import pytest
 
 from jllm.layers.attention_metadata import AttentionMetadata
-from pallas_kernels.paged_decode_attention import _DECODE_TABLES
 from pallas_kernels import (
     DecodeConfig,
     decode_config,
@@ -34,6 +33,7 @@ from pallas_kernels import (
     write_kv,
     write_kv_reference,
 )
+from pallas_kernels.tuning import DECODE_TABLES
 
 pytestmark = pytest.mark.filterwarnings("ignore:The Pallas Triton backend is deprecated:DeprecationWarning")
 
@@ -312,7 +312,7 @@ def test_decode_splits_grow_with_context_and_shrink_with_batch(head_dim):
     assert decode_config(1, 32768, head_dim).num_splits > decode_config(1, 512, head_dim).num_splits
     assert decode_config(256, 2048, head_dim).num_splits <= decode_config(8, 2048, head_dim).num_splits
     # Beyond the table: its last cell.
-    assert decode_config(1024, 10**6, head_dim) == _DECODE_TABLES[head_dim][-1][-1]
+    assert decode_config(1024, 10**6, head_dim) == DECODE_TABLES[head_dim][-1][-1]
 
 
 def test_decode_config_takes_the_next_listed_head_dim_up():
@@ -451,11 +451,9 @@ def _h100_kernels():
         cache = spec((8, 4096, block_size, head_dim), jnp.bfloat16)
         tokens = spec((2048, 32, head_dim), jnp.bfloat16)
         # Every config of the table (splits, block, warps, stages), with a window.
-        configs = sorted(set(itertools.chain(*_DECODE_TABLES[head_dim])), key=dataclasses.astuple)
+        configs = sorted(set(itertools.chain(*DECODE_TABLES[head_dim])), key=dataclasses.astuple)
         for config in configs:
-            name = f"decode-d{head_dim}-p{block_size}-" + "-".join(
-                str(v) for v in dataclasses.astuple(config) if v is not None
-            )
+            name = f"decode-d{head_dim}-p{block_size}-" + "-".join(map(str, dataclasses.astuple(config)))
             yield pytest.param(
                 name,
                 functools.partial(paged_decode_attention, scale=0.1, config=config, sliding_window=512),
