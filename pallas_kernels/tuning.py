@@ -2,8 +2,9 @@
 context), the ragged and KV-write kernels' block sizes. Each entry says where it was measured.
 
 Records named `h100/<suffix>` are `scripts/results/kernels_nvidia-h100-80gb-hbm3_<suffix>.json`,
-`h200/<suffix>` are `scripts/results/kernels_nvidia-h200_<suffix>.json`; sessions are BUILD_NOTES.md's.
-All on jax 0.11.2, bf16, page 16, Llama-3.2-1B (d 64) and Llama-3.1-8B (d 128) heads, 32 q / 8 kv.
+`h200/<suffix>` are `scripts/results/kernels_nvidia-h200_<suffix>.json`; sessions are those of the
+session diary, `git show 92f4c8d:BUILD_NOTES.md`. All on jax 0.11.2, bf16, page 16, Llama-3.2-1B
+(d 64) and Llama-3.1-8B (d 128) heads, 32 q / 8 kv.
 `scripts/bench_kernels.py --decode-param-sweep` re-measures the decode cells and prints a suggested
 `DECODE_TABLES`.
 """
