@@ -149,7 +149,7 @@ def test_raising_detokenizer_fails_all_samples_of_its_request(engine, alone):
     _, sample = engine._sample_of["1_bad"]
     calls = []
 
-    def update(new_token_ids, stopped):
+    def update(new_token_ids, *flags):
         calls.append(new_token_ids)
         if len(calls) == 3:
             raise Boom("detokenizer")
