@@ -3,6 +3,7 @@
 Each is hashable and immutable; a part that needs a changed value gets a new record
 (`dataclasses.replace`), never a mutated one.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -22,16 +23,17 @@ class SchedulerConfig:
         if self.max_num_batched_tokens < self.max_num_seqs:
             raise ValueError(
                 f"max_num_batched_tokens ({self.max_num_batched_tokens}) must be "
-                f"greater than or equal to max_num_seqs ({self.max_num_seqs}).")
+                f"greater than or equal to max_num_seqs ({self.max_num_seqs})."
+            )
         # Without chunking a prompt runs in one step, so a longer one could never run.
-        if (not self.enable_chunked_prefill
-                and self.max_num_batched_tokens < self.max_model_len):
+        if not self.enable_chunked_prefill and self.max_num_batched_tokens < self.max_model_len:
             raise ValueError(
                 f"max_num_batched_tokens ({self.max_num_batched_tokens}) is smaller "
                 f"than max_model_len ({self.max_model_len}). This effectively limits "
                 "the maximum sequence length to max_num_batched_tokens and makes "
                 "jllm reject longer sequences. Please increase max_num_batched_tokens "
-                "or decrease max_model_len.")
+                "or decrease max_model_len."
+            )
 
 
 @dataclass(frozen=True)

@@ -1,4 +1,5 @@
 """Prompt types accepted by LLM.generate, as in vLLM's `vllm.inputs`."""
+
 from __future__ import annotations
 
 from typing import TypedDict, Union

@@ -4,6 +4,7 @@
 device arrays. Checks that need nothing but the parameters run in `__post_init__`; checks
 that need the model (vocabulary size, `max_logprobs`) run in `verify`.
 """
+
 from __future__ import annotations
 
 import copy
@@ -92,7 +93,10 @@ class SamplingParams:
             logger.warning(
                 "temperature %s is less than %s, which may cause numerical "
                 "errors nan or inf in tensors. We have maxed it out to %s.",
-                self.temperature, _MAX_TEMP, _MAX_TEMP)
+                self.temperature,
+                _MAX_TEMP,
+                _MAX_TEMP,
+            )
             self.temperature = _MAX_TEMP
         if self.seed == -1:
             self.seed = None
@@ -103,10 +107,8 @@ class SamplingParams:
         else:
             self.stop = list(self.stop)
         # dict.fromkeys drops duplicates but keeps the caller's order.
-        self.stop_token_ids = ([] if self.stop_token_ids is None
-                               else list(dict.fromkeys(self.stop_token_ids)))
-        self.bad_words = ([] if self.bad_words is None
-                          else list(dict.fromkeys(self.bad_words)))
+        self.stop_token_ids = [] if self.stop_token_ids is None else list(dict.fromkeys(self.stop_token_ids))
+        self.bad_words = [] if self.bad_words is None else list(dict.fromkeys(self.bad_words))
         if self.logprobs is True:
             self.logprobs = 1
         if self.prompt_logprobs is True:
@@ -143,64 +145,53 @@ class SamplingParams:
         if self.n > MAX_N_SEQUENCES:
             raise ValueError(f"n must be at most {MAX_N_SEQUENCES}, got {self.n}.")
         if not -2.0 <= self.presence_penalty <= 2.0:
-            raise ValueError(
-                f"presence_penalty must be in [-2, 2], got {self.presence_penalty}.")
+            raise ValueError(f"presence_penalty must be in [-2, 2], got {self.presence_penalty}.")
         if not -2.0 <= self.frequency_penalty <= 2.0:
-            raise ValueError(
-                f"frequency_penalty must be in [-2, 2], got {self.frequency_penalty}.")
+            raise ValueError(f"frequency_penalty must be in [-2, 2], got {self.frequency_penalty}.")
         if not math.isfinite(self.repetition_penalty):
-            raise ValueError("repetition_penalty must be a finite number, "
-                             f"got {self.repetition_penalty}.")
+            raise ValueError(f"repetition_penalty must be a finite number, got {self.repetition_penalty}.")
         if self.repetition_penalty <= 0.0:
-            raise ValueError("repetition_penalty must be greater than zero, got "
-                             f"{self.repetition_penalty}.")
+            raise ValueError(f"repetition_penalty must be greater than zero, got {self.repetition_penalty}.")
         if not math.isfinite(self.temperature):
-            raise ValueError(
-                f"temperature must be a finite number, got {self.temperature}.")
+            raise ValueError(f"temperature must be a finite number, got {self.temperature}.")
         if self.temperature < 0.0:
-            raise ValueError(
-                f"temperature must be non-negative, got {self.temperature}.")
+            raise ValueError(f"temperature must be non-negative, got {self.temperature}.")
         if self.temperature > 2.0:
             raise ValueError(f"temperature must be in [0, 2], got {self.temperature}.")
         if not 0.0 < self.top_p <= 1.0:
             raise ValueError(f"top_p must be in (0, 1], got {self.top_p}.")
         if self.top_k < -1:
-            raise ValueError(
-                f"top_k must be 0 (disable), or at least 1, got {self.top_k}.")
+            raise ValueError(f"top_k must be 0 (disable), or at least 1, got {self.top_k}.")
         if not isinstance(self.top_k, int):
-            raise ValueError(
-                f"top_k must be an integer, got {type(self.top_k).__name__}")
+            raise ValueError(f"top_k must be an integer, got {type(self.top_k).__name__}")
         if not 0.0 <= self.min_p <= 1.0:
             raise ValueError(f"min_p must be in [0, 1], got {self.min_p}.")
         if self.max_tokens is not None and self.max_tokens < 1:
             raise ValueError(f"max_tokens must be at least 1, got {self.max_tokens}.")
         if self.min_tokens < 0:
-            raise ValueError("min_tokens must be greater than or equal to 0, "
-                             f"got {self.min_tokens}.")
+            raise ValueError(f"min_tokens must be greater than or equal to 0, got {self.min_tokens}.")
         if self.max_tokens is not None and self.min_tokens > self.max_tokens:
-            raise ValueError("min_tokens must be less than or equal to "
-                             f"max_tokens={self.max_tokens}, got {self.min_tokens}.")
+            raise ValueError(
+                f"min_tokens must be less than or equal to max_tokens={self.max_tokens}, got {self.min_tokens}."
+            )
         if self.logprobs is not None and self.logprobs != -1 and self.logprobs < 0:
             raise ValueError(f"logprobs must be non-negative or -1, got {self.logprobs}.")
-        if (self.prompt_logprobs is not None and self.prompt_logprobs != -1
-                and self.prompt_logprobs < 0):
-            raise ValueError("prompt_logprobs must be non-negative or -1, got "
-                             f"{self.prompt_logprobs}.")
+        if self.prompt_logprobs is not None and self.prompt_logprobs != -1 and self.prompt_logprobs < 0:
+            raise ValueError(f"prompt_logprobs must be non-negative or -1, got {self.prompt_logprobs}.")
         if self.truncate_prompt_tokens is not None and (
-                self.truncate_prompt_tokens == 0 or self.truncate_prompt_tokens < -1):
-            raise ValueError("truncate_prompt_tokens must be an integer >= 1 or -1, "
-                             f"got {self.truncate_prompt_tokens}")
+            self.truncate_prompt_tokens == 0 or self.truncate_prompt_tokens < -1
+        ):
+            raise ValueError(f"truncate_prompt_tokens must be an integer >= 1 or -1, got {self.truncate_prompt_tokens}")
         if not all(isinstance(t, int) for t in self.stop_token_ids):
-            raise ValueError(
-                f"stop_token_ids must contain only integers, got {self.stop_token_ids}.")
+            raise ValueError(f"stop_token_ids must contain only integers, got {self.stop_token_ids}.")
         if any(not s for s in self.stop):
             raise ValueError("stop cannot contain an empty string.")
         if self.stop and not self.detokenize:
-            raise ValueError("stop strings are only supported when detokenize is True. "
-                             "Set detokenize=True to use stop.")
+            raise ValueError(
+                "stop strings are only supported when detokenize is True. Set detokenize=True to use stop."
+            )
         if any(not w for w in self.bad_words):
-            raise ValueError("bad_words cannot contain an empty string. "
-                             f"Got bad_words={self.bad_words}")
+            raise ValueError(f"bad_words cannot contain an empty string. Got bad_words={self.bad_words}")
 
     def _verify_greedy_sampling(self) -> None:
         if self.n > 1:
@@ -218,28 +209,32 @@ class SamplingParams:
             if num_logprobs == -1:
                 num_logprobs = vocab_size
             if num_logprobs > max_logprobs:
-                raise ValueError(f"Requested sample logprobs of {num_logprobs}, "
-                                 f"which is greater than max allowed: {max_logprobs}")
+                raise ValueError(
+                    f"Requested sample logprobs of {num_logprobs}, which is greater than max allowed: {max_logprobs}"
+                )
         if num_prompt_logprobs := self.prompt_logprobs:
             if num_prompt_logprobs == -1:
                 num_prompt_logprobs = vocab_size
             if num_prompt_logprobs > max_logprobs:
-                raise ValueError(f"Requested prompt logprobs of {num_prompt_logprobs}, "
-                                 f"which is greater than max allowed: {max_logprobs}")
-        for name, token_ids in (("stop_token_ids", self.stop_token_ids),
-                                ("logit_bias", self.logit_bias or ())):
+                raise ValueError(
+                    f"Requested prompt logprobs of {num_prompt_logprobs}, "
+                    f"which is greater than max allowed: {max_logprobs}"
+                )
+        for name, token_ids in (("stop_token_ids", self.stop_token_ids), ("logit_bias", self.logit_bias or ())):
             invalid = [t for t in token_ids if not 0 <= t < vocab_size]
             if invalid:
-                raise ValueError(f"token_id(s) {invalid} in {name} contain "
-                                 f"out-of-vocab token ids. Vocabulary size: {vocab_size}")
+                raise ValueError(
+                    f"token_id(s) {invalid} in {name} contain out-of-vocab token ids. Vocabulary size: {vocab_size}"
+                )
         if self.allowed_token_ids is not None:
             if not self.allowed_token_ids:
                 raise ValueError("allowed_token_ids is not None and empty!")
             if not all(0 <= t < vocab_size for t in self.allowed_token_ids):
                 raise ValueError("allowed_token_ids contains out-of-vocab token id!")
 
-    def update_from_generation_config(self, generation_config: dict[str, Any],
-                                      model_eos_token_id: int | None = None) -> None:
+    def update_from_generation_config(
+        self, generation_config: dict[str, Any], model_eos_token_id: int | None = None
+    ) -> None:
         """Merge the model's extra EOS ids (generation_config.json) into the stop set.
 
         The primary EOS is handled by the engine itself, so only the other ids become
@@ -277,33 +272,34 @@ class SamplingParams:
         A processor may hold large state that is costly to copy; one that keeps
         per-sequence state must provide `clone()` so each of the n samples gets its own.
         """
-        memo = {id(lp): lp.clone() if hasattr(lp, "clone") else lp
-                for lp in self.logits_processors or ()}
+        memo = {id(lp): lp.clone() if hasattr(lp, "clone") else lp for lp in self.logits_processors or ()}
         return copy.deepcopy(self, memo=memo)
 
     def __repr__(self) -> str:
-        return (f"SamplingParams(n={self.n}, "
-                f"presence_penalty={self.presence_penalty}, "
-                f"frequency_penalty={self.frequency_penalty}, "
-                f"repetition_penalty={self.repetition_penalty}, "
-                f"temperature={self.temperature}, "
-                f"top_p={self.top_p}, "
-                f"top_k={self.top_k}, "
-                f"min_p={self.min_p}, "
-                f"seed={self.seed}, "
-                f"stop={self.stop}, "
-                f"stop_token_ids={self.stop_token_ids}, "
-                f"bad_words={self.bad_words}, "
-                f"include_stop_str_in_output={self.include_stop_str_in_output}, "
-                f"ignore_eos={self.ignore_eos}, "
-                f"max_tokens={self.max_tokens}, "
-                f"min_tokens={self.min_tokens}, "
-                f"logprobs={self.logprobs}, "
-                f"prompt_logprobs={self.prompt_logprobs}, "
-                f"skip_special_tokens={self.skip_special_tokens}, "
-                f"spaces_between_special_tokens={self.spaces_between_special_tokens}, "
-                f"truncate_prompt_tokens={self.truncate_prompt_tokens}, "
-                f"extra_args={self.extra_args})")
+        return (
+            f"SamplingParams(n={self.n}, "
+            f"presence_penalty={self.presence_penalty}, "
+            f"frequency_penalty={self.frequency_penalty}, "
+            f"repetition_penalty={self.repetition_penalty}, "
+            f"temperature={self.temperature}, "
+            f"top_p={self.top_p}, "
+            f"top_k={self.top_k}, "
+            f"min_p={self.min_p}, "
+            f"seed={self.seed}, "
+            f"stop={self.stop}, "
+            f"stop_token_ids={self.stop_token_ids}, "
+            f"bad_words={self.bad_words}, "
+            f"include_stop_str_in_output={self.include_stop_str_in_output}, "
+            f"ignore_eos={self.ignore_eos}, "
+            f"max_tokens={self.max_tokens}, "
+            f"min_tokens={self.min_tokens}, "
+            f"logprobs={self.logprobs}, "
+            f"prompt_logprobs={self.prompt_logprobs}, "
+            f"skip_special_tokens={self.skip_special_tokens}, "
+            f"spaces_between_special_tokens={self.spaces_between_special_tokens}, "
+            f"truncate_prompt_tokens={self.truncate_prompt_tokens}, "
+            f"extra_args={self.extra_args})"
+        )
 
 
 def _convert_logit_bias(logit_bias: dict[Any, float]) -> dict[int, float]:
@@ -319,6 +315,5 @@ def _convert_logit_bias(logit_bias: dict[Any, float]) -> dict[int, float]:
             continue
         converted[token_id] = min(100.0, max(-100.0, bias))
     if invalid_keys:
-        raise ValueError("logit_bias contains key(s) that cannot be "
-                         f"converted to integer token IDs: {invalid_keys!r}")
+        raise ValueError(f"logit_bias contains key(s) that cannot be converted to integer token IDs: {invalid_keys!r}")
     return converted

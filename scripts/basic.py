@@ -1,4 +1,5 @@
 """vLLM's basic example: four classic prompts, temperature 0.8, top_p 0.95."""
+
 from __future__ import annotations
 
 import os

@@ -18,6 +18,7 @@ Flags this script does not know are passed to the server it launches. The client
 the standard library only (asyncio streams), so it runs wherever Python does; results
 go to scripts/results/serving_<label>_<date>_<time>.json.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -55,16 +56,19 @@ class SampleRequest:
     output_len: int
 
 
-def random_dataset(num_prompts: int, input_len: int, output_len: int, range_ratio: float, vocab_size: int,
-                   seed: int) -> list[SampleRequest]:
+def random_dataset(
+    num_prompts: int, input_len: int, output_len: int, range_ratio: float, vocab_size: int, seed: int
+) -> list[SampleRequest]:
     """vLLM's RandomDataset, on token ids: lengths uniform in [len*(1-r), len*(1+r)]."""
     rng = random.Random(seed)
 
     def length(mean: int) -> int:
         return max(1, rng.randint(int(mean * (1 - range_ratio)), int(mean * (1 + range_ratio))))
 
-    return [SampleRequest([rng.randrange(vocab_size) for _ in range(length(input_len))], length(output_len))
-            for _ in range(num_prompts)]
+    return [
+        SampleRequest([rng.randrange(vocab_size) for _ in range(length(input_len))], length(output_len))
+        for _ in range(num_prompts)
+    ]
 
 
 async def request_schedule(requests: list[SampleRequest], request_rate: float, burstiness: float, seed: int):
@@ -103,18 +107,28 @@ async def _read_body_chunks(reader: asyncio.StreamReader, chunked: bool):
         await reader.readexactly(2)
 
 
-async def stream_completion(base_url: str, api_key: str | None, model: str, request: SampleRequest,
-                            temperature: float) -> RequestResult:
+async def stream_completion(
+    base_url: str, api_key: str | None, model: str, request: SampleRequest, temperature: float
+) -> RequestResult:
     """POST /v1/completions with stream=true; times each SSE event as it arrives."""
     url = urlsplit(base_url)
-    body = json.dumps({
-        "model": model, "prompt": request.prompt_token_ids, "max_tokens": request.output_len,
-        "temperature": temperature, "ignore_eos": True, "stream": True,
-        "stream_options": {"include_usage": True},
-    }).encode()
-    head = (f"POST {url.path.rstrip('/')}/v1/completions HTTP/1.1\r\nHost: {url.netloc}\r\n"
-            f"Content-Type: application/json\r\nContent-Length: {len(body)}\r\nAccept: text/event-stream\r\n"
-            + (f"Authorization: Bearer {api_key}\r\n" if api_key else "") + "Connection: close\r\n\r\n")
+    body = json.dumps(
+        {
+            "model": model,
+            "prompt": request.prompt_token_ids,
+            "max_tokens": request.output_len,
+            "temperature": temperature,
+            "ignore_eos": True,
+            "stream": True,
+            "stream_options": {"include_usage": True},
+        }
+    ).encode()
+    head = (
+        f"POST {url.path.rstrip('/')}/v1/completions HTTP/1.1\r\nHost: {url.netloc}\r\n"
+        f"Content-Type: application/json\r\nContent-Length: {len(body)}\r\nAccept: text/event-stream\r\n"
+        + (f"Authorization: Bearer {api_key}\r\n" if api_key else "")
+        + "Connection: close\r\n\r\n"
+    )
     result = RequestResult(prompt_len=len(request.prompt_token_ids))
     start = time.perf_counter()
     writer = None
@@ -174,8 +188,11 @@ def _stats(values_s: list[float], percentiles: list[float], name: str) -> dict:
         return {}
     ms = sorted(v * 1000 for v in values_s)
     mean = sum(ms) / len(ms)
-    out = {f"mean_{name}_ms": mean, f"median_{name}_ms": _percentile(ms, 50),
-           f"std_{name}_ms": (sum((v - mean) ** 2 for v in ms) / len(ms)) ** 0.5}
+    out = {
+        f"mean_{name}_ms": mean,
+        f"median_{name}_ms": _percentile(ms, 50),
+        f"std_{name}_ms": (sum((v - mean) ** 2 for v in ms) / len(ms)) ** 0.5,
+    }
     for p in percentiles:
         out[f"p{p:g}_{name}_ms"] = _percentile(ms, p)
     return out
@@ -194,7 +211,7 @@ async def run_benchmark(args, requests: list[SampleRequest]) -> dict:
     test = await stream_completion(args.base_url, args.api_key, args.model, requests[0], temperature)
     if not test.success:
         raise SystemExit(f"The initial test request failed: {test.error}")
-    for warm in requests[:args.num_warmups]:
+    for warm in requests[: args.num_warmups]:
         await stream_completion(args.base_url, args.api_key, args.model, warm, temperature)
 
     semaphore = asyncio.Semaphore(args.max_concurrency) if args.max_concurrency else None
@@ -206,11 +223,15 @@ async def run_benchmark(args, requests: list[SampleRequest]) -> dict:
             return await stream_completion(args.base_url, args.api_key, args.model, request, temperature)
 
     before = scrape_metrics(args.base_url)
-    print(f"Traffic request rate: {args.request_rate}, burstiness: {args.burstiness}, "
-          f"max concurrency: {args.max_concurrency}")
+    print(
+        f"Traffic request rate: {args.request_rate}, burstiness: {args.burstiness}, "
+        f"max concurrency: {args.max_concurrency}"
+    )
     start = time.perf_counter()
-    tasks = [asyncio.create_task(limited(r))
-             async for r in request_schedule(requests, args.request_rate, args.burstiness, args.seed)]
+    tasks = [
+        asyncio.create_task(limited(r))
+        async for r in request_schedule(requests, args.request_rate, args.burstiness, args.seed)
+    ]
     results = await asyncio.gather(*tasks)
     duration = time.perf_counter() - start
     after = scrape_metrics(args.base_url)
@@ -226,14 +247,23 @@ def summarize(args, results: list[RequestResult], duration: float, before: dict,
     record = {
         "date": datetime.date.today().isoformat(),
         "command": " ".join(shlex.quote(a) for a in sys.argv),
-        "base_url": args.base_url, "model": args.model, "label": args.label,
-        "num_prompts": args.num_prompts, "random_input_len": args.random_input_len,
-        "random_output_len": args.random_output_len, "random_range_ratio": args.random_range_ratio,
+        "base_url": args.base_url,
+        "model": args.model,
+        "label": args.label,
+        "num_prompts": args.num_prompts,
+        "random_input_len": args.random_input_len,
+        "random_output_len": args.random_output_len,
+        "random_range_ratio": args.random_range_ratio,
         "request_rate": args.request_rate if args.request_rate != float("inf") else "inf",
-        "burstiness": args.burstiness, "max_concurrency": args.max_concurrency,
-        "duration": duration, "completed": len(ok), "failed": len(results) - len(ok),
-        "total_input_tokens": total_input, "total_output_tokens": total_output,
-        "request_throughput": len(ok) / duration, "output_throughput": total_output / duration,
+        "burstiness": args.burstiness,
+        "max_concurrency": args.max_concurrency,
+        "duration": duration,
+        "completed": len(ok),
+        "failed": len(results) - len(ok),
+        "total_input_tokens": total_input,
+        "total_output_tokens": total_output,
+        "request_throughput": len(ok) / duration,
+        "output_throughput": total_output / duration,
         "total_token_throughput": (total_input + total_output) / duration,
         **_stats([r.ttft for r in ok], percentiles, "ttft"),
         **_stats(tpots, percentiles, "tpot"),
@@ -249,8 +279,16 @@ def summarize(args, results: list[RequestResult], duration: float, before: dict,
 
 def print_record(record: dict) -> None:
     print("{s:{c}^60}".format(s=" Serving Benchmark Result ", c="="))
-    for key in ("completed", "failed", "duration", "total_input_tokens", "total_output_tokens",
-                "request_throughput", "output_throughput", "total_token_throughput"):
+    for key in (
+        "completed",
+        "failed",
+        "duration",
+        "total_input_tokens",
+        "total_output_tokens",
+        "request_throughput",
+        "output_throughput",
+        "total_token_throughput",
+    ):
         print(f"{key:<40} {record[key]:>15.2f}" if isinstance(record[key], float) else f"{key:<40} {record[key]:>15}")
     for metric in ("ttft", "tpot", "itl", "e2el"):
         for key, value in record.items():
@@ -311,7 +349,8 @@ def launch_server(args, server_flags: list[str], log_path: str) -> subprocess.Po
         raise SystemExit(
             f"--launch-server needs the Python packages {', '.join(missing)} in {sys.executable}, which are "
             "missing. Install jllm with its dependencies (pip install -e .) on this machine, or benchmark a "
-            "server running elsewhere with --base-url.")
+            "server running elsewhere with --base-url."
+        )
     if args.model_path is None:
         folder = write_shape(args.shape, tempfile.mkdtemp(prefix="jllm_shape_"))
         server_flags = ["--load-format", "dummy", "--skip-tokenizer-init", *server_flags]
@@ -321,14 +360,27 @@ def launch_server(args, server_flags: list[str], log_path: str) -> subprocess.Po
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     args.base_url = f"http://127.0.0.1:{port}"
-    cmd = [sys.executable, "-m", "jllm.entrypoints.openai.api_server", "--model", folder,
-           "--served-model-name", args.model, "--host", "127.0.0.1", "--port", str(port),
-           "--disable-uvicorn-access-log", *server_flags]
+    cmd = [
+        sys.executable,
+        "-m",
+        "jllm.entrypoints.openai.api_server",
+        "--model",
+        folder,
+        "--served-model-name",
+        args.model,
+        "--host",
+        "127.0.0.1",
+        "--port",
+        str(port),
+        "--disable-uvicorn-access-log",
+        *server_flags,
+    ]
     args.server_command = " ".join(shlex.quote(c) for c in cmd)
     print(f"Launching the server (log: {log_path}):\n  {args.server_command}")
     log = open(log_path, "w")
-    proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, cwd=ROOT,
-                            env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    proc = subprocess.Popen(
+        cmd, stdout=log, stderr=subprocess.STDOUT, cwd=ROOT, env={**os.environ, "PYTHONUNBUFFERED": "1"}
+    )
     deadline = time.monotonic() + args.server_timeout
     while time.monotonic() < deadline:
         if proc.poll() is not None:
@@ -371,17 +423,29 @@ def _raise_open_file_limit() -> None:
 def parse_args(argv: list[str] | None = None) -> tuple[argparse.Namespace, list[str]]:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     target = parser.add_argument_group("the server")
-    target.add_argument("--launch-server", action="store_true",
-                        help="Start `python -m jllm.entrypoints.openai.api_server` and stop it afterwards.")
+    target.add_argument(
+        "--launch-server",
+        action="store_true",
+        help="Start `python -m jllm.entrypoints.openai.api_server` and stop it afterwards.",
+    )
     target.add_argument("--base-url", default=None, help="A running server, e.g. http://127.0.0.1:8000.")
     target.add_argument("--api-key", default=os.environ.get("OPENAI_API_KEY"))
     target.add_argument("--model", default=None, help="The served model name (default: the shape's name).")
-    target.add_argument("--shape", choices=sorted(SHAPES), default="llama-3.2-1b",
-                        help="With --launch-server: dummy weights at this model's shape.")
-    target.add_argument("--model-path", default=None,
-                        help="With --launch-server: serve this model folder instead of a dummy shape.")
-    target.add_argument("--vocab-size", type=int, default=None,
-                        help="Prompt token ids are drawn below this (default: the shape's or model's vocab).")
+    target.add_argument(
+        "--shape",
+        choices=sorted(SHAPES),
+        default="llama-3.2-1b",
+        help="With --launch-server: dummy weights at this model's shape.",
+    )
+    target.add_argument(
+        "--model-path", default=None, help="With --launch-server: serve this model folder instead of a dummy shape."
+    )
+    target.add_argument(
+        "--vocab-size",
+        type=int,
+        default=None,
+        help="Prompt token ids are drawn below this (default: the shape's or model's vocab).",
+    )
     target.add_argument("--server-timeout", type=float, default=1800, help="Seconds to wait for the server.")
     load = parser.add_argument_group("the load")
     load.add_argument("--num-prompts", type=int, default=1000)
@@ -424,8 +488,14 @@ def main(argv: list[str] | None = None) -> dict:
     if args.launch_server:
         proc = launch_server(args, server_flags, os.path.join(tempfile.mkdtemp(prefix="jllm_serve_"), "server.log"))
     try:
-        requests = random_dataset(args.num_prompts, args.random_input_len, args.random_output_len,
-                                  args.random_range_ratio, args.vocab_size, args.seed)
+        requests = random_dataset(
+            args.num_prompts,
+            args.random_input_len,
+            args.random_output_len,
+            args.random_range_ratio,
+            args.vocab_size,
+            args.seed,
+        )
         record = asyncio.run(run_benchmark(args, requests))
     finally:
         if proc is not None:

@@ -8,6 +8,7 @@ Prints requests/s and tokens/s and writes a JSON record under scripts/results/.
 With --hf-baseline, HF transformers `generate` runs the same shape with random weights
 in the same process, as the baseline.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -58,6 +59,7 @@ def _instrument(engine) -> dict:
                 return fn(*a, **k)
             finally:
                 timers[name] += time.perf_counter() - t
+
         return wrapper
 
     def counted_step():
@@ -111,9 +113,13 @@ def main() -> None:
         "device": __import__("jax").devices()[0].device_kind,
         "jax_version": __import__("jax").__version__,
         "command": " ".join(sys.argv),
-        "shape": args.shape, "num_prompts": args.num_prompts, "input_len": args.input_len,
-        "output_len": args.output_len, "attention_backend": llm.llm_engine.model_config.attention_backend,
-        "startup_s": round(startup, 2), "elapsed_s": round(elapsed, 3),
+        "shape": args.shape,
+        "num_prompts": args.num_prompts,
+        "input_len": args.input_len,
+        "output_len": args.output_len,
+        "attention_backend": llm.llm_engine.model_config.attention_backend,
+        "startup_s": round(startup, 2),
+        "elapsed_s": round(elapsed, 3),
         "requests_per_s": round(len(outputs) / elapsed, 3),
         "output_tokens_per_s": round(out_tokens / elapsed, 1),
         "total_tokens_per_s": round((in_tokens + out_tokens) / elapsed, 1),

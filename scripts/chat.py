@@ -1,4 +1,5 @@
 """vLLM's chat example: one conversation, then a batch of 10 with the progress bar."""
+
 from __future__ import annotations
 
 import argparse
@@ -17,8 +18,9 @@ def main(argv=None) -> None:
     EngineArgs.add_cli_args(parser)
     parser.add_argument("--max-tokens", type=int, default=64)
     parser.add_argument("--temperature", type=float, default=0.0)
-    parser.add_argument("--chat-template-path", type=str, default=None,
-                        help="A Jinja chat template file to use instead of the model's.")
+    parser.add_argument(
+        "--chat-template-path", type=str, default=None, help="A Jinja chat template file to use instead of the model's."
+    )
     args = parser.parse_args(argv)
     llm = LLM(**vars(EngineArgs.from_cli_args(args)))
     params = SamplingParams(max_tokens=args.max_tokens, temperature=args.temperature)

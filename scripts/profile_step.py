@@ -14,6 +14,7 @@ weights), steps until every request decodes, then times (median of --iters, ms):
 and the HBM floor of the forward (weight bytes + KV bytes read over the measured copy
 bandwidth). Prints a table; nothing is written.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -56,9 +57,16 @@ def copy_tbps() -> float:
 
 def profile_batch(args, folder: str, vocab: int, tbps: float, batch: int) -> tuple:
     """One table row: an engine of `batch` decoding requests, timed whole and in parts."""
-    llm = LLM(model=folder, load_format="dummy", skip_tokenizer_init=True, dtype="bfloat16",
-              max_model_len=args.context + 256, max_num_seqs=max(batch, 16), enforce_eager=True,
-              attention_backend=args.attention_backend)
+    llm = LLM(
+        model=folder,
+        load_format="dummy",
+        skip_tokenizer_init=True,
+        dtype="bfloat16",
+        max_model_len=args.context + 256,
+        max_num_seqs=max(batch, 16),
+        enforce_eager=True,
+        attention_backend=args.attention_backend,
+    )
     engine, runner = llm.llm_engine, llm.llm_engine.runner
     rng = np.random.default_rng(0)
     params = SamplingParams(temperature=1.0, ignore_eos=True, max_tokens=200, detokenize=False)
@@ -90,6 +98,7 @@ def profile_batch(args, folder: str, vocab: int, tbps: float, batch: int) -> tup
         def run_forward():
             runner.kv_caches, hidden = forward(runner.params, runner.kv_caches, runner.cos_sin_table, x)
             return hidden
+
         fwd[decode_only] = median_ms(run_forward, args.iters)
     logits = jax.random.normal(jax.random.key(0), (shape.num_seqs, vocab), jnp.float32)
     sampler = jax.jit(sample, static_argnames=("num_logprobs",))
@@ -121,10 +130,14 @@ def main() -> None:
     # One engine per batch, dropped before the next: each takes most of the device's memory.
     rows_out = [profile_batch(args, folder, vocab, tbps, batch) for batch in args.batch]
 
-    print(f"\n{jax.devices()[0].device_kind}, jax {jax.__version__}, {args.shape}, context {args.context}, "
-          f"copy {tbps:.2f} TB/s; ms, median of {args.iters}")
-    print("| batch | engine.step | build inputs | jitted step | fwd decode kernel | fwd ragged kernel "
-          "| sample greedy | sample t=1 | HBM floor |")
+    print(
+        f"\n{jax.devices()[0].device_kind}, jax {jax.__version__}, {args.shape}, context {args.context}, "
+        f"copy {tbps:.2f} TB/s; ms, median of {args.iters}"
+    )
+    print(
+        "| batch | engine.step | build inputs | jitted step | fwd decode kernel | fwd ragged kernel "
+        "| sample greedy | sample t=1 | HBM floor |"
+    )
     print("| --- | --- | --- | --- | --- | --- | --- | --- | --- |")
     for r in rows_out:
         print("| " + " | ".join([str(r[0])] + [f"{v:.2f}" for v in r[1:]]) + " |")

@@ -1,4 +1,5 @@
 """Shared pytest fixtures."""
+
 import numpy as np
 import pytest
 

@@ -5,6 +5,7 @@ SmolLM2 tokenizer; greedy references from `model.generate` (float32, eager atten
 optional top-k logprobs per step; and vLLM's two comparisons, `check_outputs_equal` and
 `check_logprobs_close` (tests/models/utils.py), rebuilt from their documented logic.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -30,9 +31,17 @@ BOS_TOKEN_ID, EOS_TOKEN_ID = 1, 2
 
 # Small enough to build and run in seconds, large enough for GQA (4 q heads over 2 kv heads).
 _TINY_DIMS = dict(
-    vocab_size=49152, hidden_size=64, intermediate_size=128, num_hidden_layers=3,
-    num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=1024, rms_norm_eps=1e-6,
-    bos_token_id=BOS_TOKEN_ID, eos_token_id=EOS_TOKEN_ID, pad_token_id=EOS_TOKEN_ID,
+    vocab_size=49152,
+    hidden_size=64,
+    intermediate_size=128,
+    num_hidden_layers=3,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    max_position_embeddings=1024,
+    rms_norm_eps=1e-6,
+    bos_token_id=BOS_TOKEN_ID,
+    eos_token_id=EOS_TOKEN_ID,
+    pad_token_id=EOS_TOKEN_ID,
 )
 
 # Sizes the tests make prompts longer than, so that each architecture's feature matters.
@@ -56,24 +65,53 @@ TINY_MODELS = {
     for m in (
         # Llama 3.x rope scaling: positions past original_max_position_embeddings see
         # rescaled low frequencies. Untied lm_head.
-        TinyModel("llama3-rope", LlamaConfig, LlamaForCausalLM, dict(
-            tie_word_embeddings=False,
-            rope_scaling={"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
-                          "high_freq_factor": 4.0,
-                          "original_max_position_embeddings": LLAMA3_ORIGINAL_MAX_POSITIONS},
-        )),
+        TinyModel(
+            "llama3-rope",
+            LlamaConfig,
+            LlamaForCausalLM,
+            dict(
+                tie_word_embeddings=False,
+                rope_scaling={
+                    "rope_type": "llama3",
+                    "factor": 8.0,
+                    "low_freq_factor": 1.0,
+                    "high_freq_factor": 4.0,
+                    "original_max_position_embeddings": LLAMA3_ORIGINAL_MAX_POSITIONS,
+                },
+            ),
+        ),
         # Every layer attends only to the last SLIDING_WINDOW positions. Untied lm_head.
-        TinyModel("mistral-sliding-window", MistralConfig, MistralForCausalLM, dict(
-            tie_word_embeddings=False, sliding_window=SLIDING_WINDOW, rope_theta=10000.0,
-        )),
+        TinyModel(
+            "mistral-sliding-window",
+            MistralConfig,
+            MistralForCausalLM,
+            dict(
+                tie_word_embeddings=False,
+                sliding_window=SLIDING_WINDOW,
+                rope_theta=10000.0,
+            ),
+        ),
         # q/k/v projections with biases. Tied embeddings.
-        TinyModel("qwen2-qkv-bias", Qwen2Config, Qwen2ForCausalLM, dict(
-            tie_word_embeddings=True, use_sliding_window=False,
-        )),
+        TinyModel(
+            "qwen2-qkv-bias",
+            Qwen2Config,
+            Qwen2ForCausalLM,
+            dict(
+                tie_word_embeddings=True,
+                use_sliding_window=False,
+            ),
+        ),
         # Per-head q/k RMSNorm and a head_dim that is not hidden_size / heads. Tied embeddings.
-        TinyModel("qwen3-qk-norm", Qwen3Config, Qwen3ForCausalLM, dict(
-            tie_word_embeddings=True, head_dim=32, use_sliding_window=False,
-        )),
+        TinyModel(
+            "qwen3-qk-norm",
+            Qwen3Config,
+            Qwen3ForCausalLM,
+            dict(
+                tie_word_embeddings=True,
+                head_dim=32,
+                use_sliding_window=False,
+            ),
+        ),
     )
 }
 
@@ -128,8 +166,9 @@ class HFOutput:
 
 
 @torch.no_grad()
-def hf_greedy(model, tokenizer, prompts_token_ids: Sequence[Sequence[int]], max_tokens: int,
-              num_logprobs: int | None = None) -> list[HFOutput]:
+def hf_greedy(
+    model, tokenizer, prompts_token_ids: Sequence[Sequence[int]], max_tokens: int, num_logprobs: int | None = None
+) -> list[HFOutput]:
     """Greedy `generate` one prompt at a time (no padding to perturb the numerics).
 
     Generation stops at EOS (included in the ids), as jllm's does. Logprobs are
@@ -139,11 +178,16 @@ def hf_greedy(model, tokenizer, prompts_token_ids: Sequence[Sequence[int]], max_
     for ids in prompts_token_ids:
         input_ids = torch.tensor([list(ids)], dtype=torch.long)
         result = model.generate(
-            input_ids, attention_mask=torch.ones_like(input_ids), max_new_tokens=max_tokens,
-            do_sample=False, eos_token_id=EOS_TOKEN_ID, pad_token_id=EOS_TOKEN_ID,
-            return_dict_in_generate=True, output_logits=num_logprobs is not None,
+            input_ids,
+            attention_mask=torch.ones_like(input_ids),
+            max_new_tokens=max_tokens,
+            do_sample=False,
+            eos_token_id=EOS_TOKEN_ID,
+            pad_token_id=EOS_TOKEN_ID,
+            return_dict_in_generate=True,
+            output_logits=num_logprobs is not None,
         )
-        new_ids = result.sequences[0, input_ids.shape[1]:].tolist()
+        new_ids = result.sequences[0, input_ids.shape[1] :].tolist()
         logprobs = None
         if num_logprobs is not None:
             logprobs = []
@@ -171,15 +215,21 @@ def check_outputs_equal(*, outputs_0_lst, outputs_1_lst, name_0: str, name_1: st
     """vLLM's exact comparison: per prompt, (token_ids, text) must be equal."""
     assert len(outputs_0_lst) == len(outputs_1_lst)
     for prompt_idx, ((ids_0, str_0), (ids_1, str_1)) in enumerate(zip(outputs_0_lst, outputs_1_lst)):
-        fail_msg = (f"Test{prompt_idx}:\n{name_0}:\t{str_0!r}\t{list(ids_0)}\n"
-                    f"{name_1}:\t{str_1!r}\t{list(ids_1)}")
+        fail_msg = f"Test{prompt_idx}:\n{name_0}:\t{str_0!r}\t{list(ids_0)}\n{name_1}:\t{str_1!r}\t{list(ids_1)}"
         assert list(ids_0) == list(ids_1), fail_msg
         assert str_0 == str_1, fail_msg
 
 
-def check_logprobs_close(*, outputs_0_lst, outputs_1_lst, name_0: str, name_1: str,
-                         num_outputs_0_skip_tokens: int = 0, warn_on_mismatch: bool = True,
-                         always_check_logprobs: bool = False) -> None:
+def check_logprobs_close(
+    *,
+    outputs_0_lst,
+    outputs_1_lst,
+    name_0: str,
+    name_1: str,
+    num_outputs_0_skip_tokens: int = 0,
+    warn_on_mismatch: bool = True,
+    always_check_logprobs: bool = False,
+) -> None:
     """vLLM's closeness test for runs whose numerics differ (dtype, kernels).
 
     Each output is (ids, text, logprobs) or (ids, text, logprobs, prompt_logprobs), where
@@ -201,21 +251,27 @@ def check_logprobs_close(*, outputs_0_lst, outputs_1_lst, name_0: str, name_1: s
             mismatch = id_0 != id_1
             if mismatch or always_check_logprobs:
                 elem_0, elem_1 = logprobs_0[idx], logprobs_1[idx]
-                fail_msg = (f"Test{prompt_idx}:\nMatched tokens:\t{ids_0[:idx]}\n"
-                            f"{name_0}:\t{str_0!r}\t{elem_0}\n{name_1}:\t{str_1!r}\t{elem_1}")
+                fail_msg = (
+                    f"Test{prompt_idx}:\nMatched tokens:\t{ids_0[:idx]}\n"
+                    f"{name_0}:\t{str_0!r}\t{elem_0}\n{name_1}:\t{str_1!r}\t{elem_1}"
+                )
                 assert elem_0 is not None and elem_1 is not None, fail_msg
                 assert id_0 in elem_1, fail_msg
                 assert id_1 in elem_0, fail_msg
             if mismatch:
                 if warn_on_mismatch:
-                    warnings.warn(f"Test{prompt_idx}: {name_0} and {name_1} diverge at output "
-                                  f"token {idx} ({id_0} vs {id_1}), each within the other's top-k.",
-                                  stacklevel=2)
+                    warnings.warn(
+                        f"Test{prompt_idx}: {name_0} and {name_1} diverge at output "
+                        f"token {idx} ({id_0} vs {id_1}), each within the other's top-k.",
+                        stacklevel=2,
+                    )
                 break
         else:
             if str_0 != str_1 and warn_on_mismatch:
-                warnings.warn(f"Test{prompt_idx}: same token ids but texts differ: "
-                              f"{name_0}={str_0!r} {name_1}={str_1!r}", stacklevel=2)
+                warnings.warn(
+                    f"Test{prompt_idx}: same token ids but texts differ: {name_0}={str_0!r} {name_1}={str_1!r}",
+                    stacklevel=2,
+                )
 
 
 def _check_prompt_logprobs_match(prompt_idx, prompt_logprobs_0, prompt_logprobs_1, name_0, name_1):

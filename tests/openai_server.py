@@ -1,6 +1,7 @@
 """jllm's OpenAI-compatible server for the server tests, on a real uvicorn bound to
 127.0.0.1 and a free port: in this process (a thread; the tests can look into its
 engine) or as a `jllm serve` subprocess (the command a user runs)."""
+
 from __future__ import annotations
 
 import argparse
@@ -98,8 +99,9 @@ def free_port() -> int:
 class RemoteServer:
     """`python -m jllm.entrypoints.cli serve MODEL ...` in a subprocess, logging to a file."""
 
-    def __init__(self, model: str, extra: list[str], log_path: str, env: dict[str, str] | None = None,
-                 uds: str | None = None) -> None:
+    def __init__(
+        self, model: str, extra: list[str], log_path: str, env: dict[str, str] | None = None, uds: str | None = None
+    ) -> None:
         """`env` is added to this process's environment; with `uds` the server listens on
         that unix socket instead of a port."""
         self.port = free_port()
@@ -108,8 +110,12 @@ class RemoteServer:
         address = ["--uds", uds] if uds else ["--host", "127.0.0.1", "--port", str(self.port)]
         cmd = [sys.executable, "-m", "jllm.entrypoints.cli", "serve", model, *address, *engine_flags(), *extra]
         self.log_file = open(log_path, "w")
-        self.proc = subprocess.Popen(cmd, stdout=self.log_file, stderr=subprocess.STDOUT,
-                                     env={**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})})
+        self.proc = subprocess.Popen(
+            cmd,
+            stdout=self.log_file,
+            stderr=subprocess.STDOUT,
+            env={**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})},
+        )
         deadline = time.monotonic() + STARTUP_TIMEOUT_S
         while True:
             if self.proc.poll() is not None:

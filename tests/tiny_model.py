@@ -5,6 +5,7 @@ The weights are drawn wider than HF's default init (std 0.15) so that greedy out
 vary from token to token instead of collapsing onto one token; the tokenizer is
 SmolLM2's (vocabulary 49152), so prompts are real text and outputs decode.
 """
+
 from __future__ import annotations
 
 import os
@@ -43,10 +44,17 @@ def build_tiny_llama(folder: str, tokenizer_gguf_path: str, *, seed: int = 0) ->
 
     tokenizer = load_gguf_tokenizer(tokenizer_gguf_path)
     config = LlamaConfig(
-        vocab_size=VOCAB_SIZE, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=2048,
-        rms_norm_eps=1e-5, tie_word_embeddings=False,
-        bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+        vocab_size=VOCAB_SIZE,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=2048,
+        rms_norm_eps=1e-5,
+        tie_word_embeddings=False,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
     )
     assert tokenizer.eos_token_id == EOS_TOKEN_ID
     torch.manual_seed(seed)

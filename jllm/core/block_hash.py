@@ -7,6 +7,7 @@ used before, is cheap to collide.
 canonical CBOR of (parent, tokens, extra keys), which other languages can reproduce (vLLM
 offers it for KV-cache connectors).
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -35,8 +36,7 @@ def sha256_block_hash(parent: BlockHash | None, token_ids: Sequence[int], extra_
     return hashlib.sha256(b"".join(parts)).digest()
 
 
-def sha256_cbor_block_hash(parent: BlockHash | None, token_ids: Sequence[int],
-                           extra_keys: str | None) -> BlockHash:
+def sha256_cbor_block_hash(parent: BlockHash | None, token_ids: Sequence[int], extra_keys: str | None) -> BlockHash:
     import cbor2
 
     return hashlib.sha256(cbor2.dumps((parent, list(token_ids), extra_keys), canonical=True)).digest()

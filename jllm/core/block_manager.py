@@ -6,6 +6,7 @@ caching): a full page is registered under a hash of its tokens chained to the ha
 of all pages before it, and a freed page keeps its contents, findable by that hash,
 until it is needed for something else.
 """
+
 from __future__ import annotations
 
 import logging
@@ -41,6 +42,7 @@ class PrefixCacheStats:
     Requests resuming after preemption are counted apart: they mostly hit their own
     pages, which would flatter the hit rate.
     """
+
     requests: int = 0
     queries: int = 0
     hits: int = 0
@@ -64,8 +66,13 @@ class PrefixCacheStats:
 
 
 class BlockManager:
-    def __init__(self, block_size: int, num_blocks: int, enable_prefix_caching: bool = True,
-                 prefix_caching_hash_algo: str = "sha256"):
+    def __init__(
+        self,
+        block_size: int,
+        num_blocks: int,
+        enable_prefix_caching: bool = True,
+        prefix_caching_hash_algo: str = "sha256",
+    ):
         self.block_size = block_size
         self.hash_function = get_block_hash_function(prefix_caching_hash_algo)
         self.num_blocks = num_blocks
@@ -105,17 +112,17 @@ class BlockManager:
             computed_block_ids.append(block.block_id)
         return computed_block_ids, len(computed_block_ids) * self.block_size
 
-    def allocate_slots(self, request: Request, num_new_tokens: int,
-                       new_computed_blocks: Sequence[int] = ()) -> bool:
+    def allocate_slots(self, request: Request, num_new_tokens: int, new_computed_blocks: Sequence[int] = ()) -> bool:
         """Give `request` pages for its computed tokens, any new prefix-cache hits and
         `num_new_tokens` more; False, changing nothing, when too few pages are free."""
-        if (not new_computed_blocks and request.block_ids and request.num_computed_tokens + num_new_tokens
-                <= len(request.block_ids) * self.block_size):
+        if (
+            not new_computed_blocks
+            and request.block_ids
+            and request.num_computed_tokens + num_new_tokens <= len(request.block_ids) * self.block_size
+        ):
             return True  # A decode within its last page, the common case: nothing to do.
-        num_tokens = (request.num_computed_tokens
-                      + len(new_computed_blocks) * self.block_size + num_new_tokens)
-        num_new_blocks = max(
-            0, cdiv(num_tokens, self.block_size) - len(request.block_ids) - len(new_computed_blocks))
+        num_tokens = request.num_computed_tokens + len(new_computed_blocks) * self.block_size + num_new_tokens
+        num_new_blocks = max(0, cdiv(num_tokens, self.block_size) - len(request.block_ids) - len(new_computed_blocks))
         hits = [self.blocks[block_id] for block_id in new_computed_blocks]
         # A hit that no request holds sits in the free queue; taking it shrinks the queue.
         num_evictable_hits = sum(1 for block in hits if block.ref_cnt == 0)
@@ -126,7 +133,8 @@ class BlockManager:
             # The start of a (re)computation: the one prefix-cache lookup to count.
             if not self._skip_reading_prefix_cache(request):
                 self.prefix_cache_stats.record(
-                    request.num_tokens, len(hits) * self.block_size, request.num_preemptions > 0)
+                    request.num_tokens, len(hits) * self.block_size, request.num_preemptions > 0
+                )
             self.num_cached_block[request.request_id] = len(hits)
         for block in hits:
             self._touch(block)
@@ -177,8 +185,7 @@ class BlockManager:
         """Forget every cached page; only possible while no request holds pages."""
         num_used_blocks = self.num_blocks - self.num_free_blocks
         if num_used_blocks > 0:
-            logger.warning("Failed to reset prefix cache because some blocks (%d) "
-                           "are not freed yet", num_used_blocks)
+            logger.warning("Failed to reset prefix cache because some blocks (%d) are not freed yet", num_used_blocks)
             return False
         self.cached_block_hash_to_block.clear()
         for block in self.blocks:
@@ -195,8 +202,7 @@ class BlockManager:
 
     def _skip_reading_prefix_cache(self, request: Request) -> bool:
         # Prompt logprobs need logits at every prompt position, so none may be skipped.
-        return (not self.enable_prefix_caching
-                or request.sampling_params.prompt_logprobs is not None)
+        return not self.enable_prefix_caching or request.sampling_params.prompt_logprobs is not None
 
     def _update_block_hashes(self, request: Request) -> None:
         """Extend request.block_hashes to cover all its full pages of tokens."""
@@ -212,15 +218,19 @@ class BlockManager:
             # The salt enters the first hash only; chaining carries it to the rest.
             extra_keys = request.cache_salt if i == 0 else None
             parent_hash = self.hash_function(
-                parent_hash, token_ids[i * self.block_size:(i + 1) * self.block_size], extra_keys)
+                parent_hash, token_ids[i * self.block_size : (i + 1) * self.block_size], extra_keys
+            )
             block_hashes.append(parent_hash)
 
     def _block_key(self, request: Request, i: int, token_ids: list[int]) -> tuple:
         """What the request's i-th page hash covers: its parent's hash, its tokens (of
         `token_ids`, the request's all_token_ids) and the salt."""
         start = i * self.block_size
-        return (request.block_hashes[i - 1] if i else None, tuple(token_ids[start:start + self.block_size]),
-                request.cache_salt if i == 0 else None)
+        return (
+            request.block_hashes[i - 1] if i else None,
+            tuple(token_ids[start : start + self.block_size]),
+            request.cache_salt if i == 0 else None,
+        )
 
     def _touch(self, block: KVCacheBlock) -> None:
         if block.ref_cnt == 0:

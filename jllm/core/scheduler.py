@@ -10,6 +10,7 @@ recently admitted request is preempted and later recomputed from scratch.
 Each step's decision goes to the worker as one `SchedulerOutput`: a request's prompt,
 settings and pages once, then only its new pages and progress.
 """
+
 from __future__ import annotations
 
 import logging
@@ -42,9 +43,14 @@ class Scheduler:
                 f"To serve at least one request with the model's max seq len "
                 f"({scheduler_config.max_model_len}), {blocks_per_seq} KV cache blocks are "
                 f"needed, which is more than the available {num_blocks} blocks. Try "
-                "increasing `gpu_memory_utilization` or decreasing `max_model_len`.")
-        self.block_manager = BlockManager(cache_config.block_size, num_blocks, cache_config.enable_prefix_caching,
-                                          cache_config.prefix_caching_hash_algo)
+                "increasing `gpu_memory_utilization` or decreasing `max_model_len`."
+            )
+        self.block_manager = BlockManager(
+            cache_config.block_size,
+            num_blocks,
+            cache_config.enable_prefix_caching,
+            cache_config.prefix_caching_hash_algo,
+        )
         self.requests: dict[str, Request] = {}
         self.waiting: deque[Request] = deque()
         self.running: list[Request] = []
@@ -98,8 +104,7 @@ class Scheduler:
             requests[request_id].num_computed_tokens += num_tokens
         return output
 
-    def _allocate_or_preempt(self, request: Request, num_new_tokens: int,
-                             output: SchedulerOutput) -> bool:
+    def _allocate_or_preempt(self, request: Request, num_new_tokens: int, output: SchedulerOutput) -> bool:
         """Preempt running requests from the back until `request` gets its pages;
         False if it had to preempt itself."""
         while not self.block_manager.allocate_slots(request, num_new_tokens):
@@ -134,14 +139,21 @@ class Scheduler:
             if resumed:
                 self._add_cached(output, request, num_new_tokens, list(request.block_ids), True)
             else:
-                output.scheduled_new_reqs.append(NewRequestData(
-                    request.request_id, request.prompt_token_ids, request.sampling_settings,
-                    list(request.block_ids), num_computed_tokens))
+                output.scheduled_new_reqs.append(
+                    NewRequestData(
+                        request.request_id,
+                        request.prompt_token_ids,
+                        request.sampling_settings,
+                        list(request.block_ids),
+                        num_computed_tokens,
+                    )
+                )
                 self._count(output, request, num_new_tokens)
             token_budget -= num_new_tokens
 
-    def _add_cached(self, output: SchedulerOutput, request: Request, num_new_tokens: int,
-                    new_block_ids: list[int], resumed: bool) -> None:
+    def _add_cached(
+        self, output: SchedulerOutput, request: Request, num_new_tokens: int, new_block_ids: list[int], resumed: bool
+    ) -> None:
         """A request the worker knows: only its new pages (all of them if resumed) and
         progress. Lists are copies: an abort during the step must not change them."""
         cached = output.scheduled_cached_reqs
@@ -159,11 +171,14 @@ class Scheduler:
     def _preempt(self, request: Request) -> None:
         """Recompute preemption: drop the request's pages; it restarts from waiting."""
         log = logger.warning if self.num_preemptions % PREEMPTION_WARNING_INTERVAL == 0 else logger.debug
-        log("Sequence group %s is preempted by PreemptionMode.RECOMPUTE mode because there "
+        log(
+            "Sequence group %s is preempted by PreemptionMode.RECOMPUTE mode because there "
             "is not enough KV cache space. This can affect the end-to-end performance. "
             "Increase gpu_memory_utilization or tensor_parallel_size to provide more KV "
             "cache memory. total_num_cumulative_preemption=%d",
-            request.request_id, self.num_preemptions + 1)
+            request.request_id,
+            self.num_preemptions + 1,
+        )
         self.num_preemptions += 1
         self.block_manager.free(request)
         request.status = RequestStatus.PREEMPTED
@@ -172,8 +187,9 @@ class Scheduler:
         # At the front: it arrived before everything still waiting.
         self.waiting.appendleft(request)
 
-    def update_from_output(self, scheduler_output: SchedulerOutput,
-                           sampled_token_ids: Mapping[str, int]) -> list[Request]:
+    def update_from_output(
+        self, scheduler_output: SchedulerOutput, sampled_token_ids: Mapping[str, int]
+    ) -> list[Request]:
         """Append each sampling request's new token and cache its newly full pages.
 
         Returns the requests that got a token, for the engine's stop checks; it ends
@@ -192,8 +208,7 @@ class Scheduler:
             self.block_manager.cache_full_blocks(request)
         return updated
 
-    def finish_requests(self, request_ids: str | Iterable[str],
-                        finished_status: RequestStatus) -> None:
+    def finish_requests(self, request_ids: str | Iterable[str], finished_status: RequestStatus) -> None:
         """End requests with a terminal status and free their pages; unknown or
         already finished ids are ignored (an abort may race a normal finish)."""
         if not finished_status.is_finished:

@@ -7,6 +7,7 @@ the cache has got). The tokens a request samples are not in the message: the wor
 records its own samples, so the message for step t+1 can be built before step t's
 tokens reach the host (vLLM's async scheduling).
 """
+
 from __future__ import annotations
 
 from collections.abc import Callable
@@ -16,6 +17,7 @@ from dataclasses import dataclass, field
 @dataclass(frozen=True, slots=True)
 class SamplingSettings:
     """A sample's sampling settings as the worker uses them, fixed for its life."""
+
     temperature: float
     top_p: float
     top_k: int
@@ -46,6 +48,7 @@ class SamplingSettings:
 @dataclass(frozen=True, slots=True)
 class NewRequestData:
     """A request the worker has not seen: sent once, at its first schedule."""
+
     req_id: str
     prompt_token_ids: list[int]
     sampling: SamplingSettings
@@ -57,6 +60,7 @@ class NewRequestData:
 @dataclass(slots=True)
 class CachedRequestData:
     """The requests the worker knows, as parallel lists (one entry each)."""
+
     req_ids: list[str] = field(default_factory=list)
     # Back after a preemption: its pages were dropped, and `new_block_ids` are all of them.
     resumed_from_preemption: list[bool] = field(default_factory=list)

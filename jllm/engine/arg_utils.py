@@ -2,6 +2,7 @@
 
 Config flows one way: EngineArgs -> frozen config records (jllm/config.py) -> parts.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -24,7 +25,7 @@ _HELP = {
     "skip_tokenizer_init": "Skip the tokenizer; prompts must then be token ids.",
     "trust_remote_code": "Accepted for compatibility; jllm never runs remote code.",
     "dtype": "Weights and activations dtype. 'auto': the checkpoint's dtype, except that float32 "
-             "checkpoints run in bfloat16 on GPU.",
+    "checkpoints run in bfloat16 on GPU.",
     "seed": "Random seed of the engine.",
     "revision": "Model revision (a ref or commit in the local HF cache).",
     "max_model_len": "Context length; defaults to the model's.",
@@ -33,7 +34,7 @@ _HELP = {
     "block_size": "Tokens per KV-cache page.",
     "enable_prefix_caching": "Reuse KV pages of identical prompt prefixes.",
     "prefix_caching_hash_algo": "How a page's prefix is hashed: 'sha256' (a canonical encoding) or 'sha256_cbor' "
-                                "(canonical CBOR, reproducible in other languages).",
+    "(canonical CBOR, reproducible in other languages).",
     "gpu_memory_utilization": "Fraction of accelerator memory the engine may use.",
     "kv_cache_memory_bytes": "Bytes for the KV cache, instead of gpu_memory_utilization.",
     "num_gpu_blocks_override": "Number of KV pages, overriding the memory-based size.",
@@ -97,28 +98,35 @@ class EngineArgs:
         if self.load_format not in _LOAD_FORMATS:
             raise ValueError(f"Unknown load_format: {self.load_format!r}. Supported: {list(_LOAD_FORMATS)}")
         if self.prefix_caching_hash_algo not in PREFIX_CACHING_HASH_ALGOS:
-            raise ValueError(f"Unknown prefix_caching_hash_algo: {self.prefix_caching_hash_algo!r}. "
-                             f"Supported: {list(PREFIX_CACHING_HASH_ALGOS)}")
+            raise ValueError(
+                f"Unknown prefix_caching_hash_algo: {self.prefix_caching_hash_algo!r}. "
+                f"Supported: {list(PREFIX_CACHING_HASH_ALGOS)}"
+            )
         if self.attention_backend is not None and self.attention_backend not in _ATTENTION_BACKENDS:
             raise ValueError(
                 f"Unknown attention_backend: {self.attention_backend!r}. Supported: {list(_ATTENTION_BACKENDS)}"
             )
         if not 0 < self.gpu_memory_utilization <= 1:
-            raise ValueError(
-                f"GPU memory utilization must be within (0, 1]. Got {self.gpu_memory_utilization}."
-            )
+            raise ValueError(f"GPU memory utilization must be within (0, 1]. Got {self.gpu_memory_utilization}.")
         if self.block_size not in (1, 8, 16, 32, 64, 128):
             raise ValueError(f"block_size must be one of [1, 8, 16, 32, 64, 128], got {self.block_size}.")
-        for name in ("max_model_len", "max_num_batched_tokens", "max_num_seqs", "num_gpu_blocks_override",
-                     "kv_cache_memory_bytes"):
+        for name in (
+            "max_model_len",
+            "max_num_batched_tokens",
+            "max_num_seqs",
+            "num_gpu_blocks_override",
+            "kv_cache_memory_bytes",
+        ):
             value = getattr(self, name)
             if value is not None and value <= 0:
                 raise ValueError(f"{name} must be a positive integer, got {value}.")
         if self.max_logprobs < -1:
             raise ValueError(f"max_logprobs must be non-negative or -1, got {self.max_logprobs}.")
         if self.tensor_parallel_size != 1:
-            raise ValueError(f"tensor_parallel_size={self.tensor_parallel_size}: jllm runs a model on one device "
-                             "for now; tensor parallelism is not supported yet.")
+            raise ValueError(
+                f"tensor_parallel_size={self.tensor_parallel_size}: jllm runs a model on one device "
+                "for now; tensor parallelism is not supported yet."
+            )
         if self.max_seq_len_to_capture <= 0:
             raise ValueError(f"max_seq_len_to_capture must be positive, got {self.max_seq_len_to_capture}.")
 
@@ -129,8 +137,9 @@ class EngineArgs:
             flags = ("-tp", flag) if f.name == "tensor_parallel_size" else (flag,)
             default = f.default
             if f.type in ("bool", bool, "bool | None"):
-                parser.add_argument(*flags, action=argparse.BooleanOptionalAction, default=default,
-                                    help=_HELP.get(f.name))
+                parser.add_argument(
+                    *flags, action=argparse.BooleanOptionalAction, default=default, help=_HELP.get(f.name)
+                )
             elif f.name in ("hf_overrides", "compilation_config"):
                 parser.add_argument(*flags, type=json.loads, default=None, help=_HELP.get(f.name))
             else:
@@ -140,8 +149,11 @@ class EngineArgs:
                 elif "int" in str(f.type):
                     kind = int
                 choices = {
-                    "dtype": _DTYPES, "load_format": _LOAD_FORMATS, "tokenizer_mode": _TOKENIZER_MODES,
-                    "attention_backend": _ATTENTION_BACKENDS, "prefix_caching_hash_algo": PREFIX_CACHING_HASH_ALGOS,
+                    "dtype": _DTYPES,
+                    "load_format": _LOAD_FORMATS,
+                    "tokenizer_mode": _TOKENIZER_MODES,
+                    "attention_backend": _ATTENTION_BACKENDS,
+                    "prefix_caching_hash_algo": PREFIX_CACHING_HASH_ALGOS,
                 }.get(f.name)
                 parser.add_argument(*flags, type=kind, default=default, choices=choices, help=_HELP.get(f.name))
         return parser

@@ -8,6 +8,7 @@ loop of the request that asked (`call_soon_threadsafe`). A request is accepted o
 once `LLMEngine.add_request` has validated it, so a bad request fails in `add_request`
 with the engine's ValueError before any response has started.
 """
+
 from __future__ import annotations
 
 import asyncio
@@ -21,8 +22,7 @@ from dataclasses import dataclass
 
 from jllm.engine.arg_utils import EngineArgs
 from jllm.engine.llm_engine import LLMEngine
-from jllm.engine.stats import (IterationStats, LoggingStatLogger, RequestStatsTracker, SchedulerStats,
-                               StatLogger)
+from jllm.engine.stats import IterationStats, LoggingStatLogger, RequestStatsTracker, SchedulerStats, StatLogger
 from jllm.outputs import RequestOutput
 from jllm.sampling_params import RequestOutputKind, SamplingParams
 
@@ -146,8 +146,7 @@ class AsyncLLMEngine:
         self._thread.start()
 
     @classmethod
-    def from_engine_args(cls, engine_args: EngineArgs,
-                         stat_loggers: list[StatLogger] | None = None) -> AsyncLLMEngine:
+    def from_engine_args(cls, engine_args: EngineArgs, stat_loggers: list[StatLogger] | None = None) -> AsyncLLMEngine:
         loggers = list(stat_loggers or ())
         if not engine_args.disable_log_stats:
             loggers.append(LoggingStatLogger())
@@ -204,8 +203,9 @@ class AsyncLLMEngine:
 
     # ----- requests -------------------------------------------------------------------
 
-    async def add_request(self, request_id: str, prompt, params: SamplingParams,
-                          arrival_time: float | None = None) -> RequestStream:
+    async def add_request(
+        self, request_id: str, prompt, params: SamplingParams, arrival_time: float | None = None
+    ) -> RequestStream:
         """Queue a request and wait until the engine has accepted it.
 
         Raises what `LLMEngine.add_request` raises (ValueError for a bad prompt or
@@ -215,9 +215,15 @@ class AsyncLLMEngine:
         loop = asyncio.get_running_loop()
         engine_params = params.clone()
         engine_params.output_kind = RequestOutputKind.DELTA
-        pending = _PendingAdd(request_id, prompt, engine_params, params.output_kind,
-                              arrival_time if arrival_time is not None else time.time(),
-                              RequestStream(request_id, loop), loop.create_future())
+        pending = _PendingAdd(
+            request_id,
+            prompt,
+            engine_params,
+            params.output_kind,
+            arrival_time if arrival_time is not None else time.time(),
+            RequestStream(request_id, loop),
+            loop.create_future(),
+        )
         with self._lock:
             if self._dead is not None:
                 raise self._dead
@@ -231,8 +237,9 @@ class AsyncLLMEngine:
             raise
         return pending.stream
 
-    async def generate(self, prompt, sampling_params: SamplingParams, request_id: str,
-                       arrival_time: float | None = None) -> AsyncGenerator[RequestOutput, None]:
+    async def generate(
+        self, prompt, sampling_params: SamplingParams, request_id: str, arrival_time: float | None = None
+    ) -> AsyncGenerator[RequestOutput, None]:
         """Outputs of one request as the engine produces them, in the kind that
         `sampling_params.output_kind` names. Closing or cancelling the generator before
         the request finishes aborts it, which frees its KV pages."""
@@ -240,8 +247,7 @@ class AsyncLLMEngine:
         async for _, output in self.stream_outputs([stream]):
             yield output
 
-    async def stream_outputs(self, streams: list[RequestStream]
-                             ) -> AsyncGenerator[tuple[int, RequestOutput], None]:
+    async def stream_outputs(self, streams: list[RequestStream]) -> AsyncGenerator[tuple[int, RequestOutput], None]:
         """(index into `streams`, output) as outputs arrive, until every stream has
         finished. Leaving early (an error, a cancelled task, a closed generator) aborts
         the streams that have not finished."""
@@ -374,9 +380,12 @@ class AsyncLLMEngine:
         prefix = scheduler.block_manager.prefix_cache_stats
         running, waiting = scheduler.get_request_counts()
         stats = SchedulerStats(
-            num_running_reqs=running, num_waiting_reqs=waiting,
-            kv_cache_usage=scheduler.block_manager.usage, num_preemptions=scheduler.num_preemptions,
-            prefix_cache_queries=prefix.queries, prefix_cache_hits=prefix.hits,
+            num_running_reqs=running,
+            num_waiting_reqs=waiting,
+            kv_cache_usage=scheduler.block_manager.usage,
+            num_preemptions=scheduler.num_preemptions,
+            prefix_cache_queries=prefix.queries,
+            prefix_cache_hits=prefix.hits,
         )
         for stat_logger in tuple(self._stat_loggers):
             try:

@@ -6,6 +6,7 @@ short window of recent tokens (from `prefix_offset`) twice, with and without the
 ones, and emit the difference; hold text back while it ends in an incomplete UTF-8
 character ("\ufffd").
 """
+
 from __future__ import annotations
 
 from typing import TYPE_CHECKING
@@ -57,8 +58,8 @@ def convert_prompt_ids_to_tokens(
     Only the tail is converted; two extra tokens allow for special tokens being skipped.
     """
     new_tokens = tokenizer.convert_ids_to_tokens(
-        prompt_ids[-INITIAL_INCREMENTAL_DETOKENIZATION_OFFSET - 2:],
-        skip_special_tokens=skip_special_tokens)
+        prompt_ids[-INITIAL_INCREMENTAL_DETOKENIZATION_OFFSET - 2 :], skip_special_tokens=skip_special_tokens
+    )
     # Out-of-vocab prompt ids come back as None.
     new_tokens = ["" if t is None else t for t in new_tokens]
     read_offset = len(new_tokens)
@@ -85,13 +86,13 @@ def detokenize_incrementally(
     is_first_iter = prev_tokens is None
     if is_first_iter:
         prev_tokens, prefix_offset, read_offset = convert_prompt_ids_to_tokens(
-            tokenizer, all_input_ids[:-1], skip_special_tokens=skip_special_tokens)
+            tokenizer, all_input_ids[:-1], skip_special_tokens=skip_special_tokens
+        )
 
     # A model may emit ids past the tokenizer (padded embedding rows): no text for those.
     if 0 <= new_token_id < len(tokenizer):
         # A list, so a skipped special token becomes [] rather than None.
-        new_tokens = tokenizer.convert_ids_to_tokens(
-            [new_token_id], skip_special_tokens=skip_special_tokens)
+        new_tokens = tokenizer.convert_ids_to_tokens([new_token_id], skip_special_tokens=skip_special_tokens)
     else:
         new_tokens = [""]
     num_tokens = len(prev_tokens) + len(new_tokens)
@@ -102,21 +103,22 @@ def detokenize_incrementally(
     if is_first_iter:
         new_tokens = prev_tokens + new_tokens
     if tokenizer.is_fast or not tokenizer.get_added_vocab():
-        prefix_text = tokenizer.convert_tokens_to_string(window[:read_offset - prefix_offset])
+        prefix_text = tokenizer.convert_tokens_to_string(window[: read_offset - prefix_offset])
         new_text = tokenizer.convert_tokens_to_string(window)
     else:
         prefix_text = _convert_tokens_to_string_with_added_encoders(
-            tokenizer, window[:read_offset - prefix_offset],
-            skip_special_tokens, spaces_between_special_tokens)
+            tokenizer, window[: read_offset - prefix_offset], skip_special_tokens, spaces_between_special_tokens
+        )
         new_text = _convert_tokens_to_string_with_added_encoders(
-            tokenizer, window, skip_special_tokens, spaces_between_special_tokens)
+            tokenizer, window, skip_special_tokens, spaces_between_special_tokens
+        )
 
     # A trailing "\ufffd" is probably a character whose remaining bytes come with the
     # next tokens: emit nothing and keep the offsets until it is complete. (One in the
     # middle is a genuinely invalid sequence and is emitted as is.)
     if len(new_text) <= len(prefix_text) or new_text.endswith("\ufffd"):
         return new_tokens, "", prefix_offset, read_offset
-    return new_tokens, new_text[len(prefix_text):], read_offset, num_tokens
+    return new_tokens, new_text[len(prefix_text) :], read_offset, num_tokens
 
 
 def check_stop_strings(
@@ -145,8 +147,7 @@ def check_stop_strings(
     return None
 
 
-def convert_ids_list_to_tokens(tokenizer: PreTrainedTokenizerBase,
-                               token_ids: list[int]) -> list[str]:
+def convert_ids_list_to_tokens(tokenizer: PreTrainedTokenizerBase, token_ids: list[int]) -> list[str]:
     """Texts for Logprob.decoded_token: each id decoded on its own, as vLLM V1 does.
 
     Without neighbours a leading space may be lost and a partial UTF-8 character shows
@@ -190,8 +191,9 @@ class IncrementalDetokenizer:
     the detokenizer keeps only the token strings its window needs.
     """
 
-    def __init__(self, tokenizer: PreTrainedTokenizerBase | None,
-                 prompt_token_ids: list[int], sampling_params: SamplingParams) -> None:
+    def __init__(
+        self, tokenizer: PreTrainedTokenizerBase | None, prompt_token_ids: list[int], sampling_params: SamplingParams
+    ) -> None:
         params = sampling_params
         if not params.detokenize or tokenizer is None:
             self.tokenizer = None
@@ -208,12 +210,11 @@ class IncrementalDetokenizer:
         self.stop_buffer_length = params.output_text_buffer_length
         self._last_output_text_offset = 0
         if self.tokenizer is not None:
-            self.tokens, self.prefix_offset, self.read_offset = (
-                convert_prompt_ids_to_tokens(self.tokenizer, prompt_token_ids,
-                                             self.skip_special_tokens))
+            self.tokens, self.prefix_offset, self.read_offset = convert_prompt_ids_to_tokens(
+                self.tokenizer, prompt_token_ids, self.skip_special_tokens
+            )
 
-    def update(self, new_token_ids: list[int], stop_terminated: bool = False,
-               may_stop: bool = True) -> str | None:
+    def update(self, new_token_ids: list[int], stop_terminated: bool = False, may_stop: bool = True) -> str | None:
         """Append new tokens' text and check stop strings; returns the matched one.
 
         `stop_terminated` says the last token is a stop token or EOS: it is then left out
@@ -230,9 +231,9 @@ class IncrementalDetokenizer:
             self.output_text += self._decode_next(token_id)
         if not self.stop or not may_stop:
             return None
-        match = check_stop_strings(self.output_text,
-                                   len(self.output_text) - stop_check_offset,
-                                   self.stop, self.include_stop_str_in_output)
+        match = check_stop_strings(
+            self.output_text, len(self.output_text) - stop_check_offset, self.stop, self.include_stop_str_in_output
+        )
         if match is None:
             return None
         stop_str, truncate_to = match
@@ -243,9 +244,14 @@ class IncrementalDetokenizer:
     def _decode_next(self, token_id: int) -> str:
         # With the previous token strings given, only the last id of the list is read.
         new_tokens, text, self.prefix_offset, self.read_offset = detokenize_incrementally(
-            self.tokenizer, [token_id], self.tokens, self.prefix_offset,
-            self.read_offset, self.skip_special_tokens,
-            self.spaces_between_special_tokens)
+            self.tokenizer,
+            [token_id],
+            self.tokens,
+            self.prefix_offset,
+            self.read_offset,
+            self.skip_special_tokens,
+            self.spaces_between_special_tokens,
+        )
         self.tokens.extend(new_tokens)
         return text
 

@@ -1,5 +1,6 @@
 """The engine's configuration step: EngineArgs and the model's HF config resolved into
 the frozen configs (dtype, context length, scheduler budget, compilation buckets)."""
+
 from __future__ import annotations
 
 import os
@@ -12,8 +13,13 @@ from jllm.engine.arg_utils import EngineArgs
 from jllm.layers.attention import AttentionBackend
 from jllm.worker.buckets import pow2_buckets
 
-_DTYPE_NAMES = {"half": "float16", "float16": "float16", "bfloat16": "bfloat16", "float": "float32",
-                "float32": "float32"}
+_DTYPE_NAMES = {
+    "half": "float16",
+    "float16": "float16",
+    "bfloat16": "bfloat16",
+    "float": "float32",
+    "float32": "float32",
+}
 
 
 def on_accelerator() -> bool:
@@ -87,16 +93,22 @@ def scheduler_config_from(args: EngineArgs, max_model_len: int) -> SchedulerConf
         max_num_batched_tokens = max(default_tokens, max_num_seqs)
         if not args.enable_chunked_prefill:
             max_num_batched_tokens = max(max_num_batched_tokens, max_model_len)
-    return SchedulerConfig(max_num_batched_tokens=max_num_batched_tokens, max_num_seqs=max_num_seqs,
-                           max_model_len=max_model_len, enable_chunked_prefill=args.enable_chunked_prefill)
+    return SchedulerConfig(
+        max_num_batched_tokens=max_num_batched_tokens,
+        max_num_seqs=max_num_seqs,
+        max_model_len=max_model_len,
+        enable_chunked_prefill=args.enable_chunked_prefill,
+    )
 
 
 def compilation_config_from(args: EngineArgs, sched: SchedulerConfig) -> CompilationConfig:
     cc = dict(args.compilation_config or {})
     unknown = set(cc) - {"cudagraph_capture_sizes", "token_buckets", "cache_dir"}
     if unknown:
-        raise ValueError(f"Unknown compilation_config keys {sorted(unknown)}; "
-                         "supported: cudagraph_capture_sizes, token_buckets, cache_dir.")
+        raise ValueError(
+            f"Unknown compilation_config keys {sorted(unknown)}; "
+            "supported: cudagraph_capture_sizes, token_buckets, cache_dir."
+        )
     token_buckets = sorted(set(cc.get("token_buckets") or ()) | set(cc.get("cudagraph_capture_sizes") or ()))
     if token_buckets:
         token_buckets = [t for t in token_buckets if t < sched.max_num_batched_tokens]

@@ -4,6 +4,7 @@
 The start-up log says what was loaded, the dtype, the KV pool in pages and tokens,
 and the buckets compiled.
 """
+
 from __future__ import annotations
 
 import logging
@@ -50,6 +51,7 @@ class EngineParts:
 @dataclass(frozen=True)
 class _Configs:
     """What the configuration step resolves before anything is loaded."""
+
     model_config: ModelConfig
     scheduler_config: SchedulerConfig
     compilation_config: CompilationConfig
@@ -72,17 +74,32 @@ def build_engine_parts(args: EngineArgs) -> EngineParts:
     configs = create_configs(args)
     tokenizer, generation_config = load_tokenizer(args, configs)
     model, params = load_model(args, configs)
-    logger.info("Loaded %s (%s, %.1fM parameters) in %s in %.1f s; attention backend %s.",
-                configs.model_config.model, ",".join(getattr(configs.hf_config, "architectures", []) or []),
-                sum(x.size for x in jax.tree.leaves(params)) / 1e6, configs.model_config.dtype,
-                time.perf_counter() - t0, configs.backend.value)
+    logger.info(
+        "Loaded %s (%s, %.1fM parameters) in %s in %.1f s; attention backend %s.",
+        configs.model_config.model,
+        ",".join(getattr(configs.hf_config, "architectures", []) or []),
+        sum(x.size for x in jax.tree.leaves(params)) / 1e6,
+        configs.model_config.dtype,
+        time.perf_counter() - t0,
+        configs.backend.value,
+    )
     cache_config = plan_kv_cache(args, configs)
     runner = create_runner(configs, cache_config, model, params)
     if not configs.compilation_config.enforce_eager:
         warm_up(runner, configs)
     eos = _eos_token_id(configs.hf_config, tokenizer, generation_config)
-    return EngineParts(configs.model_config, configs.scheduler_config, cache_config, configs.compilation_config,
-                       configs.hf_config, configs.spec, tokenizer, generation_config, eos, runner)
+    return EngineParts(
+        configs.model_config,
+        configs.scheduler_config,
+        cache_config,
+        configs.compilation_config,
+        configs.hf_config,
+        configs.spec,
+        tokenizer,
+        generation_config,
+        eos,
+        runner,
+    )
 
 
 def create_configs(args: EngineArgs) -> _Configs:
@@ -91,21 +108,34 @@ def create_configs(args: EngineArgs) -> _Configs:
     from jllm.transformers_utils.config import get_config
 
     if args.trust_remote_code:
-        logger.warning("trust_remote_code=True: jllm never runs code from a model repository; "
-                       "only built-in architectures load.")
+        logger.warning(
+            "trust_remote_code=True: jllm never runs code from a model repository; only built-in architectures load."
+        )
     model_path = resolve_model_source(args.model, args.revision)
-    hf_config = get_config(model_path, hf_overrides=args.hf_overrides, revision=args.revision,
-                           trust_remote_code=args.trust_remote_code)
+    hf_config = get_config(
+        model_path, hf_overrides=args.hf_overrides, revision=args.revision, trust_remote_code=args.trust_remote_code
+    )
     model_cls, spec = resolve_model(hf_config)
     dtype = resolve_dtype(args.dtype, hf_config, model_path.endswith(".gguf"))
     max_model_len = resolve_max_model_len(args.max_model_len, hf_config)
-    backend = (AttentionBackend(args.attention_backend) if args.attention_backend
-               else default_attention_backend(jax.default_backend()))
+    backend = (
+        AttentionBackend(args.attention_backend)
+        if args.attention_backend
+        else default_attention_backend(jax.default_backend())
+    )
     model_config = ModelConfig(
-        model=model_path, tokenizer=args.tokenizer or model_path, tokenizer_mode=args.tokenizer_mode,
-        skip_tokenizer_init=args.skip_tokenizer_init, dtype=dtype, max_model_len=max_model_len,
-        seed=args.seed, load_format=args.load_format, max_logprobs=args.max_logprobs,
-        generation_config=args.generation_config, attention_backend=backend.value, revision=args.revision,
+        model=model_path,
+        tokenizer=args.tokenizer or model_path,
+        tokenizer_mode=args.tokenizer_mode,
+        skip_tokenizer_init=args.skip_tokenizer_init,
+        dtype=dtype,
+        max_model_len=max_model_len,
+        seed=args.seed,
+        load_format=args.load_format,
+        max_logprobs=args.max_logprobs,
+        generation_config=args.generation_config,
+        attention_backend=backend.value,
+        revision=args.revision,
         served_model_name=args.served_model_name or args.model,
     )
     scheduler_config = scheduler_config_from(args, max_model_len)
@@ -122,8 +152,12 @@ def load_tokenizer(args: EngineArgs, configs: _Configs) -> tuple[object | None, 
     model_config = configs.model_config
     tokenizer = None
     if not args.skip_tokenizer_init:
-        tokenizer = get_tokenizer(model_config.tokenizer, tokenizer_mode=args.tokenizer_mode,
-                                  trust_remote_code=args.trust_remote_code, revision=args.revision)
+        tokenizer = get_tokenizer(
+            model_config.tokenizer,
+            tokenizer_mode=args.tokenizer_mode,
+            trust_remote_code=args.trust_remote_code,
+            revision=args.revision,
+        )
     generation_config = None
     if args.generation_config != "vllm":
         source = model_config.model if args.generation_config == "auto" else args.generation_config
@@ -136,8 +170,9 @@ def load_model(args: EngineArgs, configs: _Configs):
     from jllm.models.model_loader import load_checkpoint
 
     model = configs.model_cls(configs.spec, configs.dtype, configs.backend)
-    params = load_checkpoint(model, configs.spec, configs.hf_config, configs.model_config.model,
-                             args.load_format, configs.dtype, args.seed)
+    params = load_checkpoint(
+        model, configs.spec, configs.hf_config, configs.model_config.model, args.load_format, configs.dtype, args.seed
+    )
     return model, params
 
 
@@ -147,31 +182,50 @@ def plan_kv_cache(args: EngineArgs, configs: _Configs) -> CacheConfig:
     max_model_len = configs.model_config.max_model_len
     # Where lone prompt chunks run cuDNN, one over a cached prefix gathers the page table's
     # whole width of K/V (prefix_prefill_attention).
-    prefix_gather_tokens = (-(-max_model_len // block_size) * block_size
-                            if configs.fresh_prefill_min_tokens is not None else 0)
+    prefix_gather_tokens = (
+        -(-max_model_len // block_size) * block_size if configs.fresh_prefill_min_tokens is not None else 0
+    )
     num_blocks = determine_num_blocks(
-        configs.spec, block_size=block_size, dtype=configs.dtype, max_model_len=max_model_len,
-        gpu_memory_utilization=args.gpu_memory_utilization, kv_cache_memory_bytes=args.kv_cache_memory_bytes,
+        configs.spec,
+        block_size=block_size,
+        dtype=configs.dtype,
+        max_model_len=max_model_len,
+        gpu_memory_utilization=args.gpu_memory_utilization,
+        kv_cache_memory_bytes=args.kv_cache_memory_bytes,
         num_gpu_blocks_override=args.num_gpu_blocks_override,
         activation_bytes=activation_bytes(configs.spec, configs.scheduler_config, configs.dtype, prefix_gather_tokens),
     )
-    return CacheConfig(block_size=block_size, num_gpu_blocks=num_blocks,
-                       enable_prefix_caching=args.enable_prefix_caching,
-                       prefix_caching_hash_algo=args.prefix_caching_hash_algo)
+    return CacheConfig(
+        block_size=block_size,
+        num_gpu_blocks=num_blocks,
+        enable_prefix_caching=args.enable_prefix_caching,
+        prefix_caching_hash_algo=args.prefix_caching_hash_algo,
+    )
 
 
 def create_runner(configs: _Configs, cache_config: CacheConfig, model, params) -> ModelRunner:
     """Step 4: the KV pool allocated and the runner around it, with its page buckets."""
     spec, block_size = configs.spec, cache_config.block_size
-    kv_caches = allocate_kv_caches(spec, cache_config.num_gpu_blocks, block_size, configs.dtype,
-                                   configs.scheduler_config.max_num_seqs)
-    logger.info("KV cache: %d pages of %d tokens (%d tokens, %.2f GiB).", cache_config.num_gpu_blocks, block_size,
-                cache_config.num_gpu_blocks * block_size,
-                sum(c.k.nbytes + c.v.nbytes for c in kv_caches) / (1 << 30))
+    kv_caches = allocate_kv_caches(
+        spec, cache_config.num_gpu_blocks, block_size, configs.dtype, configs.scheduler_config.max_num_seqs
+    )
+    logger.info(
+        "KV cache: %d pages of %d tokens (%d tokens, %.2f GiB).",
+        cache_config.num_gpu_blocks,
+        block_size,
+        cache_config.num_gpu_blocks * block_size,
+        sum(c.k.nbytes + c.v.nbytes for c in kv_caches) / (1 << 30),
+    )
     return ModelRunner(
-        model=model, params=params, spec=spec, kv_caches=kv_caches, block_size=block_size,
-        max_model_len=configs.model_config.max_model_len, max_logprobs=max(configs.model_config.max_logprobs, 0),
-        hf_config=configs.hf_config, token_buckets=configs.compilation_config.token_buckets,
+        model=model,
+        params=params,
+        spec=spec,
+        kv_caches=kv_caches,
+        block_size=block_size,
+        max_model_len=configs.model_config.max_model_len,
+        max_logprobs=max(configs.model_config.max_logprobs, 0),
+        hf_config=configs.hf_config,
+        token_buckets=configs.compilation_config.token_buckets,
         page_buckets=_page_buckets(configs.backend, -(-configs.model_config.max_model_len // block_size)),
         max_num_seqs=configs.scheduler_config.max_num_seqs,
         decode_kernel=configs.backend == AttentionBackend.PALLAS,
@@ -191,15 +245,22 @@ def warm_up(runner: ModelRunner, configs: _Configs) -> None:
     """Step 5: every step program a request can need, compiled before the first one."""
     compilation_config = configs.compilation_config
     page_buckets = runner.builder.page_buckets
-    capture_pages = pick_bucket(page_buckets, -(-min(compilation_config.max_seq_len_to_capture,
-                                                      configs.model_config.max_model_len) // runner.block_size))
+    capture_pages = pick_bucket(
+        page_buckets,
+        -(-min(compilation_config.max_seq_len_to_capture, configs.model_config.max_model_len) // runner.block_size),
+    )
     shapes = [(t, p) for t in compilation_config.token_buckets for p in page_buckets if p <= capture_pages]
     seconds = runner.warmup(shapes)
-    logger.info("Compiled %d step programs (token buckets %s, decode-only %s, fresh- and prefix-prefill %s, "
-                "page buckets %s) in %.1f s.",
-                runner.num_compiled_steps, list(compilation_config.token_buckets),
-                list(runner.planner.decode_token_buckets()), list(runner.planner.fresh_prefill_token_buckets()),
-                [p for p in page_buckets if p <= capture_pages], seconds)
+    logger.info(
+        "Compiled %d step programs (token buckets %s, decode-only %s, fresh- and prefix-prefill %s, "
+        "page buckets %s) in %.1f s.",
+        runner.num_compiled_steps,
+        list(compilation_config.token_buckets),
+        list(runner.planner.decode_token_buckets()),
+        list(runner.planner.fresh_prefill_token_buckets()),
+        [p for p in page_buckets if p <= capture_pages],
+        seconds,
+    )
 
 
 def _eos_token_id(hf_config, tokenizer, generation_config) -> int | None:

@@ -1,4 +1,5 @@
 """LLMEngine: requests in, one scheduled and jitted model step at a time, outputs out."""
+
 from __future__ import annotations
 
 import logging
@@ -47,8 +48,9 @@ class LLMEngine:
 
     # ----- requests -------------------------------------------------------------------
 
-    def add_request(self, request_id: str, prompt, params: SamplingParams | None = None,
-                    arrival_time: float | None = None) -> None:
+    def add_request(
+        self, request_id: str, prompt, params: SamplingParams | None = None, arrival_time: float | None = None
+    ) -> None:
         if request_id in self._states:
             raise ValueError(f"Request id {request_id} already running.")
         params = (params or SamplingParams()).clone()
@@ -63,23 +65,40 @@ class LLMEngine:
         bad_words = bad_words_token_ids(params, self.tokenizer, self.vocab_size)
         arrival = arrival_time if arrival_time is not None else time.time()
         base_seed = params.seed if params.seed is not None else self._rng.getrandbits(64)
-        state = RequestState(request_id, prompt_text, prompt_ids, params, [], self.tokenizer,
-                             prompt_logprobs=[None] * len(prompt_ids) if params.prompt_logprobs is not None else None,
-                             arrival_time=arrival)
+        state = RequestState(
+            request_id,
+            prompt_text,
+            prompt_ids,
+            params,
+            [],
+            self.tokenizer,
+            prompt_logprobs=[None] * len(prompt_ids) if params.prompt_logprobs is not None else None,
+            arrival_time=arrival,
+        )
         for index in range(params.n):
             sample_id = request_id if params.n == 1 else f"{index}_{request_id}"
             seed = (base_seed + index * _SAMPLE_SEED_STRIDE) & _SEED_MASK
             req = Request(
-                request_id=sample_id, prompt_token_ids=list(prompt_ids), sampling_params=params,
-                arrival_time=arrival, index=index, parent_id=request_id, cache_salt=cache_salt,
-                eos_token_id=eos_token_id, max_tokens=max_tokens, seed=seed,
+                request_id=sample_id,
+                prompt_token_ids=list(prompt_ids),
+                sampling_params=params,
+                arrival_time=arrival,
+                index=index,
+                parent_id=request_id,
+                cache_salt=cache_salt,
+                eos_token_id=eos_token_id,
+                max_tokens=max_tokens,
+                seed=seed,
                 sampling_settings=sampling_settings(params, seed, bad_words, with_prompt_logprobs=index == 0),
             )
-            state.samples.append(SampleState(
-                req, IncrementalDetokenizer(self.tokenizer, prompt_ids, params),
-                [] if params.logprobs is not None else None,
-                0.0 if params.logprobs is not None else None,
-            ))
+            state.samples.append(
+                SampleState(
+                    req,
+                    IncrementalDetokenizer(self.tokenizer, prompt_ids, params),
+                    [] if params.logprobs is not None else None,
+                    0.0 if params.logprobs is not None else None,
+                )
+            )
         # Registered only once all of it is built: a request that fails above leaves nothing.
         self._states[request_id] = state
         for sample in state.samples:
@@ -123,8 +142,9 @@ class LLMEngine:
                 raise  # the step consumed the KV cache: no request can go on
             # Raised before the device ran (the cache is intact), so one of this step's
             # requests may be the cause and no other has lost anything: those fail.
-            logger.exception("A model step failed; its %d requests fail, the engine goes on.",
-                             len(sched.num_scheduled_tokens))
+            logger.exception(
+                "A model step failed; its %d requests fail, the engine goes on.", len(sched.num_scheduled_tokens)
+            )
             for sample_id in sched.num_scheduled_tokens:
                 self._fail(sample_id, e, failed)
             return self._make_outputs(list(failed.values()))
@@ -151,8 +171,9 @@ class LLMEngine:
         self.scheduler.finish_requests([s.request.request_id for s in state.samples], RequestStatus.FINISHED_ERROR)
         failed[state.request_id] = state
 
-    def _process_sampled(self, updated: list[Request], result: ModelRunnerOutput, now: float,
-                         failed: dict[str, RequestState]) -> dict[str, RequestState]:
+    def _process_sampled(
+        self, updated: list[Request], result: ModelRunnerOutput, now: float, failed: dict[str, RequestState]
+    ) -> dict[str, RequestState]:
         """Per new token: timestamps, logprobs, stop checks and text; ends the requests
         that stopped. Returns the user requests touched, by id."""
         touched: dict[str, RequestState] = {}
@@ -170,8 +191,14 @@ class LLMEngine:
             try:
                 if sample.logprobs is not None:
                     i = result.req_id_to_index[req.request_id]
-                    state.add_sampled_logprobs(sample, token, result.sampled_logprobs[i], result.sampled_ranks[i],
-                                               result.topk_token_ids[i], result.topk_logprobs[i])
+                    state.add_sampled_logprobs(
+                        sample,
+                        token,
+                        result.sampled_logprobs[i],
+                        result.sampled_ranks[i],
+                        result.topk_token_ids[i],
+                        result.topk_logprobs[i],
+                    )
                 stopped = check_stop(req, max_model_len)
                 stop_str = sample.detokenizer.update(
                     [token], stopped and req.status == RequestStatus.FINISHED_STOPPED, past_min_tokens(req)
@@ -217,7 +244,8 @@ class LLMEngine:
                 continue
             positions = range(lp.first_position, lp.first_position + len(lp.target_logprobs))
             try:
-                entry[0].add_prompt_logprobs(positions, lp.target_logprobs, lp.target_ranks, lp.topk_token_ids,
-                                             lp.topk_logprobs)
+                entry[0].add_prompt_logprobs(
+                    positions, lp.target_logprobs, lp.target_ranks, lp.topk_token_ids, lp.topk_logprobs
+                )
             except Exception as e:  # noqa: BLE001 - this request's fault alone
                 self._fail(sample_id, e, failed)

@@ -3,6 +3,7 @@
 One `RequestState` per user request holds the detokenizer and logprobs of each of its
 n samples; the engine feeds it the runner's rows and asks it for outputs.
 """
+
 from __future__ import annotations
 
 import time
@@ -83,8 +84,9 @@ class RequestState:
                 return False
         return True
 
-    def add_sampled_logprobs(self, sample: SampleState, token_id: int, token_lp: float, rank: int,
-                             top_ids: np.ndarray, top_lps: np.ndarray) -> None:
+    def add_sampled_logprobs(
+        self, sample: SampleState, token_id: int, token_lp: float, rank: int, top_ids: np.ndarray, top_lps: np.ndarray
+    ) -> None:
         k = self.params.logprobs
         if k == -1:
             k = len(top_ids)
@@ -108,7 +110,8 @@ class RequestState:
             k = top_ids.shape[1]
         for row, pos in enumerate(positions):
             self.prompt_logprobs[pos] = self._position_logprobs(
-                self.prompt_token_ids[pos], target_lps[row], target_ranks[row], top_ids[row, :k], top_lps[row, :k])
+                self.prompt_token_ids[pos], target_lps[row], target_ranks[row], top_ids[row, :k], top_lps[row, :k]
+            )
 
     def _decode(self, ids: list[int]) -> list[str | None]:
         if self.tokenizer is None or not self.params.detokenize:
@@ -124,15 +127,32 @@ class RequestState:
             return None
         outputs = [self._completion(sample, self.delta) for sample in self.samples]
         num_cached_tokens = max(self.samples[0].request.num_cached_tokens, 0)
-        return RequestOutput(self.request_id, self.prompt, self.prompt_token_ids, self.prompt_logprobs,
-                             outputs, finished, self._metrics(finished), num_cached_tokens)
+        return RequestOutput(
+            self.request_id,
+            self.prompt,
+            self.prompt_token_ids,
+            self.prompt_logprobs,
+            outputs,
+            finished,
+            self._metrics(finished),
+            num_cached_tokens,
+        )
 
     def make_error_output(self) -> RequestOutput:
         """The final output of a failed request: nothing of its processing is trusted
         (the detokenizer may be what failed), so its completions are empty."""
         outputs = [CompletionOutput(s.request.index, "", [], None, None, "error") for s in self.samples]
-        return RequestOutput(self.request_id, self.prompt, self.prompt_token_ids, None, outputs, True,
-                             self._metrics(True), max(self.samples[0].request.num_cached_tokens, 0), self.error)
+        return RequestOutput(
+            self.request_id,
+            self.prompt,
+            self.prompt_token_ids,
+            None,
+            outputs,
+            True,
+            self._metrics(True),
+            max(self.samples[0].request.num_cached_tokens, 0),
+            self.error,
+        )
 
     @staticmethod
     def _completion(sample: SampleState, delta: bool) -> CompletionOutput:
@@ -141,9 +161,9 @@ class RequestState:
         text = sample.detokenizer.get_next_output_text(done, delta)
         logprobs = sample.logprobs
         if delta:
-            token_ids = req.output_token_ids[sample.sent_tokens:]
+            token_ids = req.output_token_ids[sample.sent_tokens :]
             if logprobs is not None:
-                logprobs = logprobs[sample.sent_logprobs:]
+                logprobs = logprobs[sample.sent_logprobs :]
         else:
             token_ids = list(req.output_token_ids)
             if logprobs is not None:
@@ -151,18 +171,31 @@ class RequestState:
         sample.sent_tokens = len(req.output_token_ids)
         sample.sent_logprobs = len(sample.logprobs) if sample.logprobs is not None else 0
         if done:
-            return CompletionOutput(req.index, text, token_ids, sample.cumulative_logprob, logprobs,
-                                    req.get_finish_reason(), req.stop_reason)
+            return CompletionOutput(
+                req.index,
+                text,
+                token_ids,
+                sample.cumulative_logprob,
+                logprobs,
+                req.get_finish_reason(),
+                req.stop_reason,
+            )
         return CompletionOutput(req.index, text, token_ids, sample.cumulative_logprob, logprobs)
 
     def _metrics(self, finished: bool) -> RequestMetrics:
         first = self.samples[0].request
         if len(self.samples) == 1:
-            return RequestMetrics(self.arrival_time, first.first_scheduled_time, first.first_token_time or None,
-                                  first.last_token_time or None, (first.finished_time or 0.0) if finished else None)
+            return RequestMetrics(
+                self.arrival_time,
+                first.first_scheduled_time,
+                first.first_token_time or None,
+                first.last_token_time or None,
+                (first.finished_time or 0.0) if finished else None,
+            )
         requests = [s.request for s in self.samples]
         return RequestMetrics(
-            self.arrival_time, first.first_scheduled_time,
+            self.arrival_time,
+            first.first_scheduled_time,
             min((r.first_token_time for r in requests if r.first_token_time), default=None),
             max((r.last_token_time for r in requests if r.last_token_time), default=None),
             max(r.finished_time or 0.0 for r in requests) if finished else None,

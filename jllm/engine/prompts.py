@@ -2,6 +2,7 @@
 
 Every rejection happens here, before anything runs, with vLLM's messages.
 """
+
 from __future__ import annotations
 
 from jllm.sampling_params import SamplingParams
@@ -27,8 +28,10 @@ def process_prompt(prompt, params: SamplingParams, tokenizer, max_model_len: int
     elif isinstance(prompt, (list, tuple)) and all(isinstance(t, int) for t in prompt):
         token_ids = list(prompt)
     else:
-        raise TypeError(f"Unsupported prompt type {type(prompt).__name__}: pass a str, a list of token ids, "
-                        "a TextPrompt or a TokensPrompt.")
+        raise TypeError(
+            f"Unsupported prompt type {type(prompt).__name__}: pass a str, a list of token ids, "
+            "a TextPrompt or a TokensPrompt."
+        )
     if not all(isinstance(t, int) and not isinstance(t, bool) for t in token_ids):
         raise ValueError("prompt_token_ids must be a list of integers.")
     truncate = params.truncate_prompt_tokens

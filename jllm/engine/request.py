@@ -3,6 +3,7 @@
 A request with `n > 1` becomes n `Request`s (one per sample) that share a
 `parent_id`; the scheduler and block manager only ever see `Request`s.
 """
+
 from __future__ import annotations
 
 import enum

@@ -6,6 +6,7 @@ latencies, finished requests). `RequestStatsTracker` turns the stream of DELTA o
 into those numbers; stat loggers (the Prometheus one in the server, the periodic log
 line here) only read them.
 """
+
 from __future__ import annotations
 
 import logging
@@ -97,8 +98,9 @@ class RequestStatsTracker:
             new_tokens = 0
             for completion in output.outputs:
                 new_tokens += len(completion.token_ids)
-                times.sample_tokens[completion.index] = (times.sample_tokens.get(completion.index, 0)
-                                                         + len(completion.token_ids))
+                times.sample_tokens[completion.index] = times.sample_tokens.get(completion.index, 0) + len(
+                    completion.token_ids
+                )
             if new_tokens:
                 if times.last_token_time is None:
                     times.num_prompt_tokens = len(output.prompt_token_ids or ())
@@ -120,8 +122,7 @@ class RequestStatsTracker:
             return None
         return self._finish(request_id, "abort", now, None)
 
-    def _finish(self, request_id: str, reason: str, now: float,
-                output: RequestOutput | None) -> FinishedRequestStats:
+    def _finish(self, request_id: str, reason: str, now: float, output: RequestOutput | None) -> FinishedRequestStats:
         times = self._requests.pop(request_id)
         scheduled = output.metrics.first_scheduled_time if output is not None and output.metrics else None
         first, last = times.first_token_time, times.last_token_time
@@ -172,9 +173,12 @@ class LoggingStatLogger:
         logger.info(
             "Avg prompt throughput: %.1f tokens/s, Avg generation throughput: %.1f tokens/s, "
             "Running: %d reqs, Waiting: %d reqs, GPU KV cache usage: %.1f%%, Prefix cache hit rate: %.1f%%",
-            self._prompt_tokens / elapsed, self._generation_tokens / elapsed,
-            scheduler_stats.num_running_reqs, scheduler_stats.num_waiting_reqs,
-            100 * scheduler_stats.kv_cache_usage, 100 * hits / queries if queries else 0.0,
+            self._prompt_tokens / elapsed,
+            self._generation_tokens / elapsed,
+            scheduler_stats.num_running_reqs,
+            scheduler_stats.num_waiting_reqs,
+            100 * scheduler_stats.kv_cache_usage,
+            100 * hits / queries if queries else 0.0,
         )
         self._last_log = now
         self._prompt_tokens = self._generation_tokens = 0

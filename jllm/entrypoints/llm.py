@@ -1,4 +1,5 @@
 """`LLM`: vLLM's offline entry point, generating for batches of prompts on jllm's engine."""
+
 from __future__ import annotations
 
 import itertools
@@ -14,6 +15,7 @@ from jllm.sampling_params import RequestOutputKind, SamplingParams
 from jllm.transformers_utils.config import get_diff_sampling_param
 
 logger = logging.getLogger(__name__)
+
 
 class LLM:
     """An offline engine: `LLM(model, **engine_args).generate(prompts, sampling_params)`.
@@ -37,8 +39,12 @@ class LLM:
 
     # ----- generate ---------------------------------------------------------------
 
-    def generate(self, prompts, sampling_params: SamplingParams | Sequence[SamplingParams] | None = None,
-                 use_tqdm: bool | Callable[..., tqdm] = True) -> list[RequestOutput]:
+    def generate(
+        self,
+        prompts,
+        sampling_params: SamplingParams | Sequence[SamplingParams] | None = None,
+        use_tqdm: bool | Callable[..., tqdm] = True,
+    ) -> list[RequestOutput]:
         prompts = self._as_prompt_list(prompts)
         if sampling_params is None:
             sampling_params = self.get_default_sampling_params()
@@ -81,8 +87,12 @@ class LLM:
         bar = None
         if use_tqdm:
             make_bar = use_tqdm if callable(use_tqdm) else tqdm
-            bar = make_bar(total=len(request_ids), desc="Processed prompts", dynamic_ncols=True,
-                           postfix="est. speed input: 0.00 toks/s, output: 0.00 toks/s")
+            bar = make_bar(
+                total=len(request_ids),
+                desc="Processed prompts",
+                dynamic_ncols=True,
+                postfix="est. speed input: 0.00 toks/s, output: 0.00 toks/s",
+            )
         finished: dict[str, RequestOutput] = {}
         prompt_tokens = output_tokens = 0
         try:
@@ -97,8 +107,10 @@ class LLM:
                         prompt_tokens += len(output.prompt_token_ids or ())
                         output_tokens += sum(len(o.token_ids) for o in output.outputs)
                         elapsed = bar.format_dict["elapsed"] or 1e-9
-                        bar.postfix = (f"est. speed input: {prompt_tokens / elapsed:.2f} toks/s, "
-                                       f"output: {output_tokens / elapsed:.2f} toks/s")
+                        bar.postfix = (
+                            f"est. speed input: {prompt_tokens / elapsed:.2f} toks/s, "
+                            f"output: {output_tokens / elapsed:.2f} toks/s"
+                        )
                         bar.update(1)
         except BaseException:
             engine.abort_request([r for r in request_ids if r not in finished])
@@ -110,9 +122,16 @@ class LLM:
 
     # ----- chat -------------------------------------------------------------------
 
-    def chat(self, messages, sampling_params=None, use_tqdm=True, chat_template: str | None = None,
-             add_generation_prompt: bool = True, continue_final_message: bool = False,
-             chat_template_kwargs: dict | None = None) -> list[RequestOutput]:
+    def chat(
+        self,
+        messages,
+        sampling_params=None,
+        use_tqdm=True,
+        chat_template: str | None = None,
+        add_generation_prompt: bool = True,
+        continue_final_message: bool = False,
+        chat_template_kwargs: dict | None = None,
+    ) -> list[RequestOutput]:
         """Generate replies to one conversation (a list of messages) or a list of them."""
         tokenizer = self.get_tokenizer()
         if tokenizer is None:
@@ -123,8 +142,11 @@ class LLM:
         prompts = []
         for conversation in conversations:
             text = tokenizer.apply_chat_template(
-                conversation, chat_template=chat_template, tokenize=False,
-                add_generation_prompt=add_generation_prompt, continue_final_message=continue_final_message,
+                conversation,
+                chat_template=chat_template,
+                tokenize=False,
+                add_generation_prompt=add_generation_prompt,
+                continue_final_message=continue_final_message,
                 **(chat_template_kwargs or {}),
             )
             # The template already holds any BOS the model wants.

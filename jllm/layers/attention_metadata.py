@@ -5,6 +5,7 @@ scheduled sequence back to back (prefill chunks and single decode tokens alike),
 padding. Sequences lie on a second axis (S, a bucket size), padded with rows of
 query length 0. The same metadata serves prefill, decode and mixed batches.
 """
+
 from __future__ import annotations
 
 import dataclasses

@@ -1,4 +1,5 @@
 """RMSNorm as HF computes it: normalise in float32, cast back, then scale."""
+
 from __future__ import annotations
 
 import flax.linen as nn

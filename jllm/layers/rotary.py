@@ -5,6 +5,7 @@ max_model_len and gathered by position inside the jitted step, as vLLM's
 `cos_sin_cache` does; inverse frequencies follow transformers' float32 arithmetic
 so that float32 outputs match HF token for token.
 """
+
 from __future__ import annotations
 
 import math
@@ -38,15 +39,15 @@ def compute_inv_freq(head_dim: int, params: dict, max_position_embeddings: int) 
         high_freq_wavelen = old_context_len / high_freq_factor
         wavelen = (2 * math.pi / inv_freq).astype(np.float32)
         scaled = np.where(wavelen > low_freq_wavelen, inv_freq / factor, inv_freq).astype(np.float32)
-        smooth = ((old_context_len / wavelen - low_freq_factor) / (high_freq_factor - low_freq_factor)).astype(np.float32)
+        smooth = ((old_context_len / wavelen - low_freq_factor) / (high_freq_factor - low_freq_factor)).astype(
+            np.float32
+        )
         smoothed = ((1 - smooth) * scaled / factor + smooth * scaled).astype(np.float32)
         is_medium = ~(wavelen < high_freq_wavelen) & ~(wavelen > low_freq_wavelen)
         return np.where(is_medium, smoothed, scaled).astype(np.float32)
     if rope_type == "linear":
         return (inv_freq / np.float32(params["factor"])).astype(np.float32)
-    raise ValueError(
-        f"rope_type {rope_type!r} is not supported; supported: 'default', 'linear', 'llama3'."
-    )
+    raise ValueError(f"rope_type {rope_type!r} is not supported; supported: 'default', 'linear', 'llama3'.")
 
 
 def cos_sin_cache(head_dim: int, params: dict, max_position_embeddings: int, num_positions: int) -> np.ndarray:

@@ -10,6 +10,7 @@
 Optional parts have width 0 when no request in the batch uses them, which keeps
 the common step free of their cost; widths come from buckets (model_runner).
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -148,8 +149,7 @@ def sample(logits: jax.Array, md: SamplingMetadata, *, num_logprobs: int) -> Sam
         # XLA:CPU sorts a 49k vocabulary in ~25 ms a row, so the sort runs only when
         # some row filters (the filter leaves rows with top_k 0, top_p 1 unchanged).
         uses_top_k_top_p = jnp.any((md.top_k > 0) | (md.top_p < 1.0))
-        scaled = jax.lax.cond(uses_top_k_top_p, lambda x: apply_top_k_top_p(x, md.top_k, md.top_p),
-                              lambda x: x, scaled)
+        scaled = jax.lax.cond(uses_top_k_top_p, lambda x: apply_top_k_top_p(x, md.top_k, md.top_p), lambda x: x, scaled)
         gumbel = jax.vmap(lambda k: jax.random.gumbel(k, (logits.shape[-1],), jnp.float32))(_row_keys(md))
         random = jnp.argmax(scaled + gumbel, axis=-1).astype(jnp.int32)
         return jnp.where(is_greedy, greedy, random)

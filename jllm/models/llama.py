@@ -7,6 +7,7 @@ the caches go in and come out so the jitted step can donate them. Layers are
 unrolled in Python over per-layer weights (GPU.md: `lax.scan` over stacked weights
 doubled the decode step on the H100).
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -79,7 +80,13 @@ class Attention(nn.Module):
         q = apply_rotary(q, cos_sin)
         k = apply_rotary(k, cos_sin)
         out, cache = paged_attention(
-            q, k, v, cache, md, scale=H**-0.5, backend=self.backend,
+            q,
+            k,
+            v,
+            cache,
+            md,
+            scale=H**-0.5,
+            backend=self.backend,
             sliding_window=s.sliding_window,
         )
         o = jnp.einsum("TNH,NHD->TD", out, _dense(self, "o_proj", (N, H, D), self.dtype))
@@ -101,8 +108,9 @@ class MLP(nn.Module):
         if s.mlp_bias:
             gate = gate + self.param("gate_bias", nn.initializers.zeros, (F,), self.dtype)
             up = up + self.param("up_bias", nn.initializers.zeros, (F,), self.dtype)
-        out = jnp.einsum("TF,FD->TD", _activation(s.hidden_act)(gate) * up,
-                         _dense(self, "down_proj", (F, D), self.dtype))
+        out = jnp.einsum(
+            "TF,FD->TD", _activation(s.hidden_act)(gate) * up, _dense(self, "down_proj", (F, D), self.dtype)
+        )
         if s.mlp_bias:
             out = out + self.param("down_bias", nn.initializers.zeros, (D,), self.dtype)
         return out

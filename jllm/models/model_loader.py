@@ -1,5 +1,6 @@
 """From a model argument to device parameters: resolve the source, read the
 checkpoint (GGUF, safetensors) or draw dummy weights, and place them on the device."""
+
 from __future__ import annotations
 
 import jax
@@ -27,7 +28,9 @@ def param_shapes(model, spec) -> dict:
     cache = jax.eval_shape(lambda: allocate_kv_cache(spec.num_key_value_heads, 1, 1, spec.head_dim, 1, model.dtype))
     caches = [cache] * spec.num_hidden_layers
     i32 = jax.ShapeDtypeStruct((t,), jnp.int32)
-    md = AttentionMetadata(i32, i32, jax.ShapeDtypeStruct((1, 1), jnp.int32), i32, jax.ShapeDtypeStruct((2,), jnp.int32))
+    md = AttentionMetadata(
+        i32, i32, jax.ShapeDtypeStruct((1, 1), jnp.int32), i32, jax.ShapeDtypeStruct((2,), jnp.int32)
+    )
     cos_sin = jax.ShapeDtypeStruct((t, spec.head_dim), jnp.float32)
     return jax.eval_shape(lambda *args: model.init(jax.random.PRNGKey(0), *args), caches, i32, cos_sin, md)
 

@@ -1,4 +1,5 @@
 """Which model class serves which HF `architectures` entry, and its DecoderSpec."""
+
 from __future__ import annotations
 
 from jllm.models.llama import DecoderSpec, LlamaForCausalLM
@@ -6,8 +7,9 @@ from jllm.models.llama import DecoderSpec, LlamaForCausalLM
 
 def _llama_spec(cfg) -> DecoderSpec:
     attention_bias = bool(getattr(cfg, "attention_bias", False))
-    return _base_spec(cfg, qkv_bias=attention_bias, o_bias=attention_bias,
-                      mlp_bias=bool(getattr(cfg, "mlp_bias", False)))
+    return _base_spec(
+        cfg, qkv_bias=attention_bias, o_bias=attention_bias, mlp_bias=bool(getattr(cfg, "mlp_bias", False))
+    )
 
 
 def _mistral_spec(cfg) -> DecoderSpec:

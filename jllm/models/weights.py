@@ -4,6 +4,7 @@ HF stores linear weights as [out, in]; jllm's einsum kernels are [in, heads, hea
 (projections into heads) or [heads, head_dim, out] (o_proj), so each tensor is
 transposed and reshaped once at load time, never in the step.
 """
+
 from __future__ import annotations
 
 import jax
@@ -18,7 +19,7 @@ def _layer_map(spec: DecoderSpec, i: int) -> dict[str, tuple[tuple[str, ...], ca
     pre = f"model.layers.{i}."
     at = (f"layers_{i}", "self_attn")
     mlp = (f"layers_{i}", "mlp")
-    heads_in = lambda n: (lambda w: w.T.reshape(D, n, H))  # noqa: E731
+    heads_in = lambda n: lambda w: w.T.reshape(D, n, H)  # noqa: E731
     m = {
         pre + "self_attn.q_proj.weight": (at + ("q_proj",), heads_in(N)),
         pre + "self_attn.k_proj.weight": (at + ("k_proj",), heads_in(K)),

@@ -3,6 +3,7 @@
 Everything is read from local files: AutoConfig runs with `local_files_only=True`, and model
 code shipped with a repo (`auto_map`) is never executed, whatever `trust_remote_code` says.
 """
+
 from __future__ import annotations
 
 import json

@@ -2,6 +2,7 @@
 
 Mirrors vLLM's `get_tokenizer`, minus everything that needs the network or a repo's own code.
 """
+
 from __future__ import annotations
 
 import os

@@ -7,6 +7,7 @@ chunk in a large enough bucket runs cuDNN's flash attention, alone (fresh prefil
 over its cached prefix (prefix prefill) where that pays; everything else runs the
 ragged paged kernel.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass

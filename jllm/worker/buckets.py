@@ -3,6 +3,7 @@
 Padding every batch up to the next bucket bounds the number of compiled programs
 (JAX's stand-in for vLLM's CUDA graphs) at the cost of some wasted rows.
 """
+
 from __future__ import annotations
 
 import bisect

@@ -6,6 +6,7 @@ so a step gathers rows with numpy instead of rebuilding them request by request.
 Positions, slot mapping and query offsets are derived for all rows at once and padded
 to the step's buckets; the runner packs the result into one transfer (packing.py).
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -35,6 +36,7 @@ class ModelInputs:
 @dataclasses.dataclass(frozen=True)
 class StepShape:
     """The static part of a step: its bucket sizes and which optional outputs it has."""
+
     num_tokens: int
     num_seqs: int
     num_pages: int
@@ -50,6 +52,7 @@ class PromptLogprobsSlice:
     """A request's prompt logprobs in a step: the prompt positions first_position ..
     first_position + count - 1 (a position's logprob is of the token there, given the
     ones before), at token rows start .. start + count - 1 of the step."""
+
     req_id: str
     start: int
     first_position: int
@@ -59,6 +62,7 @@ class PromptLogprobsSlice:
 @dataclasses.dataclass(frozen=True)
 class StepBatch:
     """One built step: its device inputs, and which request each row is."""
+
     shape: StepShape
     inputs: ModelInputs  # numpy
     sampling: SamplingMetadata  # numpy
@@ -83,8 +87,8 @@ def _padded(rows, width_buckets: tuple[int, ...] | None, pad: int, num_rows: int
 def _rows_then_pad(values: np.ndarray, num_rows: int, pad) -> np.ndarray:
     """values [n, ...] followed by padding rows up to num_rows."""
     out = np.empty((num_rows,) + values.shape[1:], values.dtype)
-    out[:len(values)] = values
-    out[len(values):] = pad
+    out[: len(values)] = values
+    out[len(values) :] = pad
     return out
 
 
@@ -92,8 +96,7 @@ _LIST_BUCKETS = pow2_buckets(8, 1 << 20)
 
 
 class InputBatchBuilder:
-    def __init__(self, *, planner: AttentionPlanner, page_buckets: tuple[int, ...], max_logprobs: int,
-                 vocab_size: int):
+    def __init__(self, *, planner: AttentionPlanner, page_buckets: tuple[int, ...], max_logprobs: int, vocab_size: int):
         self.planner = planner
         self.block_size = planner.block_size
         self.token_buckets = planner.token_buckets
@@ -112,8 +115,7 @@ class InputBatchBuilder:
             rows.add(new)
         cached = so.scheduled_cached_reqs
         row_of = rows.row_of
-        for req_id, resumed, new_block_ids in zip(cached.req_ids, cached.resumed_from_preemption,
-                                                  cached.new_block_ids):
+        for req_id, resumed, new_block_ids in zip(cached.req_ids, cached.resumed_from_preemption, cached.new_block_ids):
             row = row_of[req_id]
             if resumed:
                 rows.drop_blocks((req_id,))
@@ -124,7 +126,7 @@ class InputBatchBuilder:
         """Appends the tokens `batch` sampled ([rows] of that step, in order) to their rows,
         so that the next step reads them from the table."""
         samples = batch.samples
-        self.rows.record(batch.rows[samples], sampled_token_ids[:len(samples)][samples])
+        self.rows.record(batch.rows[samples], sampled_token_ids[: len(samples)][samples])
 
     def build(self, so: SchedulerOutput) -> StepBatch:
         """The step's arrays, for a message whose request changes are applied (update_states)."""
@@ -135,7 +137,8 @@ class InputBatchBuilder:
         row_idx = np.fromiter(map(table.row_of.__getitem__, req_ids), np.intp, n)
         num_scheduled = np.fromiter(map(so.num_scheduled_tokens.__getitem__, req_ids), np.int32, n)
         computed = np.fromiter(
-            (*cached.num_computed_tokens, *(new.num_computed_tokens for new in so.scheduled_new_reqs)), np.int32, n)
+            (*cached.num_computed_tokens, *(new.num_computed_tokens for new in so.scheduled_new_reqs)), np.int32, n
+        )
         ends = np.cumsum(num_scheduled, dtype=np.int32)
         starts = ends - num_scheduled
         seq_lens = computed + num_scheduled
@@ -168,9 +171,11 @@ class InputBatchBuilder:
         prompt_lp = np.where(computed < prompt_len, table.prompt_logprobs[row_idx], NO_LOGPROBS)
         wanted = np.flatnonzero(prompt_lp != NO_LOGPROBS)
         prompt_slices = tuple(
-            PromptLogprobsSlice(req_ids[i], int(starts[i]), int(computed[i]) + 1,
-                                int(min(seq_lens[i], prompt_len[i] - 1) - computed[i]))
-            for i in wanted.tolist())
+            PromptLogprobsSlice(
+                req_ids[i], int(starts[i]), int(computed[i]) + 1, int(min(seq_lens[i], prompt_len[i] - 1) - computed[i])
+            )
+            for i in wanted.tolist()
+        )
         inputs = ModelInputs(
             input_ids=_rows_then_pad(input_ids, T, 0),
             attn=attn,
@@ -180,9 +185,16 @@ class InputBatchBuilder:
         # The output position each row samples (for a sampling row, its output count).
         step = np.maximum(seq_lens - prompt_len, 0)
         sampling = self._sampling_metadata(row_idx, step, S)
-        shape = StepShape(T, S, P, self._logprobs_width(table.logprobs[row_idx]), self._logprobs_width(prompt_lp),
-                          decode_only=path.decode_only, fresh_prefill=path.fresh_prefill,
-                          prefix_prefill=path.prefix_prefill)
+        shape = StepShape(
+            T,
+            S,
+            P,
+            self._logprobs_width(table.logprobs[row_idx]),
+            self._logprobs_width(prompt_lp),
+            decode_only=path.decode_only,
+            fresh_prefill=path.fresh_prefill,
+            prefix_prefill=path.prefix_prefill,
+        )
         return StepBatch(shape, inputs, sampling, req_ids, row_idx, samples, prompt_slices)
 
     def _prompt_targets(self, slices: tuple[PromptLogprobsSlice, ...], rows: np.ndarray, T: int) -> np.ndarray:
@@ -191,7 +203,9 @@ class InputBatchBuilder:
             return np.zeros(0, np.int32)
         targets = np.full(T, -1, np.int32)
         for s, row in zip(slices, rows.tolist()):
-            targets[s.start:s.start + s.count] = self.rows.token_ids[row, s.first_position:s.first_position + s.count]
+            targets[s.start : s.start + s.count] = self.rows.token_ids[
+                row, s.first_position : s.first_position + s.count
+            ]
         return targets
 
     def _sampling_metadata(self, row_idx: np.ndarray, step: np.ndarray, S: int) -> SamplingMetadata:
@@ -216,8 +230,12 @@ class InputBatchBuilder:
         if table.may_ban:
             may_ban = table.may_ban
             # Unique ids (stop tokens and bad words may repeat), so the width stays bounded.
-            banned = _padded([sorted(set(table.banned_token_ids(r))) if r in may_ban else ()
-                              for r in (rows or row_idx.tolist())], _LIST_BUCKETS, -1, S)
+            banned = _padded(
+                [sorted(set(table.banned_token_ids(r))) if r in may_ban else () for r in (rows or row_idx.tolist())],
+                _LIST_BUCKETS,
+                -1,
+                S,
+            )
         return SamplingMetadata(
             **dict(zip(FLOAT_FIELDS, floats)),
             top_k=_rows_then_pad(table.top_k[row_idx], S, 0),

@@ -7,6 +7,7 @@ blocks comes from the memory the device has left once weights and the largest
 step's activations are accounted for (vLLM's gpu_memory_utilization rule), from
 an explicit byte budget, or from an override.
 """
+
 from __future__ import annotations
 
 import logging
@@ -45,8 +46,11 @@ def activation_bytes(spec: DecoderSpec, sched: SchedulerConfig, dtype, prefix_ga
     with `prefix_gather_tokens`, also a prefix-prefill step's gathered K/V of that many
     tokens and its three float32 [tokens, q heads, head_dim] outputs to merge."""
     itemsize = jnp.dtype(dtype).itemsize
-    per_token = (3 * spec.hidden_size + 2 * spec.intermediate_size
-                 + (spec.num_attention_heads + 2 * spec.num_key_value_heads) * spec.head_dim) * itemsize
+    per_token = (
+        3 * spec.hidden_size
+        + 2 * spec.intermediate_size
+        + (spec.num_attention_heads + 2 * spec.num_key_value_heads) * spec.head_dim
+    ) * itemsize
     logits = min(sched.max_num_seqs, sched.max_num_batched_tokens) * spec.vocab_size * 4 * 3
     prefix = 0
     if prefix_gather_tokens:
@@ -57,8 +61,15 @@ def activation_bytes(spec: DecoderSpec, sched: SchedulerConfig, dtype, prefix_ga
 
 
 def determine_num_blocks(
-    spec: DecoderSpec, *, block_size: int, dtype, max_model_len: int, gpu_memory_utilization: float,
-    kv_cache_memory_bytes: int | None, num_gpu_blocks_override: int | None, activation_bytes: int,
+    spec: DecoderSpec,
+    *,
+    block_size: int,
+    dtype,
+    max_model_len: int,
+    gpu_memory_utilization: float,
+    kv_cache_memory_bytes: int | None,
+    num_gpu_blocks_override: int | None,
+    activation_bytes: int,
 ) -> int:
     per_block = bytes_per_block(spec, block_size, dtype)
     if num_gpu_blocks_override is not None:
@@ -90,10 +101,10 @@ def determine_num_blocks(
     return int(num_blocks)
 
 
-def allocate_kv_caches(spec: DecoderSpec, num_blocks: int, block_size: int, dtype,
-                       max_num_seqs: int) -> list[KVCache]:
+def allocate_kv_caches(spec: DecoderSpec, num_blocks: int, block_size: int, dtype, max_num_seqs: int) -> list[KVCache]:
     """A zeroed KVCache per layer; its decode tickets serve steps of up to `max_num_seqs`
     sequences (4 bytes per kv head and sequence, left out of the page budget)."""
-    return [allocate_kv_cache(spec.num_key_value_heads, num_blocks, block_size, spec.head_dim,
-                              max_num_seqs, dtype)
-            for _ in range(spec.num_hidden_layers)]
+    return [
+        allocate_kv_cache(spec.num_key_value_heads, num_blocks, block_size, spec.head_dim, max_num_seqs, dtype)
+        for _ in range(spec.num_hidden_layers)
+    ]

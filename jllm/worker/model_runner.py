@@ -6,6 +6,7 @@ packed into one buffer (one host-to-device transfer), runs the jitted step (mode
 forward with the KV pool donated, logits of the rows that sample, on-device sampling)
 and brings back only the sampled tokens and any logprobs asked for.
 """
+
 from __future__ import annotations
 
 import functools
@@ -33,6 +34,7 @@ logger = logging.getLogger(__name__)
 class PromptLogprobs:
     """A request's prompt logprobs from one step: of the prompt tokens at positions
     first_position .. first_position + len - 1."""
+
     first_position: int
     target_logprobs: np.ndarray  # [len]
     target_ranks: np.ndarray
@@ -43,6 +45,7 @@ class PromptLogprobs:
 @dataclass
 class ModelRunnerOutput:
     """Host copies of one step's results (vLLM's ModelRunnerOutput)."""
+
     req_ids: list[str]  # the step's rows, in order
     req_id_to_index: dict[str, int]
     # The token each request that reached its last known token sampled.
@@ -65,6 +68,7 @@ class StepResults:
     """What a step brought to the host, by row: the sampled tokens, compute_logprobs'
     tuples for the sampled rows and the prompt (None where not asked for), and the
     requests whose logits processor raised."""
+
     sampled: np.ndarray
     logprobs: tuple | None = None
     prompt: tuple | None = None
@@ -77,8 +81,17 @@ def _forward(model, params, kv_caches, cos_sin_table, inputs: ModelInputs):
     return kv_caches, hidden
 
 
-def _step(model, params, kv_caches, cos_sin_table, packed_inputs: jax.Array, *, layout: PackedLayout,
-          num_logprobs: int, num_prompt_logprobs: int):
+def _step(
+    model,
+    params,
+    kv_caches,
+    cos_sin_table,
+    packed_inputs: jax.Array,
+    *,
+    layout: PackedLayout,
+    num_logprobs: int,
+    num_prompt_logprobs: int,
+):
     """(ModelInputs, SamplingMetadata) arrive packed in one int32 buffer (one transfer).
 
     Returns the pool, the sampled tokens, and the sampled rows' and the prompt's logprobs
@@ -114,24 +127,46 @@ def _apply_logits_processor(fn, prompt_ids: list[int], output_ids: list[int], lo
 
 
 class ModelRunner:
-    def __init__(self, *, model, params, spec, kv_caches, block_size: int, max_model_len: int,
-                 max_num_seqs: int, max_logprobs: int, hf_config, token_buckets: tuple[int, ...],
-                 page_buckets: tuple[int, ...], decode_kernel: bool = False,
-                 fresh_prefill_min_tokens: int | None = None):
+    def __init__(
+        self,
+        *,
+        model,
+        params,
+        spec,
+        kv_caches,
+        block_size: int,
+        max_model_len: int,
+        max_num_seqs: int,
+        max_logprobs: int,
+        hf_config,
+        token_buckets: tuple[int, ...],
+        page_buckets: tuple[int, ...],
+        decode_kernel: bool = False,
+        fresh_prefill_min_tokens: int | None = None,
+    ):
         self.model = model
         self.params = params
         self.spec = spec
         self.kv_caches = kv_caches
         self.block_size = block_size
         self.planner = AttentionPlanner(
-            block_size=block_size, token_buckets=token_buckets, max_num_seqs=max_num_seqs,
-            decode_kernel=decode_kernel, fresh_prefill_min_tokens=fresh_prefill_min_tokens,
-            head_dim=spec.head_dim, num_queries_per_kv=spec.num_attention_heads // spec.num_key_value_heads,
+            block_size=block_size,
+            token_buckets=token_buckets,
+            max_num_seqs=max_num_seqs,
+            decode_kernel=decode_kernel,
+            fresh_prefill_min_tokens=fresh_prefill_min_tokens,
+            head_dim=spec.head_dim,
+            num_queries_per_kv=spec.num_attention_heads // spec.num_key_value_heads,
         )
-        self.builder = InputBatchBuilder(planner=self.planner, page_buckets=page_buckets,
-                                         max_logprobs=max_logprobs, vocab_size=spec.vocab_size)
-        table = cos_sin_cache(spec.head_dim, rope_parameters(hf_config),
-                              getattr(hf_config, "max_position_embeddings", max_model_len), max_model_len)
+        self.builder = InputBatchBuilder(
+            planner=self.planner, page_buckets=page_buckets, max_logprobs=max_logprobs, vocab_size=spec.vocab_size
+        )
+        table = cos_sin_cache(
+            spec.head_dim,
+            rope_parameters(hf_config),
+            getattr(hf_config, "max_position_embeddings", max_model_len),
+            max_model_len,
+        )
         self.cos_sin_table = jnp.asarray(table)
         self._step = jax.jit(
             functools.partial(_step, model),
@@ -168,13 +203,19 @@ class ModelRunner:
         self.builder.record_sampled(batch, result.sampled)
         return self._output(batch, result)
 
-    def run_step(self, shape: StepShape, inputs: ModelInputs, sampling_md: SamplingMetadata,
-                 num_rows: int) -> StepResults:
+    def run_step(
+        self, shape: StepShape, inputs: ModelInputs, sampling_md: SamplingMetadata, num_rows: int
+    ) -> StepResults:
         """The fused jitted step on built (numpy) inputs; the results of its first num_rows rows."""
         packed, layout = pack((inputs, sampling_md))
         self.kv_caches, sampled, logprobs, prompt = self._step(
-            self.params, self.kv_caches, self.cos_sin_table, packed, layout=layout,
-            num_logprobs=shape.num_logprobs, num_prompt_logprobs=shape.num_prompt_logprobs,
+            self.params,
+            self.kv_caches,
+            self.cos_sin_table,
+            packed,
+            layout=layout,
+            num_logprobs=shape.num_logprobs,
+            num_prompt_logprobs=shape.num_prompt_logprobs,
         )
         # One device-to-host copy per array the host reads, started together.
         sampled, logprobs, prompt = jax.device_get((sampled, logprobs, prompt))
@@ -201,7 +242,7 @@ class ModelRunner:
         if shape.num_logprobs:
             logprobs = (out.topk_token_ids, out.topk_logprobs, out.sampled_logprobs, out.sampled_ranks)
         sampled, logprobs = jax.device_get((out.sampled_token_ids, logprobs))
-        return StepResults(sampled[:len(batch.req_ids)], logprobs, None, failed)
+        return StepResults(sampled[: len(batch.req_ids)], logprobs, None, failed)
 
     @staticmethod
     def _output(batch: StepBatch, results: StepResults) -> ModelRunnerOutput:
@@ -209,20 +250,22 @@ class ModelRunner:
         n = len(req_ids)
         tokens = results.sampled.tolist()
         result = ModelRunnerOutput(
-            req_ids, {req_id: i for i, req_id in enumerate(req_ids)},
-            {req_id: tokens[i] for i in np.flatnonzero(batch.samples).tolist()
-             if (req_id := req_ids[i]) not in failed},
+            req_ids,
+            {req_id: i for i, req_id in enumerate(req_ids)},
+            {req_id: tokens[i] for i in np.flatnonzero(batch.samples).tolist() if (req_id := req_ids[i]) not in failed},
             failed=failed,
         )
         if results.logprobs is not None:
-            (result.topk_token_ids, result.topk_logprobs, result.sampled_logprobs,
-             result.sampled_ranks) = (x[:n] for x in results.logprobs)
+            (result.topk_token_ids, result.topk_logprobs, result.sampled_logprobs, result.sampled_ranks) = (
+                x[:n] for x in results.logprobs
+            )
         if results.prompt is not None:
             top_ids, top_lps, target_lps, target_ranks = results.prompt
             for s in batch.prompt_logprobs:
                 sl = slice(s.start, s.start + s.count)
                 result.prompt_logprobs[s.req_id] = PromptLogprobs(
-                    s.first_position, target_lps[sl], target_ranks[sl], top_ids[sl], top_lps[sl])
+                    s.first_position, target_lps[sl], target_ranks[sl], top_ids[sl], top_lps[sl]
+                )
         return result
 
     def warmup(self, shapes: list[tuple[int, int]]) -> float:
@@ -242,23 +285,60 @@ class ModelRunner:
                 self._compile(num_tokens, S, num_pages, prefix_prefill=True)
         return time.perf_counter() - start
 
-    def _compile(self, T: int, S: int, P: int, *, decode_only: bool = False, fresh_prefill: bool = False,
-                 prefix_prefill: bool = False) -> None:
+    def _compile(
+        self,
+        T: int,
+        S: int,
+        P: int,
+        *,
+        decode_only: bool = False,
+        fresh_prefill: bool = False,
+        prefix_prefill: bool = False,
+    ) -> None:
         i32 = lambda *s: np.zeros(s, np.int32)  # noqa: E731
         f32 = lambda *s: np.zeros(s, np.float32)  # noqa: E731
         u32 = lambda *s: np.zeros(s, np.uint32)  # noqa: E731
         # Slot -1 drops the writes: warm-up must not touch pages a request may own.
-        attn = AttentionMetadata(i32(T), np.full((T,), -1, np.int32), i32(S, P), i32(S), i32(S + 1),
-                                 decode_only=decode_only, fresh_prefill=fresh_prefill, prefix_prefill=prefix_prefill,
-                                 decode_config=self.planner.decode_config(T, P) if decode_only else None)
+        attn = AttentionMetadata(
+            i32(T),
+            np.full((T,), -1, np.int32),
+            i32(S, P),
+            i32(S),
+            i32(S + 1),
+            decode_only=decode_only,
+            fresh_prefill=fresh_prefill,
+            prefix_prefill=prefix_prefill,
+            decode_config=self.planner.decode_config(T, P) if decode_only else None,
+        )
         inputs = ModelInputs(i32(T), attn, i32(S), i32(0))
-        md = SamplingMetadata(f32(S), i32(S), f32(S), f32(S), u32(S), u32(S), i32(S), f32(S), f32(S), f32(S),
-                              i32(S, 0), i32(S, 0), i32(S, 0), f32(S, 0), i32(S, 0), i32(S, 0),
-                              np.zeros((S,), bool))
+        md = SamplingMetadata(
+            f32(S),
+            i32(S),
+            f32(S),
+            f32(S),
+            u32(S),
+            u32(S),
+            i32(S),
+            f32(S),
+            f32(S),
+            f32(S),
+            i32(S, 0),
+            i32(S, 0),
+            i32(S, 0),
+            f32(S, 0),
+            i32(S, 0),
+            i32(S, 0),
+            np.zeros((S,), bool),
+        )
         # Packed as execute_model packs, so the jit cache holds the very program a
         # step of this shape looks up.
         packed, layout = pack((inputs, md))
         self.kv_caches, _, _, _ = self._step(
-            self.params, self.kv_caches, self.cos_sin_table, packed, layout=layout,
-            num_logprobs=0, num_prompt_logprobs=0,
+            self.params,
+            self.kv_caches,
+            self.cos_sin_table,
+            packed,
+            layout=layout,
+            num_logprobs=0,
+            num_prompt_logprobs=0,
         )

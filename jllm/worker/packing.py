@@ -1,6 +1,7 @@
 """One host-to-device transfer per step: a pytree of numpy arrays packed into one int32
 buffer, and unpacked by static slices inside the jitted step (the layout is static, so
 it is part of the jit key exactly as the arrays' shapes were)."""
+
 from __future__ import annotations
 
 import dataclasses
@@ -15,6 +16,7 @@ import numpy as np
 class PackedLayout:
     """Where each array of a packed pytree lies in its int32 buffer; static (hashable),
     so it is part of the jit key exactly as the arrays' shapes were."""
+
     treedef: Any
     leaves: tuple[tuple[tuple[int, ...], np.dtype], ...]  # (shape, dtype) of each leaf
 
@@ -40,7 +42,7 @@ def unpack(buffer: jax.Array, layout: PackedLayout):
     leaves, offset = [], 0
     for shape, dtype in layout.leaves:
         size = math.prod(shape)
-        x = buffer[offset:offset + size].reshape(shape)
+        x = buffer[offset : offset + size].reshape(shape)
         offset += size
         if dtype == np.bool_:
             x = x != 0

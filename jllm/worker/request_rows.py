@@ -7,6 +7,7 @@ A row is filled from the request's `NewRequestData`, its page table extended by 
 step's `CachedRequestData`, emptied of pages on preemption and freed when the request
 finishes. The rows are the worker's only record of a request.
 """
+
 from __future__ import annotations
 
 import numpy as np
@@ -95,7 +96,7 @@ class RequestRows:
         """Appends pages to the row's table (pages are only appended while a request
         holds them; a preempted one gets all of them anew on resuming)."""
         have = self.num_blocks[row]
-        self.block_table[row, have:have + len(block_ids)] = block_ids
+        self.block_table[row, have : have + len(block_ids)] = block_ids
         self.num_blocks[row] = have + len(block_ids)
 
     def drop_blocks(self, request_ids) -> None:
@@ -128,10 +129,10 @@ class RequestRows:
     # ----- what a row's settings derive from its tokens -------------------------------------
 
     def prompt_token_ids(self, row: int) -> np.ndarray:
-        return self.token_ids[row, :self.prompt_len[row]]
+        return self.token_ids[row, : self.prompt_len[row]]
 
     def output_token_ids(self, row: int) -> np.ndarray:
-        return self.token_ids[row, self.prompt_len[row]:self.num_tokens[row]]
+        return self.token_ids[row, self.prompt_len[row] : self.num_tokens[row]]
 
     def banned_token_ids(self, row: int) -> list[int]:
         """Tokens the row may not sample next: its stop ids until min_tokens are out, and
@@ -141,7 +142,7 @@ class RequestRows:
         banned = list(s.stop_token_ids) if len(output) < s.min_tokens else []
         for word in s.bad_words:
             prefix = len(word) - 1
-            if not prefix or (len(output) >= prefix and output[len(output) - prefix:].tolist() == list(word[:-1])):
+            if not prefix or (len(output) >= prefix and output[len(output) - prefix :].tolist() == list(word[:-1])):
                 banned.append(word[-1])
         return banned
 
@@ -155,7 +156,7 @@ class RequestRows:
     def _widen_tokens(self, width: int) -> None:
         if width > self.token_ids.shape[1]:
             wider = np.zeros((len(self.token_ids), max(width, 2 * self.token_ids.shape[1], 1024)), np.int32)
-            wider[:, :self.token_ids.shape[1]] = self.token_ids
+            wider[:, : self.token_ids.shape[1]] = self.token_ids
             self.token_ids = wider
 
     def _grow(self, capacity: int) -> None:

@@ -1,5 +1,6 @@
 """What every section of the kernel benchmark shares: the model heads, the plan of shapes,
 the run's state, and compiling, checking and timing a list of kernel variants."""
+
 from __future__ import annotations
 
 import dataclasses
@@ -38,6 +39,7 @@ GUESS_TBPS, GUESS_TFLOPS = 2.5, 300.0
 @dataclasses.dataclass(frozen=True)
 class Heads:
     """The attention shape of a model."""
+
     model: str
     num_q_heads: int
     num_kv_heads: int
@@ -52,6 +54,7 @@ TINY = Heads("tiny", 8, 2, 32)
 @dataclasses.dataclass(frozen=True)
 class Plan:
     """The shapes one run covers."""
+
     decode_heads: tuple[Heads, ...]
     batches: tuple[int, ...]
     contexts: tuple[int, ...]
@@ -65,10 +68,18 @@ class Plan:
 
 
 PLANS = {
-    "full": Plan((LLAMA_8B, LLAMA_1B), (1, 8, 64, 256), (512, 2048, 8192, 32768), LLAMA_8B,
-                 (2048, 8192, 32768), (256, 8192), 16384, 2 << 30, budget_s=450),
-    "quick": Plan((LLAMA_8B,), (1, 64), (2048, 8192), LLAMA_8B, (2048, 8192), (256,), 16384,
-                  1 << 30, budget_s=100),
+    "full": Plan(
+        (LLAMA_8B, LLAMA_1B),
+        (1, 8, 64, 256),
+        (512, 2048, 8192, 32768),
+        LLAMA_8B,
+        (2048, 8192, 32768),
+        (256, 8192),
+        16384,
+        2 << 30,
+        budget_s=450,
+    ),
+    "quick": Plan((LLAMA_8B,), (1, 64), (2048, 8192), LLAMA_8B, (2048, 8192), (256,), 16384, 1 << 30, budget_s=100),
     "tiny": Plan((TINY,), (1, 3), (64, 128), TINY, (64,), (8,), 64, 1 << 20, budget_s=math.inf),
 }
 
@@ -76,6 +87,7 @@ PLANS = {
 @dataclasses.dataclass
 class Bench:
     """Run-wide settings and state."""
+
     plan: Plan
     iters: int
     reps: int  # Calls per timed program; 0 chooses by shape.
@@ -104,6 +116,7 @@ class Bench:
 @dataclasses.dataclass
 class Variant:
     """One kernel with one set of settings, timed on one shape."""
+
     kernel: str
     params: dict
     fn: Callable  # (*args) -> output
@@ -129,8 +142,9 @@ def random_normal(seed: int, shape, dtype=jnp.bfloat16) -> jax.Array:
     return jax.random.normal(jax.random.key(seed), shape, dtype)
 
 
-def run_variants(bench: Bench, variants: list[Variant], seconds_per_call: float, check,
-                 figure, profile: bool = False) -> None:
+def run_variants(
+    bench: Bench, variants: list[Variant], seconds_per_call: float, check, figure, profile: bool = False
+) -> None:
     """Compiles every variant (in parallel), then checks and times them one at a time;
     with `profile`, then sets their kernel times from one profiler trace.
 
@@ -148,8 +162,7 @@ def run_variants(bench: Bench, variants: list[Variant], seconds_per_call: float,
                 raise exe
             out = jax.jit(v.fn)(*first_alternative(v.args, v.rotating))
             v.max_rel_err = check(out[0] if v.carry > 1 else out)
-            v.ms = 1e3 * median_seconds(lambda: exe(*args), bench.iters,
-                                        back_to_back=back_to_back) / reps
+            v.ms = 1e3 * median_seconds(lambda: exe(*args), bench.iters, back_to_back=back_to_back) / reps
             v.program = (exe, args, reps, back_to_back)
             log(f"  {v.label:<60} {v.ms:9.4f} ms  {figure(v.ms)}  err {v.max_rel_err:.1e}")
         except Exception as error:  # noqa: BLE001 - one kernel's failure must not end the run.
@@ -166,8 +179,10 @@ def profile_kernel_ms(bench: Bench, variants: list[Variant]) -> None:
     timed = [v for v in variants if v.program is not None and v.kernel_ms is None]
     if bench.interpret or not timed:
         return
-    runs = [(lambda exe=exe, args=args: exe(*args), back_to_back, reps)
-            for exe, args, reps, back_to_back in (v.program for v in timed)]
+    runs = [
+        (lambda exe=exe, args=args: exe(*args), back_to_back, reps)
+        for exe, args, reps, back_to_back in (v.program for v in timed)
+    ]
     for v, seconds in zip(timed, kernel_seconds_each(runs)):
         v.kernel_ms = None if seconds is None else 1e3 * seconds
 

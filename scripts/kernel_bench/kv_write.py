@@ -1,5 +1,6 @@
 """KV-write section of the kernel benchmark: jllm's aliased write kernel against XLA's
 scatter, and a check of the compiled HLO that the donated cache is not copied."""
+
 from __future__ import annotations
 
 import functools
@@ -47,10 +48,20 @@ def bench_kv_write(bench: Bench, rng) -> None:
 
 def bench_one_write(bench, name, write, args, expected, heads, nbytes) -> dict:
     """Checks one KV write against `expected` (the reference's caches), then times it."""
-    row = dict(kernel=name, model=heads.model, batch=args[2].shape[0], context=None,
-               num_q_heads=heads.num_q_heads, num_kv_heads=heads.num_kv_heads,
-               head_dim=heads.head_dim, page_size=bench.plan.page_size, ms=None, tbps=None,
-               tflops=None, max_rel_err=None)
+    row = dict(
+        kernel=name,
+        model=heads.model,
+        batch=args[2].shape[0],
+        context=None,
+        num_q_heads=heads.num_q_heads,
+        num_kv_heads=heads.num_kv_heads,
+        head_dim=heads.head_dim,
+        page_size=bench.plan.page_size,
+        ms=None,
+        tbps=None,
+        tflops=None,
+        max_rel_err=None,
+    )
     guess = nbytes / (GUESS_TBPS * 1e12) + 5e-6
     reps = bench.reps_for(guess)
     try:
@@ -65,8 +76,7 @@ def bench_one_write(bench, name, write, args, expected, heads, nbytes) -> dict:
             state[:] = step(*state, *args[2:])
             return state
 
-        row["ms"] = 1e3 * median_seconds(call, bench.iters,
-                                         back_to_back=bench.programs_per_sample(reps * guess)) / reps
+        row["ms"] = 1e3 * median_seconds(call, bench.iters, back_to_back=bench.programs_per_sample(reps * guess)) / reps
         row["tbps"] = nbytes / row["ms"] / 1e9
         log(f"  {name:<60} {row['ms']:9.4f} ms  {row['tbps']:6.3f} TB/s  err {row['max_rel_err']:.1e}")
     except Exception as error:  # noqa: BLE001
@@ -80,13 +90,15 @@ def check_kv_write_hlo(bench, kernel, k_cache, v_cache, tokens, heads) -> None:
     new = jax.ShapeDtypeStruct((tokens, heads.num_kv_heads, heads.head_dim), jnp.bfloat16)
     slots = jax.ShapeDtypeStruct((tokens,), jnp.int32)
     try:
-        hlo = (jax.jit(kernel, donate_argnums=(0, 1))
-               .lower(k_cache, v_cache, new, new, slots).compile().as_text())
+        hlo = jax.jit(kernel, donate_argnums=(0, 1)).lower(k_cache, v_cache, new, new, slots).compile().as_text()
         kvh, blocks, page, d = k_cache.shape
         copies = full_copies_in_hlo(hlo, [k_cache.shape, (kvh, blocks * page, d)])
         aliased = "input_output_alias" in hlo
-        verdict = ("ok: cache aliased, no full-cache copy" if aliased and not copies
-                   else f"BAD: aliased={aliased}, {len(copies)} full-cache copies")
+        verdict = (
+            "ok: cache aliased, no full-cache copy"
+            if aliased and not copies
+            else f"BAD: aliased={aliased}, {len(copies)} full-cache copies"
+        )
         bench.results.record["kv_write_hlo"] = dict(verdict=verdict, aliased=aliased, copies=copies)
     except Exception as error:  # noqa: BLE001
         verdict = f"check failed: {first_line(error)}"

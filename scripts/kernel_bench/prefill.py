@@ -1,6 +1,7 @@
 """Prefill section of the kernel benchmark: causal TFLOP/s of the ragged kernel on one
 sequence, with and without a cached prefix, next to the engine's fresh-prefill and
 prefix-prefill paths, JAX's Pallas `attention.mha` and cuDNN on the same K/V."""
+
 from __future__ import annotations
 
 import functools
@@ -54,8 +55,7 @@ def _ragged_reference_rows(q, k_cache, v_cache, block_tables, first_pos, *, scal
     n = q.shape[0]
     query_start_loc = jnp.array([0, n], jnp.int32)
     seq_lens = (first_pos + n).reshape(1).astype(jnp.int32)
-    return ragged_paged_attention_reference(q, k_cache, v_cache, query_start_loc, seq_lens,
-                                            block_tables, scale=scale)
+    return ragged_paged_attention_reference(q, k_cache, v_cache, query_start_loc, seq_lens, block_tables, scale=scale)
 
 
 def bench_prefill(bench: Bench) -> None:
@@ -75,7 +75,7 @@ def bench_prefill_shape(bench: Bench, heads: Heads, tokens: int) -> None:
     k_cache, v_cache = random_normal(3, cache_shape), random_normal(4, cache_shape)
     block_tables = jnp.asarray(np.random.default_rng(tokens).permutation(pages)[None], jnp.int32)
     q = random_normal(5, (tokens, heads.num_q_heads, heads.head_dim))
-    scale = heads.head_dim ** -0.5
+    scale = heads.head_dim**-0.5
     cached = tokens // 2
     prefix_q = q[cached:]
 
@@ -83,26 +83,40 @@ def bench_prefill_shape(bench: Bench, heads: Heads, tokens: int) -> None:
         """Compares an output's first and last CHECK_ROWS rows, those of q_rows at
         positions first_pos ..., with the reference."""
         n = CHECK_ROWS
-        head = _ragged_reference_rows(q_rows[:n], k_cache, v_cache, block_tables,
-                                      jnp.int32(first_pos), scale=scale)
-        tail = _ragged_reference_rows(q_rows[-n:], k_cache, v_cache, block_tables,
-                                      jnp.int32(first_pos + q_rows.shape[0] - n), scale=scale)
+        head = _ragged_reference_rows(q_rows[:n], k_cache, v_cache, block_tables, jnp.int32(first_pos), scale=scale)
+        tail = _ragged_reference_rows(
+            q_rows[-n:], k_cache, v_cache, block_tables, jnp.int32(first_pos + q_rows.shape[0] - n), scale=scale
+        )
         return lambda out: rel_err([(out[:n], head), (out[-n:], tail)])
 
     full = jllm_prefill_variants(bench, heads, q, k_cache, v_cache, block_tables, scale)
-    prefix = Variant("jllm_prefill_prefix", {"cached_tokens": cached},
-                     functools.partial(ragged_paged_attention, scale=scale, interpret=bench.interpret),
-                     ragged_args(prefix_q, k_cache, v_cache, block_tables, tokens))
+    prefix = Variant(
+        "jllm_prefill_prefix",
+        {"cached_tokens": cached},
+        functools.partial(ragged_paged_attention, scale=scale, interpret=bench.interpret),
+        ragged_args(prefix_q, k_cache, v_cache, block_tables, tokens),
+    )
 
     def chunk(cache):  # The chunk's own K/V [tokens - cached, kv heads, D], as a step has them.
-        return gather_pages(cache, block_tables[:, cached // page_size:])[0].swapaxes(0, 1)
+        return gather_pages(cache, block_tables[:, cached // page_size :])[0].swapaxes(0, 1)
 
     # The engine's path for a lone chunk over a cached prefix: cuDNN over the prefix pages
     # and over the chunk, merged.
-    prefix_split = Variant("jllm_prefill_prefix_cudnn", {"cached_tokens": cached},
-                           functools.partial(prefix_prefill_attention, scale=scale),
-                           (prefix_q, chunk(k_cache), chunk(v_cache), k_cache, v_cache,
-                            block_tables[0], jnp.int32(tokens), jnp.int32(tokens - cached)))
+    prefix_split = Variant(
+        "jllm_prefill_prefix_cudnn",
+        {"cached_tokens": cached},
+        functools.partial(prefix_prefill_attention, scale=scale),
+        (
+            prefix_q,
+            chunk(k_cache),
+            chunk(v_cache),
+            k_cache,
+            v_cache,
+            block_tables[0],
+            jnp.int32(tokens),
+            jnp.int32(tokens - cached),
+        ),
+    )
     dense = dense_variants(bench, heads, q, k_cache, v_cache, block_tables, scale)
 
     flops = causal_flops(heads, tokens)
@@ -113,24 +127,42 @@ def bench_prefill_shape(bench: Bench, heads: Heads, tokens: int) -> None:
 
     run_variants(bench, full + dense, guess, checker(q, 0), tflops(flops))
     prefix_flops = causal_flops(heads, tokens, cached)
-    run_variants(bench, [prefix, prefix_split], guess * prefix_flops / flops,
-                 checker(prefix_q, cached), tflops(prefix_flops))
+    run_variants(
+        bench, [prefix, prefix_split], guess * prefix_flops / flops, checker(prefix_q, cached), tflops(prefix_flops)
+    )
 
     for v in full:
-        bench.results.add_sweep(kernel=v.kernel, context=tokens, head_dim=heads.head_dim,
-                                **v.params, ms=v.ms, max_rel_err=v.max_rel_err, error=v.error)
-    picks = [("jllm_prefill", full[0], flops, tokens),
-             ("jllm_prefill_prefix", prefix, prefix_flops, tokens - cached),
-             ("jllm_prefill_prefix_cudnn", prefix_split, prefix_flops, tokens - cached),
-             *((d.kernel, d, flops, tokens) for d in dense)]
+        bench.results.add_sweep(
+            kernel=v.kernel,
+            context=tokens,
+            head_dim=heads.head_dim,
+            **v.params,
+            ms=v.ms,
+            max_rel_err=v.max_rel_err,
+            error=v.error,
+        )
+    picks = [
+        ("jllm_prefill", full[0], flops, tokens),
+        ("jllm_prefill_prefix", prefix, prefix_flops, tokens - cached),
+        ("jllm_prefill_prefix_cudnn", prefix_split, prefix_flops, tokens - cached),
+        *((d.kernel, d, flops, tokens) for d in dense),
+    ]
     best = fastest(full)
     if best is not None and best is not full[0]:
         log(f"  -> fastest ragged settings: {best.label}")
         picks.insert(1, ("jllm_prefill_best", best, flops, tokens))
     for kernel, v, work, query_len in picks:
-        bench.results.add_row(**prefill_row(kernel, v, heads, tokens, query_len, work,
-                                            page_size if kernel.startswith("jllm") and "fresh" not in kernel
-                                            else None))
+        bench.results.add_row(
+            **prefill_row(
+                kernel,
+                v,
+                heads,
+                tokens,
+                query_len,
+                work,
+                page_size if kernel.startswith("jllm") and "fresh" not in kernel else None,
+            )
+        )
 
 
 def ragged_args(q, k_cache, v_cache, block_tables, context):
@@ -145,8 +177,7 @@ def jllm_prefill_variants(bench, heads, q, k_cache, v_cache, block_tables, scale
     args = ragged_args(q, k_cache, v_cache, block_tables, q.shape[0])
     variants = []
     for params in PREFILL_SETTINGS:
-        fn = functools.partial(ragged_paged_attention, scale=scale, interpret=bench.interpret,
-                               **params)
+        fn = functools.partial(ragged_paged_attention, scale=scale, interpret=bench.interpret, **params)
         variants.append(Variant("jllm_prefill", params, fn, args))
     return variants
 
@@ -154,6 +185,7 @@ def jllm_prefill_variants(bench, heads, q, k_cache, v_cache, block_tables, scale
 def dense_variants(bench, heads, q, k_cache, v_cache, block_tables, scale) -> list[Variant]:
     """jllm's fresh-prefill path, JAX's Pallas flash attention and cuDNN on the same K/V,
     laid out densely [1, T, heads, D]; outputs come back as [T, heads, D]."""
+
     def dense(cache):
         return gather_pages(cache, block_tables).swapaxes(1, 2)  # [1, T, kv heads, D]
 
@@ -163,27 +195,39 @@ def dense_variants(bench, heads, q, k_cache, v_cache, block_tables, scale) -> li
     k_rep, v_rep = jnp.repeat(k, group, axis=2), jnp.repeat(v, group, axis=2)
 
     def mha(q, k, v):
-        return jax_attention.mha(q[None], k, v, None, sm_scale=scale, causal=True,
-                                 interpret=bench.interpret)[0]
+        return jax_attention.mha(q[None], k, v, None, sm_scale=scale, causal=True, interpret=bench.interpret)[0]
 
     def cudnn(q, k, v):
-        return jax.nn.dot_product_attention(q[None], k, v, scale=scale, is_causal=True,
-                                            implementation="cudnn")[0]
+        return jax.nn.dot_product_attention(q[None], k, v, scale=scale, is_causal=True, implementation="cudnn")[0]
 
     def fresh(q, k, v):
         # The engine's path for a prefill without a cached prefix (this step's own K/V).
         return fresh_prefill_attention(q, k[0], v[0], jnp.int32(q.shape[0]), scale=scale)
 
-    return [Variant("jllm_prefill_fresh", {}, fresh, (q, k, v)),
-            Variant("jax_flash_attention", {}, mha, (q, k_rep, v_rep)),
-            Variant("cudnn", {}, cudnn, (q, k, v))]
+    return [
+        Variant("jllm_prefill_fresh", {}, fresh, (q, k, v)),
+        Variant("jax_flash_attention", {}, mha, (q, k_rep, v_rep)),
+        Variant("cudnn", {}, cudnn, (q, k, v)),
+    ]
 
 
 def prefill_row(kernel, v: Variant, heads, context, query_len, flops, page_size) -> dict:
-    row = dict(kernel=kernel, model=heads.model, batch=1, context=context, query_len=query_len,
-               num_q_heads=heads.num_q_heads, num_kv_heads=heads.num_kv_heads,
-               head_dim=heads.head_dim, page_size=page_size, ms=v.ms, tbps=None,
-               tflops=flops / v.ms / 1e9 if v.ms else None, max_rel_err=v.max_rel_err, **v.params)
+    row = dict(
+        kernel=kernel,
+        model=heads.model,
+        batch=1,
+        context=context,
+        query_len=query_len,
+        num_q_heads=heads.num_q_heads,
+        num_kv_heads=heads.num_kv_heads,
+        head_dim=heads.head_dim,
+        page_size=page_size,
+        ms=v.ms,
+        tbps=None,
+        tflops=flops / v.ms / 1e9 if v.ms else None,
+        max_rel_err=v.max_rel_err,
+        **v.params,
+    )
     if v.error:
         row["error"] = v.error
     return row

@@ -1,4 +1,5 @@
 """BlockManager: page ref counts, the free queue and automatic prefix caching."""
+
 import os
 import subprocess
 import sys
@@ -290,8 +291,15 @@ def test_salted_pages_are_apart_from_unsalted_and_other_salts():
 
 def test_sha256_key_encoding_has_no_ambiguity():
     """Length prefixes and None flags: no two different keys share their encoded bytes."""
-    keys = [(None, [1, 2], None), (None, [1, 2], ""), (b"", [1, 2], None), (None, [1], "\x02"),
-            (None, [258], None), (None, [1, 2], "a"), (sha256_block_hash(None, [1], None), [2], None)]
+    keys = [
+        (None, [1, 2], None),
+        (None, [1, 2], ""),
+        (b"", [1, 2], None),
+        (None, [1], "\x02"),
+        (None, [258], None),
+        (None, [1, 2], "a"),
+        (sha256_block_hash(None, [1], None), [2], None),
+    ]
     for algo in PREFIX_CACHING_HASH_ALGOS:
         digests = {get_block_hash_function(algo)(*key) for key in keys}
         assert len(digests) == len(keys) and all(len(d) == 32 for d in digests)
@@ -299,13 +307,24 @@ def test_sha256_key_encoding_has_no_ambiguity():
 
 def test_block_hashes_do_not_depend_on_the_process():
     """Unlike Python's hash(), the digest is the same in every process (PYTHONHASHSEED)."""
-    code = ("from jllm.core.block_hash import sha256_block_hash as h; "
-            "print(h(h(None, [1, 2, 3, 4], 'salt'), [5, 6, 7, 8], None).hex())")
-    runs = {subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
-                           env={**os.environ, "PYTHONHASHSEED": seed}).stdout for seed in ("1", "2")}
+    code = (
+        "from jllm.core.block_hash import sha256_block_hash as h; "
+        "print(h(h(None, [1, 2, 3, 4], 'salt'), [5, 6, 7, 8], None).hex())"
+    )
+    runs = {
+        subprocess.run(
+            [sys.executable, "-c", code],
+            capture_output=True,
+            text=True,
+            check=True,
+            env={**os.environ, "PYTHONHASHSEED": seed},
+        ).stdout
+        for seed in ("1", "2")
+    }
     assert len(runs) == 1
-    assert runs.pop().strip() == sha256_block_hash(sha256_block_hash(None, [1, 2, 3, 4], "salt"), [5, 6, 7, 8],
-                                                   None).hex()
+    assert (
+        runs.pop().strip() == sha256_block_hash(sha256_block_hash(None, [1, 2, 3, 4], "salt"), [5, 6, 7, 8], None).hex()
+    )
 
 
 def test_an_unknown_hash_algo_is_refused():

@@ -2,6 +2,7 @@
 randomized simulation against a fake model that checks the page bookkeeping. The
 fake worker knows only what the scheduler's messages tell it (a request's prompt and
 pages once, then deltas), so the simulation checks the message protocol too."""
+
 import random
 from collections import Counter
 from dataclasses import dataclass, field
@@ -17,12 +18,19 @@ from jllm.engine.request import Request, RequestStatus
 BLOCK_SIZE = 4
 
 
-def make_scheduler(*, max_num_batched_tokens=64, max_num_seqs=8, max_model_len=64,
-                   num_gpu_blocks=64, enable_chunked_prefill=True, enable_prefix_caching=True):
+def make_scheduler(
+    *,
+    max_num_batched_tokens=64,
+    max_num_seqs=8,
+    max_model_len=64,
+    num_gpu_blocks=64,
+    enable_chunked_prefill=True,
+    enable_prefix_caching=True,
+):
     return Scheduler(
         SchedulerConfig(max_num_batched_tokens, max_num_seqs, max_model_len, enable_chunked_prefill),
-        CacheConfig(block_size=BLOCK_SIZE, num_gpu_blocks=num_gpu_blocks,
-                    enable_prefix_caching=enable_prefix_caching))
+        CacheConfig(block_size=BLOCK_SIZE, num_gpu_blocks=num_gpu_blocks, enable_prefix_caching=enable_prefix_caching),
+    )
 
 
 def make_request(request_id, prompt, *, max_tokens=16, cache_salt=None, prompt_logprobs=None):
@@ -33,6 +41,7 @@ def make_request(request_id, prompt, *, max_tokens=16, cache_salt=None, prompt_l
 @dataclass
 class Row:
     """A scheduled request as the worker sees it, beside the scheduler's request (for checks)."""
+
     request: Request
     num_scheduled_tokens: int
     num_computed_tokens: int
@@ -43,12 +52,15 @@ class Row:
 
     @property
     def token_ids(self):
-        return self.request.all_token_ids[self.num_computed_tokens:self.num_computed_tokens + self.num_scheduled_tokens]
+        return self.request.all_token_ids[
+            self.num_computed_tokens : self.num_computed_tokens + self.num_scheduled_tokens
+        ]
 
 
 @dataclass
 class WorkerView:
     """Each request's pages and token count as a worker rebuilds them from the messages."""
+
     block_ids: dict = field(default_factory=dict)
     num_tokens: dict = field(default_factory=dict)
 
@@ -65,8 +77,9 @@ class WorkerView:
             self.num_tokens[new.req_id] = len(new.prompt_token_ids)
             rows.append((new.req_id, new.num_computed_tokens, True, False))
         cached = output.scheduled_cached_reqs
-        for req_id, resumed, new_block_ids, computed in zip(cached.req_ids, cached.resumed_from_preemption,
-                                                            cached.new_block_ids, cached.num_computed_tokens):
+        for req_id, resumed, new_block_ids, computed in zip(
+            cached.req_ids, cached.resumed_from_preemption, cached.new_block_ids, cached.num_computed_tokens
+        ):
             assert req_id in self.block_ids, "a delta for a request never sent"
             if resumed:
                 assert self.block_ids[req_id] == [], "resumed without being preempted"
@@ -75,14 +88,24 @@ class WorkerView:
         out = []
         for req_id, computed, is_new, resumed in rows:
             n = output.num_scheduled_tokens[req_id]
-            out.append(Row(scheduler.requests[req_id], n, computed, list(self.block_ids[req_id]),
-                           computed + n == self.num_tokens[req_id], is_new, resumed))
+            out.append(
+                Row(
+                    scheduler.requests[req_id],
+                    n,
+                    computed,
+                    list(self.block_ids[req_id]),
+                    computed + n == self.num_tokens[req_id],
+                    is_new,
+                    resumed,
+                )
+            )
         return out
 
 
 @dataclass
 class Step:
     """A step's SchedulerOutput and its rows as the worker sees them."""
+
     output: object
     scheduled_requests: list[Row]
 
@@ -179,8 +202,7 @@ def test_never_schedules_more_tokens_than_a_request_needs():
 
 
 def test_without_chunking_a_prompt_waits_for_a_step_it_fits_in_whole():
-    scheduler = make_scheduler(max_num_batched_tokens=16, max_model_len=16,
-                               enable_chunked_prefill=False)
+    scheduler = make_scheduler(max_num_batched_tokens=16, max_model_len=16, enable_chunked_prefill=False)
     for i, request_id in enumerate("abc"):
         scheduler.add_request(make_request(request_id, range(10 * i, 10 * i + 10)))
     # b does not fit the 6 tokens left, and c may not overtake it.
@@ -190,8 +212,7 @@ def test_without_chunking_a_prompt_waits_for_a_step_it_fits_in_whole():
 
 def test_config_rejects_a_budget_below_max_model_len_without_chunking():
     with pytest.raises(ValueError, match="smaller than max_model_len"):
-        SchedulerConfig(max_num_batched_tokens=8, max_num_seqs=4, max_model_len=16,
-                        enable_chunked_prefill=False)
+        SchedulerConfig(max_num_batched_tokens=8, max_num_seqs=4, max_model_len=16, enable_chunked_prefill=False)
 
 
 def test_scheduler_rejects_a_pool_too_small_for_one_max_len_request():
@@ -262,8 +283,9 @@ def test_request_preempts_itself_when_it_is_the_last_running():
 def test_preempted_request_is_not_readmitted_in_the_same_step():
     # A budget of 2 leaves room for a one-token chunk of the preempted request,
     # and its freed page would hold it.
-    scheduler = make_scheduler(max_num_batched_tokens=2, max_num_seqs=2, max_model_len=12,
-                               num_gpu_blocks=3, enable_prefix_caching=False)
+    scheduler = make_scheduler(
+        max_num_batched_tokens=2, max_num_seqs=2, max_model_len=12, num_gpu_blocks=3, enable_prefix_caching=False
+    )
     scheduler.add_request(make_request("a", range(3)))
     scheduler.add_request(make_request("b", range(100, 106)))
     for _ in range(10):
@@ -397,28 +419,40 @@ class FakeModel:
 
 
 @pytest.mark.parametrize("seed", range(4))
-@pytest.mark.parametrize("enable_chunked_prefill,enable_prefix_caching,max_num_batched_tokens", [
-    (True, True, 16), (True, False, 24), (False, True, 48)])
-def test_random_workload_keeps_page_invariants(seed, enable_chunked_prefill,
-                                              enable_prefix_caching, max_num_batched_tokens):
+@pytest.mark.parametrize(
+    "enable_chunked_prefill,enable_prefix_caching,max_num_batched_tokens",
+    [(True, True, 16), (True, False, 24), (False, True, 48)],
+)
+def test_random_workload_keeps_page_invariants(
+    seed, enable_chunked_prefill, enable_prefix_caching, max_num_batched_tokens
+):
     rng = random.Random(seed)
     max_model_len, vocab_size = 48, 5
     scheduler = make_scheduler(
-        max_num_batched_tokens=max_num_batched_tokens, max_num_seqs=6, max_model_len=max_model_len,
-        num_gpu_blocks=20, enable_chunked_prefill=enable_chunked_prefill,
-        enable_prefix_caching=enable_prefix_caching)
+        max_num_batched_tokens=max_num_batched_tokens,
+        max_num_seqs=6,
+        max_model_len=max_model_len,
+        num_gpu_blocks=20,
+        enable_chunked_prefill=enable_chunked_prefill,
+        enable_prefix_caching=enable_prefix_caching,
+    )
     model = FakeModel(rng, vocab_size)
     shared_prefixes = [[rng.randrange(vocab_size) for _ in range(12)] for _ in range(3)]
     num_requests, num_added = 60, 0
 
     for _ in range(5000):
         if num_added < num_requests and rng.random() < 0.4:
-            prompt = rng.choice(shared_prefixes)[:rng.randrange(13)]
+            prompt = rng.choice(shared_prefixes)[: rng.randrange(13)]
             prompt += [rng.randrange(vocab_size) for _ in range(rng.randrange(1, 20))]
-            scheduler.add_request(make_request(
-                str(num_added), prompt, max_tokens=rng.randrange(1, max_model_len - len(prompt) + 1),
-                cache_salt=rng.choice([None, None, "salt"]),
-                prompt_logprobs=rng.choice([None] * 5 + [1])))
+            scheduler.add_request(
+                make_request(
+                    str(num_added),
+                    prompt,
+                    max_tokens=rng.randrange(1, max_model_len - len(prompt) + 1),
+                    cache_salt=rng.choice([None, None, "salt"]),
+                    prompt_logprobs=rng.choice([None] * 5 + [1]),
+                )
+            )
             num_added += 1
         output = schedule(scheduler)
         check_invariants(scheduler, output)

@@ -1,6 +1,7 @@
 """The kernel benchmark's timing harness (scripts/bench_utils.py, scripts/kernel_bench/):
 what each timed program computes, the page sets decode rotates over, and a tiny CPU run
 of the script end to end (Pallas interpret mode)."""
+
 import dataclasses
 import json
 import types
@@ -76,13 +77,18 @@ def test_decode_tables_rotate_over_disjoint_pages_spanning_twice_the_l2():
 
 def _sweep(head_dim, splits, ms, kernel_ms=None, **launch):
     config = dataclasses.asdict(DecodeConfig(splits, **launch))
-    return dict(kernel="jllm_decode", batch=1, context=512, head_dim=head_dim, **config, ms=ms,
-                kernel_ms=kernel_ms)
+    return dict(kernel="jllm_decode", batch=1, context=512, head_dim=head_dim, **config, ms=ms, kernel_ms=kernel_ms)
 
 
 def test_decode_table_suggestion_takes_each_head_dims_fastest_config():
-    sweeps = [_sweep(128, 4, 2.0), _sweep(128, 8, 1.0), _sweep(64, 8, 1.5), _sweep(64, 4, 1.4),
-              _sweep(128, 16, 0.9, num_warps=2), _sweep(64, 16, 4.2, num_warps=2)]
+    sweeps = [
+        _sweep(128, 4, 2.0),
+        _sweep(128, 8, 1.0),
+        _sweep(64, 8, 1.5),
+        _sweep(64, 4, 1.4),
+        _sweep(128, 16, 0.9, num_warps=2),
+        _sweep(64, 16, 4.2, num_warps=2),
+    ]
     lines = [line.strip() for line in decode.suggested_decode_table(sweeps).splitlines()]
     assert lines[0] == "DECODE_TABLES = {"
     d64, d128 = lines.index("64: ("), lines.index("128: (")
@@ -101,8 +107,10 @@ def test_decode_table_suggestion_prefers_default_settings_within_the_tie_margin(
 
 
 def test_decode_table_suggestion_ranks_by_kernel_time_when_every_variant_has_one():
-    sweeps = [_sweep(64, 8, 1.0, kernel_ms=0.9), _sweep(64, 16, 1.1, kernel_ms=0.5, block_kv=32,
-                                                          num_warps=2, num_stages=2)]
+    sweeps = [
+        _sweep(64, 8, 1.0, kernel_ms=0.9),
+        _sweep(64, 16, 1.1, kernel_ms=0.5, block_kv=32, num_warps=2, num_stages=2),
+    ]
     assert decode.suggested_decode_table(sweeps).splitlines()[2].strip().startswith("(_C(16, 32, 2, 2), ")
     sweeps[0]["kernel_ms"] = None  # Then the wall time decides.
     assert decode.suggested_decode_table(sweeps).splitlines()[2].strip().startswith("(_C(8), ")
@@ -134,18 +142,19 @@ def test_kernel_time_takes_the_gpu_events_that_start_within_each_variants_host_s
 
 
 def test_host_spans_are_the_named_host_events():
-    profile = _profile([
-        ("/host:CPU", [("python", [10_000, 20_000])]),
-        ("/device:GPU:0", [("Stream #13(Compute)", [20_000])]),
-    ])
+    profile = _profile(
+        [
+            ("/host:CPU", [("python", [10_000, 20_000])]),
+            ("/device:GPU:0", [("Stream #13(Compute)", [20_000])]),
+        ]
+    )
     # _profile names an event of duration d "op{d}" and starts event i at 100 * i.
     assert host_spans(profile, ["op20000", "missing"]) == {"op20000": (100, 20_100)}
 
 
 def test_kv_write_section_runs_end_to_end_in_interpret_mode(tmp_path):
     out = tmp_path / "kernels.json"
-    bench_kernels.main(["--interpret", "--tiny", "--iters", "1", "--only", "kv_write",
-                        "--out", str(out)])
+    bench_kernels.main(["--interpret", "--tiny", "--iters", "1", "--only", "kv_write", "--out", str(out)])
     record = json.loads(out.read_text())
     rows = {r["kernel"]: r for r in record["rows"]}
     assert rows["jllm_kv_write"]["max_rel_err"] == 0.0
@@ -168,21 +177,25 @@ def _profile(planes):
     ns = types.SimpleNamespace
 
     def line(name, durations):
-        return ns(name=name, events=[ns(start_ns=100 * i, duration_ns=d, name=f"op{d}")
-                                     for i, d in enumerate(durations)])
+        return ns(
+            name=name, events=[ns(start_ns=100 * i, duration_ns=d, name=f"op{d}") for i, d in enumerate(durations)]
+        )
 
     return ns(planes=[ns(name=name, lines=[line(*spec) for spec in lines]) for name, lines in planes])
 
 
 def test_gpu_events_are_the_gpu_stream_events_only_in_start_order():
-    profile = _profile([
-        ("/host:CPU", [("python", [10_000])]),
-        ("/device:GPU:0", [("Stream #13(Compute)", [1_000, 2_500]), ("XLA Ops", [9_999]),
-                           ("Stream #14(MemcpyD2D)", [500])]),
-    ])
+    profile = _profile(
+        [
+            ("/host:CPU", [("python", [10_000])]),
+            (
+                "/device:GPU:0",
+                [("Stream #13(Compute)", [1_000, 2_500]), ("XLA Ops", [9_999]), ("Stream #14(MemcpyD2D)", [500])],
+            ),
+        ]
+    )
     assert gpu_events(profile) == [(0, 500), (0, 1_000), (100, 2_500)]
-    assert gpu_events(profile, names=True) == [(0, 500, "op500"), (0, 1_000, "op1000"),
-                                               (100, 2_500, "op2500")]
+    assert gpu_events(profile, names=True) == [(0, 500, "op500"), (0, 1_000, "op1000"), (100, 2_500, "op2500")]
     assert gpu_events(_profile([("/host:CPU", [("python", [10_000])])])) is None
 
 
@@ -199,8 +212,7 @@ def test_kernel_seconds_traces_the_calls_and_finds_no_gpu_on_the_cpu():
 
 def test_decode_section_runs_end_to_end_in_interpret_mode(tmp_path):
     out = tmp_path / "kernels.json"
-    bench_kernels.main(["--interpret", "--tiny", "--iters", "1", "--only", "decode", "--batch", "3",
-                        "--out", str(out)])
+    bench_kernels.main(["--interpret", "--tiny", "--iters", "1", "--only", "decode", "--batch", "3", "--out", str(out)])
     record = json.loads(out.read_text())
     rows = [r for r in record["rows"] if r["batch"] == 3]
     assert {r["context"] for r in rows} == {64, 128}
@@ -219,9 +231,18 @@ def test_decode_summary_compares_each_kernels_least_kernel_time():
     from scripts.kernel_bench.summary import decode_summary
 
     shape = dict(model="m", batch=1, context=512)
-    rows = [dict(shape, kernel="jllm_decode", ms=0.010, kernel_ms=0.006, best_kernel_ms=0.004,
-                 tbps=0.2, num_splits=8),
-            dict(shape, kernel="jax_paged_attention", ms=0.012, kernel_ms=0.005, best_kernel_ms=0.005,
-                 tbps=0.17, k_splits=8, pages_per_compute_block=4)]
+    rows = [
+        dict(shape, kernel="jllm_decode", ms=0.010, kernel_ms=0.006, best_kernel_ms=0.004, tbps=0.2, num_splits=8),
+        dict(
+            shape,
+            kernel="jax_paged_attention",
+            ms=0.012,
+            kernel_ms=0.005,
+            best_kernel_ms=0.005,
+            tbps=0.17,
+            k_splits=8,
+            pages_per_compute_block=4,
+        ),
+    ]
     line = decode_summary(rows)[-1]
     assert line.endswith("| 1.20x | 1.25x |")  # Wall 12/10; kernel 5/4, not 5/6.

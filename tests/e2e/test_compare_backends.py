@@ -1,5 +1,6 @@
 """scripts/compare_backends.py's verdict: which differences between the kernel and the
 reference path fail (the GPU run itself is in BUILD_NOTES.md)."""
+
 import types
 
 from scripts.compare_backends import divergences, max_common_diff, verdict

@@ -1,4 +1,5 @@
 """The offline API as a vLLM user calls it: prompt forms, chat, defaults, outputs."""
+
 from __future__ import annotations
 
 import io
@@ -25,9 +26,7 @@ def llm(tiny_llama_path):
 def test_every_prompt_form_gives_the_same_greedy_output(llm):
     text = "The capital of France is"
     ids = llm.get_tokenizer().encode(text)
-    outputs = llm.generate(
-        [text, {"prompt": text}, TokensPrompt(prompt_token_ids=ids), ids], GREEDY, use_tqdm=False
-    )
+    outputs = llm.generate([text, {"prompt": text}, TokensPrompt(prompt_token_ids=ids), ids], GREEDY, use_tqdm=False)
     assert [o.prompt_token_ids for o in outputs] == [ids] * 4
     assert len({tuple(o.outputs[0].token_ids) for o in outputs}) == 1
     assert outputs[0].prompt == text and outputs[2].prompt is None
@@ -71,15 +70,21 @@ def test_chat_renders_the_template_and_generates_like_generate(llm):
     assert out.prompt.endswith("<|im_start|>assistant\n")
     [direct] = llm.generate(TokensPrompt(prompt_token_ids=expected_ids), GREEDY, use_tqdm=False)
     assert out.outputs[0].token_ids == direct.outputs[0].token_ids
-    batch = llm.chat([conversation, conversation + [{"role": "assistant", "content": "I am"}]], GREEDY,
-                     use_tqdm=False, add_generation_prompt=False, continue_final_message=True)
+    batch = llm.chat(
+        [conversation, conversation + [{"role": "assistant", "content": "I am"}]],
+        GREEDY,
+        use_tqdm=False,
+        add_generation_prompt=False,
+        continue_final_message=True,
+    )
     assert len(batch) == 2 and batch[1].prompt.rstrip().endswith("I am")
 
 
 def test_chat_template_override_and_conflicting_flags(llm):
     template = "{% for m in messages %}[{{ m['role'] }}] {{ m['content'] }}\n{% endfor %}"
-    [out] = llm.chat([{"role": "user", "content": "hi"}], GREEDY, use_tqdm=False, chat_template=template,
-                     add_generation_prompt=False)
+    [out] = llm.chat(
+        [{"role": "user", "content": "hi"}], GREEDY, use_tqdm=False, chat_template=template, add_generation_prompt=False
+    )
     assert out.prompt == "[user] hi\n"
     with pytest.raises(ValueError, match="continue_final_message and add_generation_prompt"):
         llm.chat([{"role": "user", "content": "hi"}], GREEDY, continue_final_message=True)
@@ -100,8 +105,9 @@ def test_generation_config_supplies_default_sampling_params(tmp_path, tiny_llama
 def test_skip_tokenizer_init_takes_token_ids_and_returns_no_text(tiny_llama_path):
     llm = LLM(model=tiny_llama_path, skip_tokenizer_init=True, **ENGINE_ARGS)
     assert llm.get_tokenizer() is None
-    [out] = llm.generate([{"prompt_token_ids": [5, 6, 7]}], SamplingParams(temperature=0, max_tokens=4,
-                                                                            detokenize=False), use_tqdm=False)
+    [out] = llm.generate(
+        [{"prompt_token_ids": [5, 6, 7]}], SamplingParams(temperature=0, max_tokens=4, detokenize=False), use_tqdm=False
+    )
     assert len(out.outputs[0].token_ids) == 4 and out.outputs[0].text == ""
     with pytest.raises(ValueError, match="skip_tokenizer_init"):
         llm.generate("text needs a tokenizer", use_tqdm=False)
@@ -111,9 +117,19 @@ def test_skip_tokenizer_init_takes_token_ids_and_returns_no_text(tiny_llama_path
 def test_generate_script_runs_on_the_default_model(smollm2_gguf_path):
     repo = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
     result = subprocess.run(
-        [sys.executable, os.path.join(repo, "scripts", "generate.py"), "--max-tokens", "5",
-         "--max-model-len", "256", "--prompt", "The capital of France is"],
-        capture_output=True, text=True, timeout=600,
+        [
+            sys.executable,
+            os.path.join(repo, "scripts", "generate.py"),
+            "--max-tokens",
+            "5",
+            "--max-model-len",
+            "256",
+            "--prompt",
+            "The capital of France is",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=600,
     )
     assert result.returncode == 0, result.stderr[-2000:]
     assert "Prompt: 'The capital of France is'" in result.stdout
@@ -134,8 +150,10 @@ def test_logits_processors_run_on_the_host_slow_path(llm):
 
     outputs = llm.generate(
         ["hello there", "hello there"],
-        [SamplingParams(temperature=0, max_tokens=4, logits_processors=[force]),
-         SamplingParams(temperature=0.8, seed=1, max_tokens=4, logits_processors=[force_with_prompt])],
+        [
+            SamplingParams(temperature=0, max_tokens=4, logits_processors=[force]),
+            SamplingParams(temperature=0.8, seed=1, max_tokens=4, logits_processors=[force_with_prompt]),
+        ],
         use_tqdm=False,
     )
     assert [o.outputs[0].token_ids for o in outputs] == [[forced] * 4, [forced] * 4]
@@ -144,6 +162,7 @@ def test_logits_processors_run_on_the_host_slow_path(llm):
 def test_bad_words_are_never_generated(llm):
     tokenizer = llm.get_tokenizer()
     [plain] = llm.generate("Once upon a time", SamplingParams(temperature=0, max_tokens=8), use_tqdm=False)
+
     # A generated token that is a whole bad word under vLLM's rule (the word stripped
     # of leading spaces, and its spaced form where that is one token of the same count).
     def bans(token):
@@ -159,8 +178,7 @@ def test_bad_words_are_never_generated(llm):
 
 def test_truncate_prompt_tokens_keeps_the_last_tokens(llm):
     ids = list(range(100, 140))
-    [out] = llm.generate(ids, SamplingParams(temperature=0, max_tokens=3, truncate_prompt_tokens=10),
-                         use_tqdm=False)
+    [out] = llm.generate(ids, SamplingParams(temperature=0, max_tokens=3, truncate_prompt_tokens=10), use_tqdm=False)
     assert out.prompt_token_ids == ids[-10:]
     [direct] = llm.generate(ids[-10:], SamplingParams(temperature=0, max_tokens=3), use_tqdm=False)
     assert out.outputs[0].token_ids == direct.outputs[0].token_ids
@@ -176,11 +194,11 @@ def test_extreme_but_valid_sampling_lists_cannot_stop_the_engine(llm):
     [huge_top_k] = llm.generate(prompt, SamplingParams(top_k=2**40, **seeded), use_tqdm=False)
     assert huge_top_k.outputs[0].token_ids == no_top_k.outputs[0].token_ids
 
-    [allowed] = llm.generate(prompt, SamplingParams(allowed_token_ids=[321] * 2_000_000, **seeded),
-                             use_tqdm=False)
+    [allowed] = llm.generate(prompt, SamplingParams(allowed_token_ids=[321] * 2_000_000, **seeded), use_tqdm=False)
     assert list(allowed.outputs[0].token_ids) == [321] * 5
 
-    [stops] = llm.generate(prompt, SamplingParams(stop_token_ids=[321] * 100_000, min_tokens=5, **seeded),
-                           use_tqdm=False)
+    [stops] = llm.generate(
+        prompt, SamplingParams(stop_token_ids=[321] * 100_000, min_tokens=5, **seeded), use_tqdm=False
+    )
     assert len(stops.outputs[0].token_ids) == 5
     llm.llm_engine.scheduler.block_manager.check_no_leaks()

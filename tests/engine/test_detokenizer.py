@@ -4,6 +4,7 @@ The tokenizer is a byte-level BPE trained here on a few sentences, small enough 
 Chinese characters and emoji are split over several tokens, which is what exercises
 the incomplete-UTF-8 path.
 """
+
 import random
 
 import pytest
@@ -20,9 +21,33 @@ CORPUS = [
     "Emoji time: 😀🎉👍🚀 and more emoji 😀.",
     "Numbers 12345 and symbols #@$%^&*() are here.",
 ]
-WORDS = ["Hello", "world", "the", "quick", "fox", "test", "tokenizer", "12345", "é", "ß",
-         "你好", "世界", "中文", "测试", "字", "😀", "🎉", "👍", "🚀", "🦄", ",", ".", "!",
-         "\n", "  "]
+WORDS = [
+    "Hello",
+    "world",
+    "the",
+    "quick",
+    "fox",
+    "test",
+    "tokenizer",
+    "12345",
+    "é",
+    "ß",
+    "你好",
+    "世界",
+    "中文",
+    "测试",
+    "字",
+    "😀",
+    "🎉",
+    "👍",
+    "🚀",
+    "🦄",
+    ",",
+    ".",
+    "!",
+    "\n",
+    "  ",
+]
 SPECIAL_TOKENS = ["<s>", "</s>", "<|sep|>"]
 
 
@@ -31,17 +56,21 @@ def tokenizer():
     bpe = Tokenizer(models.BPE())
     bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     bpe.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=400, special_tokens=SPECIAL_TOKENS,
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    trainer = trainers.BpeTrainer(
+        vocab_size=400, special_tokens=SPECIAL_TOKENS, initial_alphabet=pre_tokenizers.ByteLevel.alphabet()
+    )
     bpe.train_from_iterator(CORPUS * 4, trainer)
     return PreTrainedTokenizerFast(
-        tokenizer_object=bpe, bos_token="<s>", eos_token="</s>",
-        additional_special_tokens=["<|sep|>"], clean_up_tokenization_spaces=False)
+        tokenizer_object=bpe,
+        bos_token="<s>",
+        eos_token="</s>",
+        additional_special_tokens=["<|sep|>"],
+        clean_up_tokenization_spaces=False,
+    )
 
 
 def _random_text(rng: random.Random) -> str:
-    return "".join(rng.choice(WORDS) + rng.choice(["", " "])
-                   for _ in range(rng.randint(1, 12)))
+    return "".join(rng.choice(WORDS) + rng.choice(["", " "]) for _ in range(rng.randint(1, 12)))
 
 
 def _encode(tokenizer, text):
@@ -54,7 +83,7 @@ def _stream(tokenizer, prompt_ids, output_ids, params, rng=None):
     i = 0
     while i < len(output_ids):
         step = rng.randint(1, 4) if rng else 1
-        if detok.update(output_ids[i:i + step]) is not None:
+        if detok.update(output_ids[i : i + step]) is not None:
             break
         i += step
     return detok
@@ -64,10 +93,9 @@ def _stream(tokenizer, prompt_ids, output_ids, params, rng=None):
 def test_incremental_text_equals_full_decode(tokenizer, chunked):
     rng = random.Random(0)
     for _ in range(300):
-        prompt_ids = _encode(tokenizer, _random_text(rng))[:rng.randint(0, 10)]
+        prompt_ids = _encode(tokenizer, _random_text(rng))[: rng.randint(0, 10)]
         output_ids = _encode(tokenizer, _random_text(rng))
-        detok = _stream(tokenizer, prompt_ids, output_ids, SamplingParams(),
-                        rng if chunked else None)
+        detok = _stream(tokenizer, prompt_ids, output_ids, SamplingParams(), rng if chunked else None)
         assert detok.output_text == tokenizer.decode(output_ids)
 
 
@@ -100,8 +128,7 @@ def test_special_tokens_skipped_or_kept_like_decode(tokenizer, skip_special_toke
             output_ids.append(rng.choice(special_ids))
         prompt_ids = [rng.choice(special_ids)] + _encode(tokenizer, _random_text(rng))
         detok = _stream(tokenizer, prompt_ids, output_ids, params)
-        assert detok.output_text == tokenizer.decode(
-            output_ids, skip_special_tokens=skip_special_tokens)
+        assert detok.output_text == tokenizer.decode(output_ids, skip_special_tokens=skip_special_tokens)
         texts.append(detok.output_text)
     assert any("<|sep|>" in text for text in texts) != skip_special_tokens
 
@@ -129,8 +156,7 @@ def test_stop_string_spanning_tokens_is_found_and_excluded(tokenizer):
         if matched[-1]:
             break
     # It fires on the token that completes it, and the text stops before it.
-    first_complete = next(k for k in range(len(ids))
-                          if "s is a t" in tokenizer.decode(ids[:k + 1]))
+    first_complete = next(k for k in range(len(ids)) if "s is a t" in tokenizer.decode(ids[: k + 1]))
     assert matched == [None] * first_complete + ["s is a t"]
     assert detok.output_text == "Hello world, thi"
 
@@ -152,8 +178,7 @@ def test_stop_string_in_multibyte_text(tokenizer):
 
 def test_stop_string_in_prompt_is_ignored(tokenizer):
     prompt_ids = _encode(tokenizer, "Hello world")
-    detok = _stream(tokenizer, prompt_ids, _encode(tokenizer, ", the fox"),
-                    SamplingParams(stop=["world"]))
+    detok = _stream(tokenizer, prompt_ids, _encode(tokenizer, ", the fox"), SamplingParams(stop=["world"]))
     assert detok.output_text == ", the fox"
 
 
@@ -185,7 +210,7 @@ def test_streaming_holds_back_possible_stop_prefix(tokenizer):
         detok.update([t])
         streamed += detok.get_next_output_text(finished=False, delta=True)
         # Everything but the last len("the lazy") - 1 chars has been shown.
-        assert streamed == detok.output_text[:max(len(detok.output_text) - 7, 0)]
+        assert streamed == detok.output_text[: max(len(detok.output_text) - 7, 0)]
         assert detok.get_next_output_text(finished=False, delta=False) == streamed
     streamed += detok.get_next_output_text(finished=True, delta=True)
     assert streamed == detok.output_text == "the test of the tokenizer."

@@ -6,6 +6,7 @@ reference for each prompt is its greedy output when it runs alone on an engine w
 prefix caching; every other way of batching it must give the same tokens. After every
 scenario each KV page is free or held only by the prefix cache.
 """
+
 import random
 
 import pytest
@@ -16,8 +17,40 @@ from tiny_model import ENGINE_ARGS
 MAX_TOKENS = 10
 GREEDY = SamplingParams(temperature=0.0, max_tokens=MAX_TOKENS)
 
-PROMPT_LENGTHS = [1, 2, 3, 5, 8, 13, 16, 17, 24, 31, 32, 33, 47, 48, 64, 65, 80, 100, 127, 128, 129, 150,
-                  170, 190, 200, 220, 240, 256, 260, 280, 290, 300]
+PROMPT_LENGTHS = [
+    1,
+    2,
+    3,
+    5,
+    8,
+    13,
+    16,
+    17,
+    24,
+    31,
+    32,
+    33,
+    47,
+    48,
+    64,
+    65,
+    80,
+    100,
+    127,
+    128,
+    129,
+    150,
+    170,
+    190,
+    200,
+    220,
+    240,
+    256,
+    260,
+    280,
+    290,
+    300,
+]
 
 
 def _make_prompts() -> list[list[int]]:
@@ -32,7 +65,7 @@ def _make_prompts() -> list[list[int]]:
     prompts = []
     for i, length in enumerate(PROMPT_LENGTHS):
         if i % 2 == 0 and length >= 48:
-            prompts.append(shared[:length - 16] + draw(16))
+            prompts.append(shared[: length - 16] + draw(16))
         else:
             prompts.append(draw(length))
     return prompts
@@ -140,11 +173,18 @@ def test_seeded_sample_is_the_same_alone_and_in_any_batch(cached_llm, chunked_ll
     others = PROMPTS[:6]
     batch_a = cached_llm.generate(
         others + [prompt],
-        [GREEDY, SamplingParams(temperature=1.0, max_tokens=MAX_TOKENS), seeded(1), GREEDY,
-         SamplingParams(temperature=1.0, top_p=0.9, seed=99, max_tokens=3), GREEDY, seeded(1234)],
-        use_tqdm=False)
-    batch_b = cached_llm.generate(
-        [prompt] + PROMPTS[25:29], [seeded(1234)] + [seeded(5)] * 4, use_tqdm=False)
+        [
+            GREEDY,
+            SamplingParams(temperature=1.0, max_tokens=MAX_TOKENS),
+            seeded(1),
+            GREEDY,
+            SamplingParams(temperature=1.0, top_p=0.9, seed=99, max_tokens=3),
+            GREEDY,
+            seeded(1234),
+        ],
+        use_tqdm=False,
+    )
+    batch_b = cached_llm.generate([prompt] + PROMPTS[25:29], [seeded(1234)] + [seeded(5)] * 4, use_tqdm=False)
     # On another engine, whose 16-token steps batch it differently again.
     chunked = chunked_llm.generate(PROMPTS[10:14] + [prompt], seeded(1234), use_tqdm=False)
 

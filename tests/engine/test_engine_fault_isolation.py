@@ -3,6 +3,7 @@ their processing (prompt, sampling parameters, logits processor, logprobs, promp
 logprobs, detokenization, a model step that raises before the device runs) fail with
 their own exception, while the requests beside them finish with the tokens they give
 when run alone, and no KV page or engine record is left behind."""
+
 from __future__ import annotations
 
 import pytest
@@ -19,8 +20,9 @@ BAD_PROMPT = [4000 + j for j in range(6)]
 
 
 def greedy(**fields) -> SamplingParams:
-    return SamplingParams(**{"temperature": 0.0, "max_tokens": MAX_TOKENS,
-                             "output_kind": RequestOutputKind.FINAL_ONLY, **fields})
+    return SamplingParams(
+        **{"temperature": 0.0, "max_tokens": MAX_TOKENS, "output_kind": RequestOutputKind.FINAL_ONLY, **fields}
+    )
 
 
 class Boom(RuntimeError):
@@ -80,12 +82,16 @@ def check_failed(finals: dict, request_id: str, error_type: type, n: int = 1) ->
     assert [c.finish_reason for c in output.outputs] == ["error"] * n
 
 
-@pytest.mark.parametrize("prompt, params, message", [
-    ([VOCAB_SIZE + 5], greedy(), "out of vocabulary"),
-    (object(), greedy(), "Unsupported prompt type"),
-    (BAD_PROMPT, greedy(logprobs=10_000), "Requested sample logprobs of 10000"),
-    (BAD_PROMPT, greedy(stop_token_ids=[VOCAB_SIZE]), "out-of-vocab"),
-], ids=["prompt_ids", "prompt_type", "logprobs_limit", "stop_token_ids"])
+@pytest.mark.parametrize(
+    "prompt, params, message",
+    [
+        ([VOCAB_SIZE + 5], greedy(), "out of vocabulary"),
+        (object(), greedy(), "Unsupported prompt type"),
+        (BAD_PROMPT, greedy(logprobs=10_000), "Requested sample logprobs of 10000"),
+        (BAD_PROMPT, greedy(stop_token_ids=[VOCAB_SIZE]), "out-of-vocab"),
+    ],
+    ids=["prompt_ids", "prompt_type", "logprobs_limit", "stop_token_ids"],
+)
 def test_request_refused_at_admission_leaves_nothing_and_others_run(engine, alone, prompt, params, message):
     add_good(engine)
     with pytest.raises((ValueError, TypeError), match=message):
@@ -144,8 +150,11 @@ def test_raising_logprobs_fail_only_their_request(engine, alone, monkeypatch, me
 
 def test_raising_detokenizer_fails_all_samples_of_its_request(engine, alone):
     add_good(engine)
-    engine.add_request("bad", BAD_PROMPT, SamplingParams(n=3, temperature=0.8, seed=1, max_tokens=MAX_TOKENS,
-                                                         output_kind=RequestOutputKind.FINAL_ONLY))
+    engine.add_request(
+        "bad",
+        BAD_PROMPT,
+        SamplingParams(n=3, temperature=0.8, seed=1, max_tokens=MAX_TOKENS, output_kind=RequestOutputKind.FINAL_ONLY),
+    )
     _, sample = engine._sample_of["1_bad"]
     calls = []
 
@@ -176,8 +185,7 @@ def test_raising_final_text_fails_only_its_request(engine, alone):
     assert_clean(engine)
 
 
-def test_step_raising_before_the_device_ran_fails_its_requests_and_the_engine_goes_on(engine, alone,
-                                                                                     monkeypatch):
+def test_step_raising_before_the_device_ran_fails_its_requests_and_the_engine_goes_on(engine, alone, monkeypatch):
     original = engine.runner.execute_model
 
     def execute_model(scheduler_output):

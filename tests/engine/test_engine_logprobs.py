@@ -6,6 +6,7 @@ one (k or k + 1 entries), 1-based vocabulary ranks, of the raw model distributio
 cumulative_logprob is their sum. Prompt logprobs: one entry per prompt token, the
 first None.
 """
+
 import math
 
 import pytest
@@ -51,8 +52,7 @@ def assert_top_k_plus_token(entries: dict, k: int, token_id: int) -> None:
 
 @pytest.mark.parametrize("temperature", [0.0, 1.0])
 def test_each_position_has_k_or_k_plus_1_entries_including_the_sampled_token(llm, temperature):
-    out = run(llm, PROMPT, SamplingParams(temperature=temperature, seed=0, max_tokens=16,
-                                          logprobs=3)).outputs[0]
+    out = run(llm, PROMPT, SamplingParams(temperature=temperature, seed=0, max_tokens=16, logprobs=3)).outputs[0]
     assert len(out.logprobs) == len(out.token_ids) == 16
     for token_id, entries in zip(out.token_ids, out.logprobs):
         assert_top_k_plus_token(entries, 3, token_id)
@@ -122,11 +122,14 @@ def test_prompt_logprobs_are_computed_for_a_prefix_already_in_the_cache(llm, lon
     assert out.prompt_logprobs[0] is None and all(e is not None for e in out.prompt_logprobs[1:])
 
 
-@pytest.mark.parametrize(("field", "requested", "reported"), [
-    ("logprobs", MAX_LOGPROBS + 1, MAX_LOGPROBS + 1),
-    ("logprobs", -1, VOCAB_SIZE),
-    ("prompt_logprobs", MAX_LOGPROBS + 1, MAX_LOGPROBS + 1),
-])
+@pytest.mark.parametrize(
+    ("field", "requested", "reported"),
+    [
+        ("logprobs", MAX_LOGPROBS + 1, MAX_LOGPROBS + 1),
+        ("logprobs", -1, VOCAB_SIZE),
+        ("prompt_logprobs", MAX_LOGPROBS + 1, MAX_LOGPROBS + 1),
+    ],
+)
 def test_more_logprobs_than_max_logprobs_is_rejected_before_anything_runs(llm, field, requested, reported):
     kind = "sample" if field == "logprobs" else "prompt"
     message = f"Requested {kind} logprobs of {reported}, which is greater than max allowed: {MAX_LOGPROBS}"

@@ -1,12 +1,19 @@
 """RequestOutput.add merges streamed outputs as vLLM does."""
+
 from jllm.outputs import CompletionOutput, Logprob, RequestMetrics, RequestOutput
 
 
 def _output(index, text, token_ids, finish_reason=None, stop_reason=None, logprob=None):
     logprobs = None if logprob is None else [{t: Logprob(logprob)} for t in token_ids]
-    return CompletionOutput(index=index, text=text, token_ids=token_ids,
-                            cumulative_logprob=logprob, logprobs=logprobs,
-                            finish_reason=finish_reason, stop_reason=stop_reason)
+    return CompletionOutput(
+        index=index,
+        text=text,
+        token_ids=token_ids,
+        cumulative_logprob=logprob,
+        logprobs=logprobs,
+        finish_reason=finish_reason,
+        stop_reason=stop_reason,
+    )
 
 
 def _request(outputs, finished=False):
@@ -16,8 +23,7 @@ def _request(outputs, finished=False):
 def test_add_aggregate_concatenates_deltas():
     merged = _request([_output(0, "Hel", (5, 6), logprob=-1.0)])
     merged.add(_request([_output(0, "lo", [7], logprob=-2.0)]), aggregate=True)
-    merged.add(_request([_output(0, "!", [8], "stop", "!", logprob=-3.0)], finished=True),
-               aggregate=True)
+    merged.add(_request([_output(0, "!", [8], "stop", "!", logprob=-3.0)], finished=True), aggregate=True)
     (completion,) = merged.outputs
     assert completion.text == "Hello!"
     assert completion.token_ids == [5, 6, 7, 8]
@@ -55,13 +61,16 @@ def test_completion_finished_follows_finish_reason():
 def test_reprs_match_vllm_layout():
     completion = _output(0, "a'b", [5], "stop", None)
     assert repr(completion) == (
-        "CompletionOutput(index=0, text=\"a'b\", token_ids=[5], cumulative_logprob=None, "
-        "logprobs=None, finish_reason=stop, stop_reason=None)")
-    request = RequestOutput("r", "p", [1], None, [completion], True,
-                            metrics=RequestMetrics(arrival_time=1.0), num_cached_tokens=0)
+        'CompletionOutput(index=0, text="a\'b", token_ids=[5], cumulative_logprob=None, '
+        "logprobs=None, finish_reason=stop, stop_reason=None)"
+    )
+    request = RequestOutput(
+        "r", "p", [1], None, [completion], True, metrics=RequestMetrics(arrival_time=1.0), num_cached_tokens=0
+    )
     assert repr(request) == (
         f"RequestOutput(request_id=r, prompt='p', prompt_token_ids=[1], "
         f"prompt_logprobs=None, outputs=[{completion!r}], finished=True, "
         f"metrics=RequestMetrics(arrival_time=1.0, first_scheduled_time=None, "
         f"first_token_time=None, last_token_time=None, finished_time=None), "
-        f"num_cached_tokens=0)")
+        f"num_cached_tokens=0)"
+    )

@@ -1,4 +1,5 @@
 """SamplingParams: vLLM's defaults, normalisations and exact error messages."""
+
 import logging
 import re
 
@@ -76,49 +77,53 @@ def test_logit_bias_string_keys_converted_and_values_clamped():
 def test_output_text_buffer_length_is_longest_stop_minus_one():
     assert SamplingParams(stop=["ab", "abcd"]).output_text_buffer_length == 3
     # Nothing to hide when the stop string is going to be shown anyway.
-    assert SamplingParams(stop=["abcd"], include_stop_str_in_output=True
-                          ).output_text_buffer_length == 0
+    assert SamplingParams(stop=["abcd"], include_stop_str_in_output=True).output_text_buffer_length == 0
 
 
 def test_all_stop_token_ids_contains_stop_token_ids():
     assert SamplingParams(stop_token_ids=[4, 8]).all_stop_token_ids == {4, 8}
 
 
-@pytest.mark.parametrize("kwargs, message", [
-    ({"n": 1.5}, "n must be an int, but is of type <class 'float'>"),
-    ({"n": 0}, "n must be at least 1, got 0."),
-    ({"n": 20000}, "n must be at most 16384, got 20000."),
-    ({"presence_penalty": 2.5}, "presence_penalty must be in [-2, 2], got 2.5."),
-    ({"frequency_penalty": -3.0}, "frequency_penalty must be in [-2, 2], got -3.0."),
-    ({"repetition_penalty": float("inf")},
-     "repetition_penalty must be a finite number, got inf."),
-    ({"repetition_penalty": 0.0}, "repetition_penalty must be greater than zero, got 0.0."),
-    ({"temperature": float("nan")}, "temperature must be a finite number, got nan."),
-    ({"temperature": -0.5}, "temperature must be non-negative, got -0.5."),
-    ({"temperature": 2.5}, "temperature must be in [0, 2], got 2.5."),
-    ({"top_p": 0.0}, "top_p must be in (0, 1], got 0.0."),
-    ({"top_p": 1.5}, "top_p must be in (0, 1], got 1.5."),
-    ({"top_k": -2}, "top_k must be 0 (disable), or at least 1, got -2."),
-    ({"top_k": 2.5}, "top_k must be an integer, got float"),
-    ({"min_p": 1.5}, "min_p must be in [0, 1], got 1.5."),
-    ({"max_tokens": 0}, "max_tokens must be at least 1, got 0."),
-    ({"min_tokens": -1}, "min_tokens must be greater than or equal to 0, got -1."),
-    ({"min_tokens": 20, "max_tokens": 10},
-     "min_tokens must be less than or equal to max_tokens=10, got 20."),
-    ({"logprobs": -2}, "logprobs must be non-negative or -1, got -2."),
-    ({"prompt_logprobs": -2}, "prompt_logprobs must be non-negative or -1, got -2."),
-    ({"truncate_prompt_tokens": 0}, "truncate_prompt_tokens must be an integer >= 1 or -1, got 0"),
-    ({"truncate_prompt_tokens": -2},
-     "truncate_prompt_tokens must be an integer >= 1 or -1, got -2"),
-    ({"stop_token_ids": [1, "2"]}, "stop_token_ids must contain only integers, got [1, '2']."),
-    ({"stop": ["a", ""]}, "stop cannot contain an empty string."),
-    ({"stop": "x", "detokenize": False},
-     "stop strings are only supported when detokenize is True. Set detokenize=True to use stop."),
-    ({"bad_words": ["bad", ""]}, "bad_words cannot contain an empty string. Got bad_words=['bad', '']"),
-    ({"logit_bias": {"abc": 1.0, "3": 2.0}},
-     "logit_bias contains key(s) that cannot be converted to integer token IDs: ['abc']"),
-    ({"temperature": 0.0, "n": 2}, "n must be 1 when using greedy sampling, got 2."),
-], ids=lambda v: next(iter(v)) if isinstance(v, dict) else None)
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        ({"n": 1.5}, "n must be an int, but is of type <class 'float'>"),
+        ({"n": 0}, "n must be at least 1, got 0."),
+        ({"n": 20000}, "n must be at most 16384, got 20000."),
+        ({"presence_penalty": 2.5}, "presence_penalty must be in [-2, 2], got 2.5."),
+        ({"frequency_penalty": -3.0}, "frequency_penalty must be in [-2, 2], got -3.0."),
+        ({"repetition_penalty": float("inf")}, "repetition_penalty must be a finite number, got inf."),
+        ({"repetition_penalty": 0.0}, "repetition_penalty must be greater than zero, got 0.0."),
+        ({"temperature": float("nan")}, "temperature must be a finite number, got nan."),
+        ({"temperature": -0.5}, "temperature must be non-negative, got -0.5."),
+        ({"temperature": 2.5}, "temperature must be in [0, 2], got 2.5."),
+        ({"top_p": 0.0}, "top_p must be in (0, 1], got 0.0."),
+        ({"top_p": 1.5}, "top_p must be in (0, 1], got 1.5."),
+        ({"top_k": -2}, "top_k must be 0 (disable), or at least 1, got -2."),
+        ({"top_k": 2.5}, "top_k must be an integer, got float"),
+        ({"min_p": 1.5}, "min_p must be in [0, 1], got 1.5."),
+        ({"max_tokens": 0}, "max_tokens must be at least 1, got 0."),
+        ({"min_tokens": -1}, "min_tokens must be greater than or equal to 0, got -1."),
+        ({"min_tokens": 20, "max_tokens": 10}, "min_tokens must be less than or equal to max_tokens=10, got 20."),
+        ({"logprobs": -2}, "logprobs must be non-negative or -1, got -2."),
+        ({"prompt_logprobs": -2}, "prompt_logprobs must be non-negative or -1, got -2."),
+        ({"truncate_prompt_tokens": 0}, "truncate_prompt_tokens must be an integer >= 1 or -1, got 0"),
+        ({"truncate_prompt_tokens": -2}, "truncate_prompt_tokens must be an integer >= 1 or -1, got -2"),
+        ({"stop_token_ids": [1, "2"]}, "stop_token_ids must contain only integers, got [1, '2']."),
+        ({"stop": ["a", ""]}, "stop cannot contain an empty string."),
+        (
+            {"stop": "x", "detokenize": False},
+            "stop strings are only supported when detokenize is True. Set detokenize=True to use stop.",
+        ),
+        ({"bad_words": ["bad", ""]}, "bad_words cannot contain an empty string. Got bad_words=['bad', '']"),
+        (
+            {"logit_bias": {"abc": 1.0, "3": 2.0}},
+            "logit_bias contains key(s) that cannot be converted to integer token IDs: ['abc']",
+        ),
+        ({"temperature": 0.0, "n": 2}, "n must be 1 when using greedy sampling, got 2."),
+    ],
+    ids=lambda v: next(iter(v)) if isinstance(v, dict) else None,
+)
 def test_invalid_argument_raises_vllm_message(kwargs, message):
     with pytest.raises(ValueError, match=f"^{re.escape(message)}$"):
         SamplingParams(**kwargs)
@@ -128,19 +133,25 @@ def test_truncate_prompt_tokens_minus_one_is_allowed():
     assert SamplingParams(truncate_prompt_tokens=-1).truncate_prompt_tokens == -1
 
 
-@pytest.mark.parametrize("kwargs, message", [
-    ({"logprobs": 30}, "Requested sample logprobs of 30, which is greater than max allowed: 20"),
-    ({"logprobs": -1}, "Requested sample logprobs of 100, which is greater than max allowed: 20"),
-    ({"prompt_logprobs": 21},
-     "Requested prompt logprobs of 21, which is greater than max allowed: 20"),
-    ({"stop_token_ids": [3, 100, -1]},
-     "token_id(s) [100, -1] in stop_token_ids contain out-of-vocab token ids. "
-     "Vocabulary size: 100"),
-    ({"logit_bias": {100: 1.0}},
-     "token_id(s) [100] in logit_bias contain out-of-vocab token ids. Vocabulary size: 100"),
-    ({"allowed_token_ids": []}, "allowed_token_ids is not None and empty!"),
-    ({"allowed_token_ids": [1, 100]}, "allowed_token_ids contains out-of-vocab token id!"),
-], ids=lambda v: next(iter(v)) if isinstance(v, dict) else None)
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        ({"logprobs": 30}, "Requested sample logprobs of 30, which is greater than max allowed: 20"),
+        ({"logprobs": -1}, "Requested sample logprobs of 100, which is greater than max allowed: 20"),
+        ({"prompt_logprobs": 21}, "Requested prompt logprobs of 21, which is greater than max allowed: 20"),
+        (
+            {"stop_token_ids": [3, 100, -1]},
+            "token_id(s) [100, -1] in stop_token_ids contain out-of-vocab token ids. Vocabulary size: 100",
+        ),
+        (
+            {"logit_bias": {100: 1.0}},
+            "token_id(s) [100] in logit_bias contain out-of-vocab token ids. Vocabulary size: 100",
+        ),
+        ({"allowed_token_ids": []}, "allowed_token_ids is not None and empty!"),
+        ({"allowed_token_ids": [1, 100]}, "allowed_token_ids contains out-of-vocab token id!"),
+    ],
+    ids=lambda v: next(iter(v)) if isinstance(v, dict) else None,
+)
 def test_verify_raises_vllm_message(kwargs, message):
     with pytest.raises(ValueError, match=f"^{re.escape(message)}$"):
         SamplingParams(**kwargs).verify(vocab_size=100, max_logprobs=20)
@@ -194,7 +205,8 @@ def test_repr_matches_vllm_layout():
         "include_stop_str_in_output=False, ignore_eos=False, max_tokens=16, "
         "min_tokens=0, logprobs=None, prompt_logprobs=None, skip_special_tokens=True, "
         "spaces_between_special_tokens=True, truncate_prompt_tokens=None, "
-        "extra_args=None)")
+        "extra_args=None)"
+    )
 
 
 def test_from_optional_treats_none_as_default():

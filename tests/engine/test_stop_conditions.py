@@ -6,6 +6,7 @@ greedily and record the text after every token; each stop string or stop token i
 then picked from that known output, and the expected output is a prefix of it. EOS is
 made deterministic with a logit_bias on it.
 """
+
 from dataclasses import dataclass
 
 import pytest
@@ -26,6 +27,7 @@ def greedy(**kwargs) -> SamplingParams:
 class Trace:
     """The greedy continuation of PROMPT: its tokens, and texts[k], the output text
     once tokens 0..k have been generated."""
+
     token_ids: list[int]
     texts: list[str]
 
@@ -69,7 +71,7 @@ def spanning_stop_string(trace: Trace) -> tuple[str, int]:
     for k in range(4, MAX_TOKENS - 1):
         end = len(trace.texts[k])
         if end - len(trace.texts[k - 1]) >= 2 and len(trace.texts[k + 1]) - end >= 2:
-            stop = trace.text[end - 2:end + 2]
+            stop = trace.text[end - 2 : end + 2]
             if trace.first_token_completing(stop) == k + 1:
                 return stop, k + 1
     raise AssertionError("no two neighbouring tokens of two characters or more")
@@ -86,16 +88,16 @@ def test_stop_string_truncates_the_text_before_it(llm, trace):
     stop, k = spanning_stop_string(trace)
     out = run(llm, greedy(stop=[stop]))
     # Tokens up to the one that completes the stop string; the text ends before it.
-    assert list(out.token_ids) == trace.token_ids[:k + 1]
-    assert out.text == trace.text[:trace.text.index(stop)]
+    assert list(out.token_ids) == trace.token_ids[: k + 1]
+    assert out.text == trace.text[: trace.text.index(stop)]
     assert (out.finish_reason, out.stop_reason) == ("stop", stop)
 
 
 def test_include_stop_str_in_output_keeps_the_stop_string(llm, trace):
     stop, k = spanning_stop_string(trace)
     out = run(llm, greedy(stop=[stop], include_stop_str_in_output=True))
-    assert list(out.token_ids) == trace.token_ids[:k + 1]
-    assert out.text == trace.text[:trace.text.index(stop) + len(stop)]
+    assert list(out.token_ids) == trace.token_ids[: k + 1]
+    assert out.text == trace.text[: trace.text.index(stop) + len(stop)]
     assert (out.finish_reason, out.stop_reason) == ("stop", stop)
 
 
@@ -104,7 +106,7 @@ def test_stop_token_id_ends_the_output_and_is_the_stop_reason(llm, trace):
     k = trace.token_ids.index(stop_token)
     out = run(llm, greedy(stop_token_ids=[stop_token]))
     # The stop token is in token_ids; its text is not in the output text.
-    assert list(out.token_ids) == trace.token_ids[:k + 1]
+    assert list(out.token_ids) == trace.token_ids[: k + 1]
     assert out.text == (trace.texts[k - 1] if k else "")
     assert (out.finish_reason, out.stop_reason) == ("stop", stop_token)
 
@@ -113,7 +115,7 @@ def test_stop_token_text_is_kept_with_include_stop_str_in_output(llm, trace):
     stop_token = trace.token_ids[5]
     k = trace.token_ids.index(stop_token)
     out = run(llm, greedy(stop_token_ids=[stop_token], include_stop_str_in_output=True))
-    assert list(out.token_ids) == trace.token_ids[:k + 1]
+    assert list(out.token_ids) == trace.token_ids[: k + 1]
     assert out.text == trace.texts[k]
     assert (out.finish_reason, out.stop_reason) == ("stop", stop_token)
 

@@ -3,6 +3,7 @@ the ragged kernel for prefill and mixed steps, the split-K decode kernel for
 decode-only steps, flash attention for lone prompt chunks (XLA's implementation here,
 cuDNN's on the GPU), and the same greedy tokens as the plain-jnp reference backend.
 """
+
 import random
 
 import jax.numpy as jnp
@@ -101,6 +102,7 @@ def test_prefix_prefill_attention_matches_the_reference(prefix_len, num_tokens):
     seq_len = jnp.int32(prefix_len + num_tokens)
     got = prefix_prefill_attention(q, k, v, k_cache, v_cache, pages, seq_len, jnp.int32(num_tokens), scale=0.25)
     want = ragged_paged_attention_reference(
-        q, k_cache, v_cache, jnp.array([0, num_tokens], jnp.int32), seq_len.reshape(1), pages[None], scale=0.25)
+        q, k_cache, v_cache, jnp.array([0, num_tokens], jnp.int32), seq_len.reshape(1), pages[None], scale=0.25
+    )
     np.testing.assert_allclose(np.asarray(got), np.asarray(want), atol=2e-5, rtol=2e-5)
     assert not np.asarray(got)[num_tokens:].any()

@@ -5,6 +5,7 @@ with different per-row parameters, so per-row broadcasting bugs show up. The
 reference follows VLLM_BEHAVIOUR.md 2.2: whitelist -> bans -> logit_bias ->
 repetition -> frequency -> presence; then temperature -> min_p -> top-k -> top-p.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -49,6 +50,7 @@ def _pad(rows: list[list[int] | None], num_rows: int, fill=-1, dtype=np.int32, w
 @dataclasses.dataclass
 class Row:
     """One request's sampling parameters (the numpy reference reads these)."""
+
     temperature: float = 1.0
     top_k: int = 0
     top_p: float = 1.0
@@ -206,8 +208,16 @@ def test_logits_processors_match_numpy(rng):
         Row(banned=[0, 5, 39], bias={2: 5.0, 9: -3.5, 17: 0.25}),
         Row(repetition=1.7, prompt=[1, 4, 4, 8, 12, 20], output=[4, 25, 25]),
         Row(frequency=0.6, presence=0.9, prompt=[2, 3], output=[6, 6, 6, 10, 33, 10]),
-        Row(repetition=0.8, frequency=-0.3, presence=0.4, prompt=[0, 1, 2, 3, 4, 5, 6, 7],
-            output=[5, 5, 9], allowed=[1, 2, 5, 9, 21, 22], banned=[22], bias={1: 2.0, 21: -1.0}),
+        Row(
+            repetition=0.8,
+            frequency=-0.3,
+            presence=0.4,
+            prompt=[0, 1, 2, 3, 4, 5, 6, 7],
+            output=[5, 5, 9],
+            allowed=[1, 2, 5, 9, 21, 22],
+            banned=[22],
+            bias={1: 2.0, 21: -1.0},
+        ),
         Row(repetition=1.3),  # penalised row with an empty prompt and no outputs yet
     ]
     logits = rng.normal(0.0, 3.0, (len(rows), V)).astype(np.float32)
@@ -227,8 +237,10 @@ def test_repetition_penalty_sign_rule_and_prompt_only(rng):
     V = 16
     logits = rng.normal(0.0, 2.0, (2, V)).astype(np.float32)
     logits[:, 0], logits[:, 1] = 3.0, -3.0
-    rows = [Row(repetition=2.0, frequency=1.0, presence=1.0, prompt=[0, 1, 0]),
-            Row(repetition=2.0, frequency=1.0, presence=1.0, prompt=[2], output=[0, 1, 1])]
+    rows = [
+        Row(repetition=2.0, frequency=1.0, presence=1.0, prompt=[0, 1, 0]),
+        Row(repetition=2.0, frequency=1.0, presence=1.0, prompt=[2], output=[0, 1, 1]),
+    ]
     got = np.asarray(apply_logits_processors(jnp.asarray(logits), make_md(rows)))
     _assert_same_logits(got, ref_processors(logits, rows))
     assert got[0, 0] == pytest.approx(1.5) and got[0, 1] == pytest.approx(-6.0)
@@ -241,8 +253,7 @@ def test_width_zero_arrays_disable_everything(rng):
     logits = rng.normal(size=(3, 32)).astype(np.float32)
     rows = [Row(), Row(temperature=0.0), Row(top_k=3)]
     md = make_md(rows)
-    for name in ("prompt_token_ids", "output_token_ids", "bias_token_ids", "banned_token_ids",
-                 "allowed_token_ids"):
+    for name in ("prompt_token_ids", "output_token_ids", "bias_token_ids", "banned_token_ids", "allowed_token_ids"):
         assert getattr(md, name).shape == (3, 0)
     np.testing.assert_array_equal(np.asarray(apply_logits_processors(jnp.asarray(logits), md)), logits)
 
@@ -251,8 +262,12 @@ def test_logit_bias_and_bans_are_per_row(rng):
     """Padding (-1) entries and other rows' ids must not leak into a row."""
     V = 24
     logits = rng.normal(size=(4, V)).astype(np.float32)
-    rows = [Row(bias={0: 1.0, 1: 2.0, 2: 3.0, 3: 4.0}), Row(banned=[23]), Row(bias={23: -100.0}),
-            Row(banned=[0, 1, 2, 3, 4, 5, 6])]
+    rows = [
+        Row(bias={0: 1.0, 1: 2.0, 2: 3.0, 3: 4.0}),
+        Row(banned=[23]),
+        Row(bias={23: -100.0}),
+        Row(banned=[0, 1, 2, 3, 4, 5, 6]),
+    ]
     got = np.asarray(apply_logits_processors(jnp.asarray(logits), make_md(rows)))
     _assert_same_logits(got, ref_processors(logits, rows))
     assert np.isfinite(got[[0, 2]]).all()
@@ -281,8 +296,19 @@ def test_min_p_matches_numpy(rng):
 
 
 _TOP_K_P = [  # (top_k, top_p)
-    (0, 1.0), (-1, 1.0), (1, 1.0), (5, 1.0), (48, 1.0), (100, 1.0),  # 48 == V, 100 > V
-    (0, 0.5), (0, 0.9), (0, 1e-6), (7, 0.8), (3, 0.999), (48, 0.3), (20, 0.95),
+    (0, 1.0),
+    (-1, 1.0),
+    (1, 1.0),
+    (5, 1.0),
+    (48, 1.0),
+    (100, 1.0),  # 48 == V, 100 > V
+    (0, 0.5),
+    (0, 0.9),
+    (0, 1e-6),
+    (7, 0.8),
+    (3, 0.999),
+    (48, 0.3),
+    (20, 0.95),
 ]
 
 
@@ -302,7 +328,7 @@ def test_top_k_top_p_matches_numpy(rng):
     assert kept[8] == 1  # tiny p still keeps the top token
     for i, (k, p) in enumerate(_TOP_K_P):  # the kept head reaches p; one fewer would not
         if p < 1.0:
-            restricted = ref_top_k_top_p(logits[i:i + 1], [k], [1.0])[0]
+            restricted = ref_top_k_top_p(logits[i : i + 1], [k], [1.0])[0]
             probs = np.sort(_softmax(restricted))[::-1]
             assert probs[: kept[i]].sum() >= p - 1e-6
             assert probs[: kept[i] - 1].sum() < p
@@ -310,8 +336,7 @@ def test_top_k_top_p_matches_numpy(rng):
 
 def test_top_k_ties_with_kth_value_survive():
     logits = np.asarray([[5.0, 4.0, 4.0, 4.0, 1.0, 0.0], [3.0, 3.0, 3.0, 2.0, 2.0, 1.0]], np.float32)
-    got = np.asarray(apply_top_k_top_p(jnp.asarray(logits), jnp.asarray([2, 1], jnp.int32),
-                                       jnp.ones(2, jnp.float32)))
+    got = np.asarray(apply_top_k_top_p(jnp.asarray(logits), jnp.asarray([2, 1], jnp.int32), jnp.ones(2, jnp.float32)))
     np.testing.assert_array_equal(np.isfinite(got), [[1, 1, 1, 1, 0, 0], [1, 1, 1, 0, 0, 0]])
 
 
@@ -364,10 +389,18 @@ def test_greedy_rows_take_argmax_of_processed_logits(rng):
 
 
 def _random_rows(num: int, rng) -> list[Row]:
-    configs = [dict(), dict(temperature=0.6, top_k=10), dict(top_p=0.7), dict(min_p=0.05, temperature=1.4),
-               dict(top_k=20, top_p=0.9, bias={3: 2.0}), dict(banned=[0, 1, 2], presence=0.5, output=[4, 5])]
-    return [Row(seed=int(rng.integers(0, 2**63)), step=int(rng.integers(0, 1000)), **configs[i % len(configs)])
-            for i in range(num)]
+    configs = [
+        dict(),
+        dict(temperature=0.6, top_k=10),
+        dict(top_p=0.7),
+        dict(min_p=0.05, temperature=1.4),
+        dict(top_k=20, top_p=0.9, bias={3: 2.0}),
+        dict(banned=[0, 1, 2], presence=0.5, output=[4, 5]),
+    ]
+    return [
+        Row(seed=int(rng.integers(0, 2**63)), step=int(rng.integers(0, 1000)), **configs[i % len(configs)])
+        for i in range(num)
+    ]
 
 
 def test_seeded_row_is_batch_invariant(rng):
@@ -375,15 +408,14 @@ def test_seeded_row_is_batch_invariant(rng):
     wherever the row sits (each row alone in a batch of one is the reference)."""
     rows = _random_rows(6, rng)
     logits = rng.normal(0.0, 1.0, (6, V64)).astype(np.float32)
-    alone = np.asarray([_draw(logits[i:i + 1], [rows[i]]).sampled_token_ids[0] for i in range(6)])
+    alone = np.asarray([_draw(logits[i : i + 1], [rows[i]]).sampled_token_ids[0] for i in range(6)])
 
     for trial in range(3):  # the six rows shuffled among two other rows (random or greedy)
         extra = _random_rows(2, rng)
         extra[0].temperature = 0.0 if trial else 1.0
         order = list(rng.permutation(8))  # positions 6 and 7 are the extra rows
         batch_rows = [rows[o] if o < 6 else extra[o - 6] for o in order]
-        batch_logits = np.stack([logits[o] if o < 6 else rng.normal(size=V64).astype(np.float32)
-                                 for o in order])
+        batch_logits = np.stack([logits[o] if o < 6 else rng.normal(size=V64).astype(np.float32) for o in order])
         got = _draw(batch_logits, batch_rows).sampled_token_ids
         for j, o in enumerate(order):
             if o < 6:
@@ -396,9 +428,12 @@ def test_steps_and_seeds_give_different_draws():
     seed = 2**40 + 12345  # uses both halves of the 64-bit seed
 
     def draws(seed):  # 64 steps, eight at a time
-        return np.concatenate([
-            _draw(logits, [Row(seed=seed, step=s) for s in range(b, b + S8)]).sampled_token_ids
-            for b in range(0, 64, S8)])
+        return np.concatenate(
+            [
+                _draw(logits, [Row(seed=seed, step=s) for s in range(b, b + S8)]).sampled_token_ids
+                for b in range(0, 64, S8)
+            ]
+        )
 
     by_step = draws(seed)
     assert len(set(by_step.tolist())) > 30  # ~41 distinct values expected
@@ -417,6 +452,7 @@ def _draw_many(logits, rows, num_steps):
         def one(step):
             md_s = dataclasses.replace(md, step=md.step + step)
             return sample(logits, md_s, num_logprobs=0).sampled_token_ids
+
         return jax.lax.map(one, jnp.arange(num_steps, dtype=jnp.int32))
 
     return np.asarray(run(jnp.asarray(logits), md))
@@ -504,7 +540,8 @@ def test_compute_logprobs_matches_numpy(rng):
     tokens[0] = logits[0].argmax()
     tokens[1] = logits[1].argmin()
     top_ids, top_lp, tok_lp, ranks = jax.jit(compute_logprobs, static_argnums=2)(
-        jnp.asarray(logits), jnp.asarray(tokens), K)
+        jnp.asarray(logits), jnp.asarray(tokens), K
+    )
     ref = _log_softmax(logits)
     order = np.argsort(-ref, axis=1, kind="stable")[:, :K]
     np.testing.assert_array_equal(np.asarray(top_ids), order)
@@ -521,9 +558,16 @@ def test_sample_returns_raw_logprobs_of_the_sampled_token(rng):
     biased/penalised/filtered ones; num_logprobs = 0 gives width-0 outputs."""
     K = 3
     logits = rng.normal(0.0, 2.0, (S8, V64)).astype(np.float32)
-    rows = [Row(temperature=0.0, bias={5: 30.0}), Row(seed=3, top_k=8), Row(temperature=0.0),
-            Row(seed=4, allowed=[1, 2, 3]), Row(seed=5, repetition=3.0, prompt=[0, 1, 2, 3]),
-            Row(seed=6, temperature=2.0), Row(seed=7, top_p=0.5), Row(temperature=0.0, banned=[9])]
+    rows = [
+        Row(temperature=0.0, bias={5: 30.0}),
+        Row(seed=3, top_k=8),
+        Row(temperature=0.0),
+        Row(seed=4, allowed=[1, 2, 3]),
+        Row(seed=5, repetition=3.0, prompt=[0, 1, 2, 3]),
+        Row(seed=6, temperature=2.0),
+        Row(seed=7, top_p=0.5),
+        Row(temperature=0.0, banned=[9]),
+    ]
     out = _draw(logits, rows, num_logprobs=K)
     ref = _log_softmax(logits)
     tok = out.sampled_token_ids

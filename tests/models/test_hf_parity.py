@@ -5,6 +5,7 @@ SmolLM2-135M-Instruct GGUF, loaded by transformers with `gguf_file=`, and tiny r
 Llama (llama3 rope scaling), Mistral (sliding window), Qwen2 (qkv bias) and Qwen3 (q/k norm)
 models built and saved by tests/hf_models.py. The comparisons are vLLM's (tests/models/utils.py).
 """
+
 import copy
 import os
 
@@ -70,7 +71,7 @@ CHINESE_PROMPT = "请用简单的语言解释什么是人工智能。"
 SMOLLM2_PROMPTS = [
     "The capital of France is",
     "Once upon a time, in a small village by the sea,",
-    "def fibonacci(n):\n    \"\"\"Return the n-th Fibonacci number.\"\"\"\n",
+    'def fibonacci(n):\n    """Return the n-th Fibonacci number."""\n',
     "Here is a list of three fruits:",
     FRENCH_PROMPT,
     CHINESE_PROMPT,
@@ -104,9 +105,14 @@ def as_ids_text(outputs):
 
 
 def as_ids_text_logprobs(outputs):
-    return [(list(o.outputs[0].token_ids), o.outputs[0].text,
-             [{t: lp.logprob for t, lp in step.items()} for step in o.outputs[0].logprobs])
-            for o in outputs]
+    return [
+        (
+            list(o.outputs[0].token_ids),
+            o.outputs[0].text,
+            [{t: lp.logprob for t, lp in step.items()} for step in o.outputs[0].logprobs],
+        )
+        for o in outputs
+    ]
 
 
 def hf_as_ids_text_logprobs(outputs):
@@ -144,8 +150,12 @@ def test_smollm2_greedy_equals_hf_float32(smollm2_greedy, smollm2_hf, smollm2_ll
     tokenizer = smollm2_llm.get_tokenizer()
     prompt_ids = [o.prompt_token_ids for o in smollm2_greedy]
     reference = hf_greedy(smollm2_hf, tokenizer, prompt_ids, MAX_TOKENS)
-    check_outputs_equal(outputs_0_lst=[(o.token_ids, o.text) for o in reference],
-                        outputs_1_lst=as_ids_text(smollm2_greedy), name_0="hf", name_1="jllm")
+    check_outputs_equal(
+        outputs_0_lst=[(o.token_ids, o.text) for o in reference],
+        outputs_1_lst=as_ids_text(smollm2_greedy),
+        name_0="hf",
+        name_1="jllm",
+    )
 
 
 def test_smollm2_prompt_logprobs_match_hf_float32(smollm2_llm, smollm2_hf):
@@ -191,10 +201,19 @@ def smollm2_llm_bf16(smollm2_gguf_path):
 def test_smollm2_logprobs_close_to_hf_bfloat16(smollm2_llm_bf16, smollm2_hf):
     hf_bf16 = copy.deepcopy(smollm2_hf).to(torch.bfloat16)
     outputs = jllm_generate(smollm2_llm_bf16, SMOLLM2_PROMPTS, greedy(logprobs=NUM_LOGPROBS))
-    reference = hf_greedy(hf_bf16, smollm2_llm_bf16.get_tokenizer(), [o.prompt_token_ids for o in outputs],
-                          MAX_TOKENS, num_logprobs=NUM_LOGPROBS)
-    check_logprobs_close(outputs_0_lst=hf_as_ids_text_logprobs(reference),
-                         outputs_1_lst=as_ids_text_logprobs(outputs), name_0="hf", name_1="jllm")
+    reference = hf_greedy(
+        hf_bf16,
+        smollm2_llm_bf16.get_tokenizer(),
+        [o.prompt_token_ids for o in outputs],
+        MAX_TOKENS,
+        num_logprobs=NUM_LOGPROBS,
+    )
+    check_logprobs_close(
+        outputs_0_lst=hf_as_ids_text_logprobs(reference),
+        outputs_1_lst=as_ids_text_logprobs(outputs),
+        name_0="hf",
+        name_1="jllm",
+    )
 
 
 # ---------------------------------------------------------------- tiny random-weight models
@@ -212,8 +231,10 @@ def tokenizer_folder(tmp_path_factory, smollm2_gguf_path):
 def tiny_folders(tmp_path_factory, tokenizer_folder):
     tokenizer = AutoTokenizer.from_pretrained(tokenizer_folder)
     root = tmp_path_factory.mktemp("tiny-models")
-    return {name: save_tiny_model(spec, str(root / name), tokenizer, seed=i)
-            for i, (name, spec) in enumerate(TINY_MODELS.items())}
+    return {
+        name: save_tiny_model(spec, str(root / name), tokenizer, seed=i)
+        for i, (name, spec) in enumerate(TINY_MODELS.items())
+    }
 
 
 class TinyModelRun:
@@ -250,8 +271,12 @@ def test_tiny_model_outputs_vary(tiny_run):
 
 
 def test_tiny_model_greedy_equals_hf_float32(tiny_run):
-    check_outputs_equal(outputs_0_lst=[(o.token_ids, o.text) for o in tiny_run.hf_outputs],
-                        outputs_1_lst=as_ids_text(tiny_run.jllm_outputs), name_0="hf", name_1="jllm")
+    check_outputs_equal(
+        outputs_0_lst=[(o.token_ids, o.text) for o in tiny_run.hf_outputs],
+        outputs_1_lst=as_ids_text(tiny_run.jllm_outputs),
+        name_0="hf",
+        name_1="jllm",
+    )
 
 
 def _without_feature(name: str, folder: str):
@@ -261,8 +286,9 @@ def _without_feature(name: str, folder: str):
         config.rope_parameters = {"rope_type": "default", "rope_theta": config.rope_parameters["rope_theta"]}
     elif name == "mistral-sliding-window":
         config.sliding_window = None
-    model = AutoModelForCausalLM.from_pretrained(folder, config=config, dtype=torch.float32,
-                                                 attn_implementation="eager").eval()
+    model = AutoModelForCausalLM.from_pretrained(
+        folder, config=config, dtype=torch.float32, attn_implementation="eager"
+    ).eval()
     with torch.no_grad():
         for param_name, param in model.named_parameters():
             if name == "qwen2-qkv-bias" and param_name.endswith("_proj.bias"):
@@ -276,8 +302,7 @@ def test_tiny_model_feature_changes_hf_output(tiny_run):
     """Each architecture's feature (llama3 scaling, sliding window, qkv bias, q/k norm)
     changes HF's greedy output on the long prompt, so the parity test above covers it."""
     long_prompt = [tiny_run.prompt_ids[-1]]
-    ablated = hf_greedy(_without_feature(tiny_run.name, tiny_run.folder), tiny_run.tokenizer, long_prompt,
-                        MAX_TOKENS)
+    ablated = hf_greedy(_without_feature(tiny_run.name, tiny_run.folder), tiny_run.tokenizer, long_prompt, MAX_TOKENS)
     assert ablated[0].token_ids != tiny_run.hf_outputs[-1].token_ids
 
 
@@ -286,12 +311,18 @@ def test_tiny_model_logprobs_close_to_hf_bfloat16(name, tiny_folders):
     folder = tiny_folders[name]
     tokenizer = AutoTokenizer.from_pretrained(folder)
     prompt_ids = [tokenizer(p).input_ids for p in TINY_PROMPTS]
-    outputs = jllm_generate(LLM(model=folder, dtype="bfloat16", **ENGINE_ARGS), prompt_ids,
-                            greedy(logprobs=NUM_LOGPROBS))
-    reference = hf_greedy(load_hf_model(folder, torch.bfloat16), tokenizer, prompt_ids, MAX_TOKENS,
-                          num_logprobs=NUM_LOGPROBS)
-    check_logprobs_close(outputs_0_lst=hf_as_ids_text_logprobs(reference),
-                         outputs_1_lst=as_ids_text_logprobs(outputs), name_0="hf", name_1="jllm")
+    outputs = jllm_generate(
+        LLM(model=folder, dtype="bfloat16", **ENGINE_ARGS), prompt_ids, greedy(logprobs=NUM_LOGPROBS)
+    )
+    reference = hf_greedy(
+        load_hf_model(folder, torch.bfloat16), tokenizer, prompt_ids, MAX_TOKENS, num_logprobs=NUM_LOGPROBS
+    )
+    check_logprobs_close(
+        outputs_0_lst=hf_as_ids_text_logprobs(reference),
+        outputs_1_lst=as_ids_text_logprobs(outputs),
+        name_0="hf",
+        name_1="jllm",
+    )
 
 
 def test_tiny_mistral_prompt_logprobs_match_hf_float32(tiny_folders):
@@ -299,8 +330,9 @@ def test_tiny_mistral_prompt_logprobs_match_hf_float32(tiny_folders):
     folder = tiny_folders["mistral-sliding-window"]
     tokenizer = AutoTokenizer.from_pretrained(folder)
     prompt_ids = [tokenizer(p).input_ids for p in (MEDIUM_PROMPT, LONG_PROMPT)]
-    outputs = jllm_generate(LLM(model=folder, **ENGINE_ARGS), prompt_ids,
-                            greedy(max_tokens=1, prompt_logprobs=NUM_LOGPROBS))
+    outputs = jllm_generate(
+        LLM(model=folder, **ENGINE_ARGS), prompt_ids, greedy(max_tokens=1, prompt_logprobs=NUM_LOGPROBS)
+    )
     hf = load_hf_model(folder)
     for output in outputs:
         assert_prompt_logprobs_match(output, hf_prompt_logprobs(hf, output.prompt_token_ids))

@@ -1,4 +1,5 @@
 """Weight, config and tokenizer loading, checked against transformers' own loaders."""
+
 import json
 import os
 import subprocess
@@ -44,9 +45,21 @@ TEXTS = [
     "",
 ]
 CONFIG_FIELDS = [
-    "model_type", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
-    "num_key_value_heads", "head_dim", "rms_norm_eps", "rope_parameters", "max_position_embeddings",
-    "vocab_size", "tie_word_embeddings", "bos_token_id", "eos_token_id", "pad_token_id",
+    "model_type",
+    "hidden_size",
+    "intermediate_size",
+    "num_hidden_layers",
+    "num_attention_heads",
+    "num_key_value_heads",
+    "head_dim",
+    "rms_norm_eps",
+    "rope_parameters",
+    "max_position_embeddings",
+    "vocab_size",
+    "tie_word_embeddings",
+    "bos_token_id",
+    "eos_token_id",
+    "pad_token_id",
 ]
 
 
@@ -174,9 +187,17 @@ def write_gguf(path, arch, config, state_dict):
 
 
 TINY = dict(
-    hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
-    num_key_value_heads=2, vocab_size=128, max_position_embeddings=256, rms_norm_eps=1e-6,
-    bos_token_id=1, eos_token_id=2, tie_word_embeddings=False,
+    hidden_size=64,
+    intermediate_size=96,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    vocab_size=128,
+    max_position_embeddings=256,
+    rms_norm_eps=1e-6,
+    bos_token_id=1,
+    eos_token_id=2,
+    tie_word_embeddings=False,
 )
 TINY_MODELS = {
     "llama": (LlamaConfig(**TINY), LlamaForCausalLM),

@@ -1,4 +1,5 @@
 """Dummy weights (load_format="dummy"): real shapes, vLLM's range, reproducible by seed."""
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -6,9 +7,17 @@ import numpy as np
 from jllm.models.llama import DecoderSpec, LlamaForCausalLM
 from jllm.models.model_loader import dummy_params, param_shapes
 
-SPEC = DecoderSpec(vocab_size=128, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                   num_attention_heads=4, num_key_value_heads=2, head_dim=8, rms_norm_eps=1e-5,
-                   tie_word_embeddings=False)
+SPEC = DecoderSpec(
+    vocab_size=128,
+    hidden_size=32,
+    intermediate_size=64,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    head_dim=8,
+    rms_norm_eps=1e-5,
+    tie_word_embeddings=False,
+)
 
 
 def test_dummy_params_have_the_model_shapes_and_vllm_range():

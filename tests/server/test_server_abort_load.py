@@ -1,5 +1,6 @@
 """Clients that leave abort their requests and give every KV page back; 200 concurrent
 streams all finish with exactly their token counts and the offline greedy texts."""
+
 from __future__ import annotations
 
 import asyncio
@@ -34,8 +35,13 @@ def metric(server, name: str, **labels) -> float:
 
 def long_request(**fields) -> dict:
     # Long enough that no request could finish during the test: only an abort ends it.
-    return {"prompt": "Tell me a long story about the sea.", "max_tokens": MAX_MODEL_LEN - 20, "ignore_eos": True,
-            "temperature": 0, **fields}
+    return {
+        "prompt": "Tell me a long story about the sea.",
+        "max_tokens": MAX_MODEL_LEN - 20,
+        "ignore_eos": True,
+        "temperature": 0,
+        **fields,
+    }
 
 
 async def leave_mid_stream(client: httpx.AsyncClient, chunks_to_read: int) -> int:
@@ -88,8 +94,15 @@ def test_non_streaming_client_that_times_out_is_aborted(server):
 
 
 async def stream_completion(client: httpx.AsyncClient, prompt: str, max_tokens: int) -> dict:
-    body = {"prompt": prompt, "max_tokens": max_tokens, "temperature": 0, "ignore_eos": True, "stream": True,
-            "stream_options": {"include_usage": True}, "return_token_ids": True}
+    body = {
+        "prompt": prompt,
+        "max_tokens": max_tokens,
+        "temperature": 0,
+        "ignore_eos": True,
+        "stream": True,
+        "stream_options": {"include_usage": True},
+        "return_token_ids": True,
+    }
     result = {"text": "", "token_ids": [], "usage": None, "done": False, "finish_reason": None}
     async with client.stream("POST", "/v1/completions", json=body) as response:
         assert response.status_code == 200
@@ -119,11 +132,13 @@ def test_200_concurrent_streams_finish_exactly_and_match_offline_greedy(server, 
         limits = httpx.Limits(max_connections=NUM_LOAD_REQUESTS, max_keepalive_connections=NUM_LOAD_REQUESTS)
         async with httpx.AsyncClient(base_url=server.base_url, timeout=300, limits=limits) as client:
             return await asyncio.wait_for(
-                asyncio.gather(*(stream_completion(client, p, m) for p, m in zip(prompts, max_tokens))), 600)
+                asyncio.gather(*(stream_completion(client, p, m) for p, m in zip(prompts, max_tokens))), 600
+            )
 
     results = asyncio.run(main())
-    expected = llm.generate(prompts, [SamplingParams(temperature=0, max_tokens=m, ignore_eos=True)
-                                      for m in max_tokens], use_tqdm=False)
+    expected = llm.generate(
+        prompts, [SamplingParams(temperature=0, max_tokens=m, ignore_eos=True) for m in max_tokens], use_tqdm=False
+    )
     for result, m, want in zip(results, max_tokens, expected):
         assert result["done"] and result["finish_reason"] == "length"
         assert len(result["token_ids"]) == m and result["usage"]["completion_tokens"] == m

@@ -1,5 +1,6 @@
 """AsyncLLMEngine on a stand-in engine core (no model): output kinds, errors at
 admission, aborts when a caller leaves, several event loops, engine death, statistics."""
+
 from __future__ import annotations
 
 import asyncio
@@ -28,8 +29,10 @@ class FakeEngineCore:
         self.step_seconds = step_seconds
         self.num_steps = 0
         self.scheduler = SimpleNamespace(
-            get_request_counts=lambda: (len(self.requests), 0), num_preemptions=0,
-            block_manager=SimpleNamespace(usage=0.0, prefix_cache_stats=PrefixCacheStats()))
+            get_request_counts=lambda: (len(self.requests), 0),
+            num_preemptions=0,
+            block_manager=SimpleNamespace(usage=0.0, prefix_cache_stats=PrefixCacheStats()),
+        )
 
     def add_request(self, request_id, prompt, params, arrival_time=None) -> None:
         if prompt == "bad":
@@ -58,9 +61,16 @@ class FakeEngineCore:
             prompt, params, k = entry
             entry[2] = k = k + 1
             done = k >= params.max_tokens
-            outputs.append(RequestOutput(
-                request_id, prompt, [1, 2, 3], None,
-                [CompletionOutput(0, f"t{k} ", [k], None, None, "length" if done else None)], done))
+            outputs.append(
+                RequestOutput(
+                    request_id,
+                    prompt,
+                    [1, 2, 3],
+                    None,
+                    [CompletionOutput(0, f"t{k} ", [k], None, None, "length" if done else None)],
+                    done,
+                )
+            )
             if done:
                 del self.requests[request_id]
         return outputs
@@ -192,8 +202,9 @@ def test_several_event_loops_each_get_their_own_outputs(engine):
 
     def client(name: str, n: int) -> None:
         async def main():
-            return await asyncio.gather(*(collect(engine, f"{name}-{i}", params(i + 1, RequestOutputKind.FINAL_ONLY))
-                                          for i in range(n)))
+            return await asyncio.gather(
+                *(collect(engine, f"{name}-{i}", params(i + 1, RequestOutputKind.FINAL_ONLY)) for i in range(n))
+            )
 
         results[name] = asyncio.run(main())
 

@@ -3,6 +3,7 @@
 return_token_ids and return_tokens_as_token_ids, vLLM's logprob order, usage flags,
 logprobs of the whole vocabulary, and structured-output fields refused rather than
 ignored."""
+
 from __future__ import annotations
 
 import json
@@ -29,10 +30,22 @@ MAX_LOGPROBS = 151936
 
 @pytest.fixture(scope="module")
 def server(tiny_llama_path):
-    server = InProcessServer(server_args(
-        tiny_llama_path, "--served-model-name", MODEL_NAME, "--chat-template", CHAT_TEMPLATE,
-        "--max-logprobs", str(MAX_LOGPROBS), "--enable-tokenizer-info-endpoint", "--enable-server-load-tracking",
-        "--enable-request-id-headers", "--enable-force-include-usage", "--enable-prompt-tokens-details"))
+    server = InProcessServer(
+        server_args(
+            tiny_llama_path,
+            "--served-model-name",
+            MODEL_NAME,
+            "--chat-template",
+            CHAT_TEMPLATE,
+            "--max-logprobs",
+            str(MAX_LOGPROBS),
+            "--enable-tokenizer-info-endpoint",
+            "--enable-server-load-tracking",
+            "--enable-request-id-headers",
+            "--enable-force-include-usage",
+            "--enable-prompt-tokens-details",
+        )
+    )
     yield server
     server.stop()
 
@@ -40,9 +53,18 @@ def server(tiny_llama_path):
 @pytest.fixture(scope="module")
 def plain_server(tiny_llama_path):
     """No optional flag but --return-tokens-as-token-ids and --response-role."""
-    server = InProcessServer(server_args(tiny_llama_path, "--served-model-name", MODEL_NAME,
-                                         "--chat-template", CHAT_TEMPLATE, "--return-tokens-as-token-ids",
-                                         "--response-role", "bot"))
+    server = InProcessServer(
+        server_args(
+            tiny_llama_path,
+            "--served-model-name",
+            MODEL_NAME,
+            "--chat-template",
+            CHAT_TEMPLATE,
+            "--return-tokens-as-token-ids",
+            "--response-role",
+            "bot",
+        )
+    )
     yield server
     server.stop()
 
@@ -79,10 +101,15 @@ def chat(**fields) -> dict:
 # ----- logprobs of the whole vocabulary (the request that used to kill the engine) ----------
 
 
-@pytest.mark.parametrize("body", [chat(prompt_logprobs=-1, max_tokens=2),
-                                  chat(logprobs=True, top_logprobs=-1, max_tokens=2),
-                                  completion(logprobs=-1, prompt_logprobs=-1, max_tokens=2)],
-                         ids=["chat_prompt_logprobs", "chat_top_logprobs", "completion"])
+@pytest.mark.parametrize(
+    "body",
+    [
+        chat(prompt_logprobs=-1, max_tokens=2),
+        chat(logprobs=True, top_logprobs=-1, max_tokens=2),
+        completion(logprobs=-1, prompt_logprobs=-1, max_tokens=2),
+    ],
+    ids=["chat_prompt_logprobs", "chat_top_logprobs", "completion"],
+)
 def test_logprobs_minus_one_return_the_whole_vocabulary_and_the_server_serves_on(server, body):
     response = post(server, "/v1/chat/completions" if "messages" in body else "/v1/completions", body)
     assert response.status_code == 200, response.text
@@ -113,13 +140,16 @@ def test_chat_top_logprobs_start_with_the_chosen_token_then_rank_order(server, l
     body = chat(logprobs=True, top_logprobs=k, temperature=2.0, seed=7, max_tokens=12, messages=MESSAGES)
     content = post(server, "/v1/chat/completions", body).json()["choices"][0]["logprobs"]["content"]
     prompt = llm.get_tokenizer().encode(MESSAGES[0]["content"], add_special_tokens=False)
-    reference = llm.generate([{"prompt_token_ids": prompt}], SamplingParams(
-        temperature=2.0, seed=7, max_tokens=12, logprobs=k + 2), use_tqdm=False)[0].outputs[0]
+    reference = llm.generate(
+        [{"prompt_token_ids": prompt}],
+        SamplingParams(temperature=2.0, seed=7, max_tokens=12, logprobs=k + 2),
+        use_tqdm=False,
+    )[0].outputs[0]
     outside = 0
     for entry, token_id, step in zip(content, reference.token_ids, reference.logprobs):
         chosen = step[token_id]
         ranked = sorted((lp for tid, lp in step.items() if tid != token_id), key=lambda lp: lp.rank)
-        expected = [chosen.decoded_token] + [lp.decoded_token for lp in ranked][:k - 1]
+        expected = [chosen.decoded_token] + [lp.decoded_token for lp in ranked][: k - 1]
         assert [t["token"] for t in entry["top_logprobs"]] == expected
         assert entry["top_logprobs"][0]["logprob"] == pytest.approx(chosen.logprob, abs=1e-4)
         outside += chosen.rank > k
@@ -223,8 +253,10 @@ def test_prompt_tokens_details_count_prefix_cache_hits(server, plain_server):
     cached = again["prompt_tokens_details"]["cached_tokens"]
     assert cached % 16 == 0 and 0 < cached < again["prompt_tokens"]
     post(plain_server, "/v1/completions", completion(prompt=prompt))
-    assert post(plain_server, "/v1/completions", completion(prompt=prompt)).json()["usage"][
-        "prompt_tokens_details"] is None
+    assert (
+        post(plain_server, "/v1/completions", completion(prompt=prompt)).json()["usage"]["prompt_tokens_details"]
+        is None
+    )
 
 
 # ----- optional routes and headers ---------------------------------------------------------
@@ -246,8 +278,12 @@ def test_load_counts_generation_requests_in_flight(server, plain_server):
         return httpx.get(f"{srv.base_url}/load").json()["server_load"]
 
     assert load(server) == 0
-    with httpx.stream("POST", f"{server.base_url}/v1/completions", timeout=120,
-                      json=completion(max_tokens=200, ignore_eos=True, stream=True)) as response:
+    with httpx.stream(
+        "POST",
+        f"{server.base_url}/v1/completions",
+        timeout=120,
+        json=completion(max_tokens=200, ignore_eos=True, stream=True),
+    ) as response:
         lines = response.iter_lines()
         next(line for line in lines if line.startswith("data: "))
         assert load(server) == 1
@@ -273,7 +309,8 @@ def test_invocations_dispatch_chat_and_completion_bodies(server):
         assert invoked["choices"] == direct["choices"]
     refused = post(server, "/invocations", {"input": "embed me"})
     assert refused.status_code == 400 and refused.json()["error"]["message"] == (
-        "Cannot find suitable handler for request. Expected one of: ['ChatCompletionRequest', 'CompletionRequest']")
+        "Cannot find suitable handler for request. Expected one of: ['ChatCompletionRequest', 'CompletionRequest']"
+    )
     garbled = httpx.post(f"{server.base_url}/invocations", content=b"{", headers={"Content-Type": "application/json"})
     assert garbled.status_code == 400 and "JSON decode error" in garbled.json()["error"]["message"]
 
@@ -281,7 +318,9 @@ def test_invocations_dispatch_chat_and_completion_bodies(server):
 def test_x_request_id_is_echoed_or_made(server, plain_server):
     made = httpx.get(f"{server.base_url}/health").headers["X-Request-Id"]
     assert len(made) == 32 and int(made, 16) >= 0
-    assert httpx.get(f"{server.base_url}/health", headers={"X-Request-Id": "Custom"}).headers["X-Request-Id"] == "Custom"
+    assert (
+        httpx.get(f"{server.base_url}/health", headers={"X-Request-Id": "Custom"}).headers["X-Request-Id"] == "Custom"
+    )
     assert "X-Request-Id" in httpx.get(f"{server.base_url}/no-such-route").headers
     response = post(server, "/v1/completions", completion(), headers={"X-Request-Id": "abc"})
     assert response.headers["X-Request-Id"] == "abc" and response.json()["id"] == "cmpl-abc"
@@ -310,12 +349,21 @@ def test_orca_load_report_on_non_streaming_completions(server, fmt):
 # ----- nothing accepted and silently ignored -----------------------------------------------
 
 
-@pytest.mark.parametrize("field, value", [
-    ("structured_outputs", {"json": {"type": "object"}}), ("structured_outputs", {"regex": "[a-z]+"}),
-    ("guided_json", {"type": "object"}), ("guided_regex", "[a-z]+"), ("guided_choice", ["a", "b"]),
-    ("guided_grammar", "root ::= 'a'"), ("guided_decoding_backend", "xgrammar"),
-    ("guided_whitespace_pattern", " "), ("structural_tag", "{}"), ("vllm_xargs", {"key": 1}),
-])
+@pytest.mark.parametrize(
+    "field, value",
+    [
+        ("structured_outputs", {"json": {"type": "object"}}),
+        ("structured_outputs", {"regex": "[a-z]+"}),
+        ("guided_json", {"type": "object"}),
+        ("guided_regex", "[a-z]+"),
+        ("guided_choice", ["a", "b"]),
+        ("guided_grammar", "root ::= 'a'"),
+        ("guided_decoding_backend", "xgrammar"),
+        ("guided_whitespace_pattern", " "),
+        ("structural_tag", "{}"),
+        ("vllm_xargs", {"key": 1}),
+    ],
+)
 @pytest.mark.parametrize("route", ["chat", "completion"])
 def test_structured_output_fields_are_refused_not_ignored(server, field, value, route):
     body = chat(**{field: value}) if route == "chat" else completion(**{field: value})
@@ -325,8 +373,14 @@ def test_structured_output_fields_are_refused_not_ignored(server, field, value, 
     assert error["param"] == field and f"`{field}`" in error["message"]
 
 
-@pytest.mark.parametrize("response_format", [{"type": "json_object"}, {"type": "structural_tag"},
-                                             {"type": "json_schema", "json_schema": {"name": "x", "schema": {}}}])
+@pytest.mark.parametrize(
+    "response_format",
+    [
+        {"type": "json_object"},
+        {"type": "structural_tag"},
+        {"type": "json_schema", "json_schema": {"name": "x", "schema": {}}},
+    ],
+)
 def test_response_formats_other_than_text_are_refused(server, response_format):
     response = post(server, "/v1/chat/completions", chat(response_format=response_format))
     assert response.status_code == 400 and response.json()["error"]["param"] == "response_format"
@@ -337,8 +391,9 @@ def test_unknown_fields_are_served_and_logged(server, caplog):
     with caplog.at_level("WARNING", logger="jllm.entrypoints.openai.protocol"):
         response = post(server, "/v1/completions", completion(metadata={"a": "b"}, store=False))
     assert response.status_code == 200
-    assert any("present in the request but ignored" in r.getMessage() and "metadata" in r.getMessage()
-               for r in caplog.records)
+    assert any(
+        "present in the request but ignored" in r.getMessage() and "metadata" in r.getMessage() for r in caplog.records
+    )
 
 
 # ----- the official client ------------------------------------------------------------------
@@ -346,8 +401,9 @@ def test_unknown_fields_are_served_and_logged(server, caplog):
 
 def test_openai_client_reads_the_extra_fields(server):
     client = openai.OpenAI(base_url=f"{server.base_url}/v1", api_key="unused", max_retries=0, timeout=120)
-    reply = client.chat.completions.create(model=MODEL_NAME, messages=MESSAGES, max_tokens=3, temperature=0,
-                                           extra_body={"return_token_ids": True})
+    reply = client.chat.completions.create(
+        model=MODEL_NAME, messages=MESSAGES, max_tokens=3, temperature=0, extra_body={"return_token_ids": True}
+    )
     assert len(reply.choices[0].token_ids) == 3 and reply.prompt_token_ids
 
 
@@ -357,8 +413,10 @@ def test_concurrent_invocations_and_plain_routes_all_finish(server):
     def run(path, body):
         results.append(post(server, path, body).status_code)
 
-    threads = [threading.Thread(target=run, args=(p, b)) for p, b in
-               [("/invocations", chat()), ("/v1/completions", completion()), ("/invocations", completion())] * 3]
+    threads = [
+        threading.Thread(target=run, args=(p, b))
+        for p, b in [("/invocations", chat()), ("/v1/completions", completion()), ("/invocations", completion())] * 3
+    ]
     for t in threads:
         t.start()
     for t in threads:

@@ -1,6 +1,7 @@
 """An audit of `jllm serve`'s flags: each engine flag reaches EngineArgs (whose fields the
 engine tests cover), and each server or frontend flag names the test that shows its
 effect, so a flag added without one fails here."""
+
 from __future__ import annotations
 
 import argparse

@@ -10,6 +10,7 @@ maxima, while negative cases use the document as served, since the server refuse
 they run. Every call has a client timeout; a request that outlives it is tolerated only if the
 server is still healthy after it (the client's disconnect aborts it).
 """
+
 from __future__ import annotations
 
 import copy
@@ -60,8 +61,12 @@ ERROR_KEYS = {"message", "type", "param", "code"}
 
 
 def nested_prompts(routes: tuple[str, ...], depths: range) -> list[tuple[str, bytes]]:
-    return [(route, b'{"prompt": ' + nested + b"}") for route in routes for depth in depths
-            for nested in (b'{"a":' * depth + b"1" + b"}" * depth, b"[" * depth + b"]" * depth)]
+    return [
+        (route, b'{"prompt": ' + nested + b"}")
+        for route in routes
+        for depth in depths
+        for nested in (b'{"a":' * depth + b"1" + b"}" * depth, b"[" * depth + b"]" * depth)
+    ]
 
 
 # Bodies this fuzz found answered with a 500 at 1c8502f, by cause, all since fixed. They are
@@ -74,8 +79,9 @@ FOUND_5XX = {
     # Nesting the JSON parser still takes (Python 3.12's C recursion limit, 1500) is too deep
     # for repr of the error's input; which depths fail depends on how deep the handler runs
     # (1490 and 1491 at 1c8502f, not on every run), hence the sweep.
-    "RecursionError in the 400 handler's str(list(exc.errors()))":
-        nested_prompts(("/detokenize", "/v1/completions"), range(1470, 1511)),
+    "RecursionError in the 400 handler's str(list(exc.errors()))": nested_prompts(
+        ("/detokenize", "/v1/completions"), range(1470, 1511)
+    ),
     'TypeError from the tokenizer: a lone surrogate ("\\ud800" in JSON) in a prompt': [
         ("/v1/completions", b'{"prompt": "\\ud800", "max_tokens": 3}'),
         ("/v1/completions", b'{"prompt": ["a", "\\udfff"], "max_tokens": 3}'),
@@ -89,27 +95,35 @@ FOUND_5XX = {
     "TypeError from the tokenizer: a lone surrogate in a chat message (rendered, then encoded)": [
         ("/v1/chat/completions", b'{"messages": [{"role": "user", "content": "\\ud800"}], "max_tokens": 3}'),
         ("/v1/chat/completions", b'{"messages": [{"role": "\\ud800", "content": "a"}], "max_tokens": 3}'),
-        ("/v1/chat/completions",
-         b'{"messages": [{"role": "user", "content": [{"type": "text", "text": "\\ud800"}]}], "max_tokens": 3}'),
+        (
+            "/v1/chat/completions",
+            b'{"messages": [{"role": "user", "content": [{"type": "text", "text": "\\ud800"}]}], "max_tokens": 3}',
+        ),
         ("/tokenize", b'{"messages": [{"role": "user", "content": "\\ud800"}]}'),
     ],
     "UnicodeEncodeError: a lone surrogate in `model`, echoed in the 404's message": [
         ("/v1/completions", b'{"prompt": "a", "max_tokens": 3, "model": "\\ud800"}'),
-        ("/v1/chat/completions",
-         b'{"messages": [{"role": "user", "content": "a"}], "max_tokens": 3, "model": "\\ud800"}'),
+        (
+            "/v1/chat/completions",
+            b'{"messages": [{"role": "user", "content": "a"}], "max_tokens": 3, "model": "\\ud800"}',
+        ),
         ("/tokenize", b'{"prompt": "a", "model": "\\ud800"}'),
         ("/detokenize", b'{"tokens": [1], "model": "\\ud800"}'),
     ],
     "UnicodeEncodeError: a lone surrogate in `request_id`, echoed in the response id": [
         ("/v1/completions", b'{"prompt": "a", "max_tokens": 3, "request_id": "\\ud800"}'),
-        ("/v1/chat/completions",
-         b'{"messages": [{"role": "user", "content": "a"}], "max_tokens": 3, "request_id": "\\ud800"}'),
+        (
+            "/v1/chat/completions",
+            b'{"messages": [{"role": "user", "content": "a"}], "max_tokens": 3, "request_id": "\\ud800"}',
+        ),
     ],
     # bad_words_token_ids reads plain[0] of a word that is empty once lstripped and encoded.
     "IndexError: a bad word of whitespace or a control character alone": [
         ("/v1/completions", b'{"prompt": "a", "bad_words": [" "], "max_tokens": 3}'),
-        ("/v1/chat/completions",
-         b'{"messages": [{"role": "user", "content": "a"}], "bad_words": ["\\n"], "max_tokens": 3}'),
+        (
+            "/v1/chat/completions",
+            b'{"messages": [{"role": "user", "content": "a"}], "bad_words": ["\\n"], "max_tokens": 3}',
+        ),
         ("/generate", b'{"prompt": "a", "bad_words": ["\\u0013"], "max_tokens": 3}'),
     ],
 }
@@ -137,7 +151,9 @@ def document(server):
     document = httpx.get(f"{server.base_url}/openapi.json").json()
     refs = [{"$ref": f"#/components/schemas/{name}"} for name in POST_ROUTES["/invocations"]]
     document["paths"]["/invocations"]["post"]["requestBody"] = {
-        "content": {"application/json": {"schema": {"anyOf": refs}}}, "required": True}
+        "content": {"application/json": {"schema": {"anyOf": refs}}},
+        "required": True,
+    }
     return document
 
 
@@ -161,7 +177,8 @@ def cheap_positive_document(document: dict) -> dict:
         properties["max_tokens"] = {"type": "integer", "maximum": MAX_TOKENS}
         properties["min_tokens"] = {"type": "integer", "maximum": MAX_TOKENS}
     schemas["ChatCompletionRequest"]["properties"]["max_completion_tokens"] = {
-        "anyOf": [{"type": "integer", "maximum": MAX_TOKENS}, {"type": "null"}]}
+        "anyOf": [{"type": "integer", "maximum": MAX_TOKENS}, {"type": "null"}]
+    }
     schemas["ChatCompletionRequest"]["required"].append("max_tokens")
     for prompt_list in schemas["CompletionRequest"]["properties"]["prompt"]["anyOf"]:
         if prompt_list.get("items", {}).get("type") in ("array", "string"):
@@ -178,7 +195,7 @@ def server_fault(status: int, content_type: str, text: str) -> str | None:
     if status != 200:
         return None
     if content_type.startswith("text/event-stream"):
-        chunks = [line[len("data: "):] for line in text.splitlines() if line.startswith("data: {")]
+        chunks = [line[len("data: ") :] for line in text.splitlines() if line.startswith("data: {")]
     elif content_type.startswith("application/json"):
         chunks = [text]
     else:
@@ -224,8 +241,14 @@ def assert_serves_as_before(server: InProcessServer, good_text: str) -> None:
 
 
 def fuzz_settings(max_examples: int) -> settings:
-    return settings(max_examples=max_examples, deadline=None, database=None, derandomize=False,
-                    suppress_health_check=list(HealthCheck), print_blob=False)
+    return settings(
+        max_examples=max_examples,
+        deadline=None,
+        database=None,
+        derandomize=False,
+        suppress_health_check=list(HealthCheck),
+        print_blob=False,
+    )
 
 
 def tolerate_timeout(base_url: str, what: str, timeouts: list[str]) -> None:
@@ -237,8 +260,9 @@ def tolerate_timeout(base_url: str, what: str, timeouts: list[str]) -> None:
 # ----- schemathesis: every operation of the OpenAPI document --------------------------------
 
 
-def fuzz_operation(operation, mode: GenerationMode, base_url: str, session: requests.Session,
-                   sent: Counter, timeouts: list[str]) -> None:
+def fuzz_operation(
+    operation, mode: GenerationMode, base_url: str, session: requests.Session, sent: Counter, timeouts: list[str]
+) -> None:
     @fuzz_settings(SCHEMA_EXAMPLES if operation.body else 1)
     @given(case=operation.as_strategy(generation_mode=mode))
     def send(case):
@@ -276,8 +300,10 @@ def test_schemathesis_cases_get_no_server_error(server, good_text, document, qui
                     fuzz_operation(operation, mode, server.base_url, session, sent, timeouts)
                 except Exception as e:  # every operation runs; all failures are reported at the end
                     failures.append(f"{operation.label} ({mode.value}): {e}")
-    print(f"\nschemathesis: {sum(sent.values())} cases (at least {expected} intended) in "
-          f"{time.monotonic() - start:.0f} s, {len(timeouts)} client timeouts")
+    print(
+        f"\nschemathesis: {sum(sent.values())} cases (at least {expected} intended) in "
+        f"{time.monotonic() - start:.0f} s, {len(timeouts)} client timeouts"
+    )
     for (label, mode), count in sorted(sent.items()):
         print(f"  {label} {mode}: {count}")
     for what in timeouts:
@@ -293,10 +319,12 @@ def test_schemathesis_cases_get_no_server_error(server, good_text, document, qui
 # cannot encode. (A high surrogate is lone here: st.text never draws the low one that would pair.)
 LONE_SURROGATE = st.characters(min_codepoint=0xD800, max_codepoint=0xDBFF)
 TEXT = st.text(max_size=20) | st.tuples(st.text(max_size=8), LONE_SURROGATE, st.text(max_size=8)).map("".join)
-NUMBERS = st.integers() | st.integers(min_value=-(2 ** 80), max_value=2 ** 80) | st.floats()  # NaN, +-Infinity
+NUMBERS = st.integers() | st.integers(min_value=-(2**80), max_value=2**80) | st.floats()  # NaN, +-Infinity
 JSON_VALUES = st.recursive(
     st.none() | st.booleans() | NUMBERS | TEXT,
-    lambda children: st.lists(children, max_size=5) | st.dictionaries(TEXT, children, max_size=5), max_leaves=20)
+    lambda children: st.lists(children, max_size=5) | st.dictionaries(TEXT, children, max_size=5),
+    max_leaves=20,
+)
 # Fields whose served values set how long a request runs; values in this range are made small.
 COST_FIELDS = ("n", "max_tokens", "max_completion_tokens")
 
@@ -319,21 +347,32 @@ def dumps(value) -> bytes:
 def field_names(document: dict, route: str, text_only: bool = False) -> list[str]:
     """The fields of the route's request schemas; with `text_only`, those that take a string
     or a list of strings."""
+
     def takes_text(schema: dict) -> bool:
         items = schema.get("items", {})
-        return schema.get("type") == "string" or (schema.get("type") == "array" and items.get("type") == "string") \
+        return (
+            schema.get("type") == "string"
+            or (schema.get("type") == "array" and items.get("type") == "string")
             or any(takes_text(branch) for branch in schema.get("anyOf", []))
+        )
 
     schemas = document["components"]["schemas"]
-    return sorted({name for schema in POST_ROUTES[route] for name, field in schemas[schema]["properties"].items()
-                   if not text_only or takes_text(field)})
+    return sorted(
+        {
+            name
+            for schema in POST_ROUTES[route]
+            for name, field in schemas[schema]["properties"].items()
+            if not text_only or takes_text(field)
+        }
+    )
 
 
 # A chat message whose role, content and other keys may be anything.
-MESSAGE = st.dictionaries(st.sampled_from(["role", "content", "name", "tool_calls", "tool_call_id"]) | TEXT,
-                          TEXT | JSON_VALUES | st.lists(st.fixed_dictionaries({"type": st.just("text") | TEXT,
-                                                                              "text": TEXT | JSON_VALUES})),
-                          max_size=4)
+MESSAGE = st.dictionaries(
+    st.sampled_from(["role", "content", "name", "tool_calls", "tool_call_id"]) | TEXT,
+    TEXT | JSON_VALUES | st.lists(st.fixed_dictionaries({"type": st.just("text") | TEXT, "text": TEXT | JSON_VALUES})),
+    max_size=4,
+)
 KINDS = ["bytes", "garbled", "json", "fields", "one_field", "text_field", "message", "deep", "digits"]
 
 
@@ -350,7 +389,7 @@ def raw_body(draw, document: dict, route: str) -> bytes:
     if kind == "garbled":  # a body that was good, cut short or with bytes spliced in
         text = dumps(draw(one_field_changed | st.just(good)))
         cut = draw(st.integers(0, len(text)))
-        return text[:cut] + draw(st.binary(max_size=8)) + text[cut + draw(st.integers(0, 8)):]
+        return text[:cut] + draw(st.binary(max_size=8)) + text[cut + draw(st.integers(0, 8)) :]
     if kind == "json":
         return dumps(draw(JSON_VALUES))
     if kind == "fields":
@@ -361,8 +400,12 @@ def raw_body(draw, document: dict, route: str) -> bytes:
         name = draw(st.sampled_from(field_names(document, route, text_only=True)))
         return dumps({**good, name: draw(TEXT | st.lists(TEXT, min_size=1, max_size=3))})
     if kind == "message":
-        return dumps({**{k: v for k, v in good.items() if k != "prompt"},
-                      "messages": draw(st.lists(MESSAGE, min_size=1, max_size=3))})
+        return dumps(
+            {
+                **{k: v for k, v in good.items() if k != "prompt"},
+                "messages": draw(st.lists(MESSAGE, min_size=1, max_size=3)),
+            }
+        )
     if kind == "deep":  # past the JSON parser's recursion limit or near it, at the top or in a field
         depth = draw(st.integers(50, 5000))
         nested = draw(st.sampled_from([b"[" * depth + b"]" * depth, b'{"a":' * depth + b"1" + b"}" * depth]))
@@ -370,8 +413,13 @@ def raw_body(draw, document: dict, route: str) -> bytes:
     # an integer with more digits than Python's int() takes from a string (4300)
     digits = b"9" * draw(st.integers(1, 6000))
     name = draw(st.sampled_from(fields)).encode()
-    return (b'{"max_tokens": 4, "' + name + b'": ' + digits
-            + b', "prompt": "x", "messages": [{"role": "user", "content": "x"}]}')
+    return (
+        b'{"max_tokens": 4, "'
+        + name
+        + b'": '
+        + digits
+        + b', "prompt": "x", "messages": [{"role": "user", "content": "x"}]}'
+    )
 
 
 def raw_post_fault(client: httpx.Client, route: str, body: bytes, timeouts: list[str]) -> tuple[str, str] | None:
@@ -422,8 +470,10 @@ def test_raw_bodies_get_no_server_error_and_a_json_error(server, good_text, docu
 
         send()
     num_found = sum(len(bodies) for bodies in FOUND_5XX.values())
-    print(f"\nraw bodies: {num_found} found earlier, then {sum(sent.values())} random (at least "
-          f"{RAW_EXAMPLES} intended) in {time.monotonic() - start:.0f} s, {len(timeouts)} client timeouts")
+    print(
+        f"\nraw bodies: {num_found} found earlier, then {sum(sent.values())} random (at least "
+        f"{RAW_EXAMPLES} intended) in {time.monotonic() - start:.0f} s, {len(timeouts)} client timeouts"
+    )
     for route, count in sorted(sent.items()):
         print(f"  POST {route}: {count}")
     for what in timeouts:

@@ -1,6 +1,7 @@
 """`jllm serve` as a user starts it (a subprocess): --api-key on /v1 routes, /metrics in
 Prometheus text whose counters move by exactly what was served, request logs cut to
 --max-log-len, and scripts/benchmark_serving.py against the running server."""
+
 from __future__ import annotations
 
 import importlib.metadata
@@ -29,8 +30,19 @@ ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)
 @pytest.fixture(scope="module")
 def server(tiny_llama_path, tmp_path_factory):
     log_path = str(tmp_path_factory.mktemp("jllm_serve") / "server.log")
-    server = RemoteServer(tiny_llama_path, ["--api-key", *KEYS, "--served-model-name", MODEL_NAME,
-                                           "--enable-log-requests", "--max-log-len", str(MAX_LOG_LEN)], log_path)
+    server = RemoteServer(
+        tiny_llama_path,
+        [
+            "--api-key",
+            *KEYS,
+            "--served-model-name",
+            MODEL_NAME,
+            "--enable-log-requests",
+            "--max-log-len",
+            str(MAX_LOG_LEN),
+        ],
+        log_path,
+    )
     yield server
     server.stop()
 
@@ -51,17 +63,27 @@ def scrape(server) -> dict[str, float]:
             elif sample.name.startswith("vllm:"):
                 assert sample.labels["model_name"] == MODEL_NAME and sample.labels["engine"] == "0"
                 reason = sample.labels.get("finished_reason")
-                samples[sample.name + (f"[{reason}]" if reason else "")
-                        + (f"[le={sample.labels['le']}]" if "le" in sample.labels else "")] = sample.value
+                samples[
+                    sample.name
+                    + (f"[{reason}]" if reason else "")
+                    + (f"[le={sample.labels['le']}]" if "le" in sample.labels else "")
+                ] = sample.value
     return samples
 
 
-@pytest.mark.parametrize("headers", [{}, auth("sk-wrong"), {"Authorization": "sk-first"},
-                                     {"Authorization": "Basic sk-first"}], ids=["none", "wrong", "no_scheme", "basic"])
+@pytest.mark.parametrize(
+    "headers",
+    [{}, auth("sk-wrong"), {"Authorization": "sk-first"}, {"Authorization": "Basic sk-first"}],
+    ids=["none", "wrong", "no_scheme", "basic"],
+)
 def test_v1_routes_refuse_a_missing_or_wrong_key(server, headers):
     for method, path in (("GET", "/v1/models"), ("POST", "/v1/completions"), ("POST", "/v1/chat/completions")):
-        response = httpx.request(method, f"{server.base_url}{path}", headers=headers,
-                                 json={"prompt": "hi", "messages": [{"role": "user", "content": "hi"}]})
+        response = httpx.request(
+            method,
+            f"{server.base_url}{path}",
+            headers=headers,
+            json={"prompt": "hi", "messages": [{"role": "user", "content": "hi"}]},
+        )
         assert response.status_code == 401 and response.json() == {"error": "Unauthorized"}
 
 
@@ -89,13 +111,25 @@ def test_routes_outside_v1_need_no_key(server):
 def test_metrics_parse_and_move_by_what_was_served(server):
     prompt_ids = [1000 + i for i in range(7)]
     before = scrape(server)
-    for name in ("vllm:num_requests_running", "vllm:num_requests_waiting", "vllm:kv_cache_usage_perc",
-                 "vllm:num_preemptions_total", "vllm:prompt_tokens_total", "vllm:generation_tokens_total",
-                 "vllm:time_to_first_token_seconds_count", "vllm:inter_token_latency_seconds_count",
-                 "vllm:e2e_request_latency_seconds_count", "vllm:request_success_total[length]"):
+    for name in (
+        "vllm:num_requests_running",
+        "vllm:num_requests_waiting",
+        "vllm:kv_cache_usage_perc",
+        "vllm:num_preemptions_total",
+        "vllm:prompt_tokens_total",
+        "vllm:generation_tokens_total",
+        "vllm:time_to_first_token_seconds_count",
+        "vllm:inter_token_latency_seconds_count",
+        "vllm:e2e_request_latency_seconds_count",
+        "vllm:request_success_total[length]",
+    ):
         assert name in before, name
-    response = httpx.post(f"{server.base_url}/v1/completions", headers=auth(KEYS[0]), timeout=120,
-                          json={"prompt": prompt_ids, "max_tokens": 5, "ignore_eos": True, "temperature": 0})
+    response = httpx.post(
+        f"{server.base_url}/v1/completions",
+        headers=auth(KEYS[0]),
+        timeout=120,
+        json={"prompt": prompt_ids, "max_tokens": 5, "ignore_eos": True, "temperature": 0},
+    )
     assert response.status_code == 200
     after = scrape(server)
     moved = {name: after[name] - before.get(name, 0.0) for name in after}
@@ -115,19 +149,45 @@ def test_metrics_parse_and_move_by_what_was_served(server):
 
 def test_request_log_lines_cut_the_prompt_to_max_log_len(server):
     prompt = "abcdefghijklmnopqrstuvwxyz"
-    response = httpx.post(f"{server.base_url}/v1/completions", headers=auth(KEYS[0]),
-                          json={"prompt": prompt, "max_tokens": 2}, timeout=120)
+    response = httpx.post(
+        f"{server.base_url}/v1/completions",
+        headers=auth(KEYS[0]),
+        json={"prompt": prompt, "max_tokens": 2},
+        timeout=120,
+    )
     assert response.status_code == 200
     request_id = response.json()["id"]
     [line] = [line for line in server.log().splitlines() if f"Received request {request_id}:" in line]
-    assert f"prompt: {prompt[:MAX_LOG_LEN]!r}," in line and prompt[:MAX_LOG_LEN + 1] not in line
+    assert f"prompt: {prompt[:MAX_LOG_LEN]!r}," in line and prompt[: MAX_LOG_LEN + 1] not in line
 
 
 def test_benchmark_script_against_the_running_server(server, tmp_path):
-    cmd = [sys.executable, os.path.join(ROOT, "scripts", "benchmark_serving.py"), "--base-url", server.base_url,
-           "--api-key", KEYS[0], "--model", MODEL_NAME, "--vocab-size", str(VOCAB_SIZE), "--num-prompts", "8",
-           "--random-input-len", "16", "--random-output-len", "4", "--max-concurrency", "4",
-           "--request-rate", "100", "--result-dir", str(tmp_path), "--label", "smoke"]
+    cmd = [
+        sys.executable,
+        os.path.join(ROOT, "scripts", "benchmark_serving.py"),
+        "--base-url",
+        server.base_url,
+        "--api-key",
+        KEYS[0],
+        "--model",
+        MODEL_NAME,
+        "--vocab-size",
+        str(VOCAB_SIZE),
+        "--num-prompts",
+        "8",
+        "--random-input-len",
+        "16",
+        "--random-output-len",
+        "4",
+        "--max-concurrency",
+        "4",
+        "--request-rate",
+        "100",
+        "--result-dir",
+        str(tmp_path),
+        "--label",
+        "smoke",
+    ]
     done = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stdout + done.stderr
     [result_file] = list(tmp_path.glob("serving_smoke_*.json"))
@@ -146,8 +206,12 @@ def test_jllm_console_script_runs_the_cli():
 
 
 def test_serve_without_a_model_is_a_usage_error():
-    done = subprocess.run([sys.executable, "-m", "jllm.entrypoints.cli", "serve", "--port", "0"],
-                          capture_output=True, text=True, timeout=120)
+    done = subprocess.run(
+        [sys.executable, "-m", "jllm.entrypoints.cli", "serve", "--port", "0"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert done.returncode == 2 and "No model given" in done.stderr
 
 
@@ -158,8 +222,12 @@ def test_serve_without_a_model_is_a_usage_error():
 def env_key_server(tiny_llama_path, tmp_path_factory):
     """VLLM_API_KEY set as vLLM's users set it, behind a path-based proxy's root path."""
     log_path = str(tmp_path_factory.mktemp("jllm_serve_env") / "server.log")
-    server = RemoteServer(tiny_llama_path, ["--root-path", "/llm", "--disable-uvicorn-access-log",
-                                            "--uvicorn-log-level", "warning"], log_path, env={"VLLM_API_KEY": "sk-env"})
+    server = RemoteServer(
+        tiny_llama_path,
+        ["--root-path", "/llm", "--disable-uvicorn-access-log", "--uvicorn-log-level", "warning"],
+        log_path,
+        env={"VLLM_API_KEY": "sk-env"},
+    )
     yield server
     server.stop()
 
@@ -169,8 +237,12 @@ def protected_routes(server) -> list[tuple[str, str]]:
     from jllm.entrypoints.openai.middleware import AUTHENTICATED_PREFIXES
 
     paths = httpx.get(f"{server.base_url}/openapi.json").json()["paths"]
-    routes = [(method.upper(), path) for path, ops in paths.items() for method in ops
-              if path.startswith(AUTHENTICATED_PREFIXES)]
+    routes = [
+        (method.upper(), path)
+        for path, ops in paths.items()
+        for method in ops
+        if path.startswith(AUTHENTICATED_PREFIXES)
+    ]
     assert {("GET", "/v1/models"), ("POST", "/v1/completions"), ("POST", "/v1/chat/completions")} <= set(routes)
     return routes
 
@@ -203,8 +275,13 @@ def test_uvicorn_log_flags(server, env_key_server):
 
 def test_flag_key_wins_over_the_environment_on_a_unix_socket(tiny_llama_path, tmp_path):
     uds = str(tmp_path / "jllm.sock")
-    server = RemoteServer(tiny_llama_path, ["--api-key", "sk-flag"], str(tmp_path / "server.log"), uds=uds,
-                          env={"JLLM_API_KEY": "sk-jllm", "VLLM_API_KEY": "sk-vllm"})
+    server = RemoteServer(
+        tiny_llama_path,
+        ["--api-key", "sk-flag"],
+        str(tmp_path / "server.log"),
+        uds=uds,
+        env={"JLLM_API_KEY": "sk-jllm", "VLLM_API_KEY": "sk-vllm"},
+    )
     try:
         with server.client(timeout=120) as client:
             assert client.get("/version").json() == {"version": jllm.__version__}
@@ -238,17 +315,27 @@ def test_metrics_counts_as_vllms_test_expects(server):
     num_requests, max_tokens, prompt_ids = 3, 5, [2000 + i for i in range(9)]
     before = scrape(server)
     for _ in range(num_requests):
-        response = httpx.post(f"{server.base_url}/v1/completions", headers=auth(KEYS[0]), timeout=120,
-                              json={"prompt": prompt_ids, "max_tokens": max_tokens, "ignore_eos": True})
+        response = httpx.post(
+            f"{server.base_url}/v1/completions",
+            headers=auth(KEYS[0]),
+            timeout=120,
+            json={"prompt": prompt_ids, "max_tokens": max_tokens, "ignore_eos": True},
+        )
         assert response.status_code == 200
     after = scrape(server)
     moved = {name: after[name] - before.get(name, 0.0) for name in after}
     n, p, m = num_requests, len(prompt_ids), max_tokens
     assert moved["vllm:iteration_tokens_total_count"] == n * m
     assert moved["vllm:iteration_tokens_total_sum"] == n * (p + m)
-    for name in ("request_prefill_time_seconds", "request_decode_time_seconds", "request_queue_time_seconds",
-                 "request_inference_time_seconds", "request_time_per_output_token_seconds",
-                 "request_params_n", "request_max_num_generation_tokens"):
+    for name in (
+        "request_prefill_time_seconds",
+        "request_decode_time_seconds",
+        "request_queue_time_seconds",
+        "request_inference_time_seconds",
+        "request_time_per_output_token_seconds",
+        "request_params_n",
+        "request_max_num_generation_tokens",
+    ):
         assert moved[f"vllm:{name}_count"] == n, name
     assert moved["vllm:request_params_n_sum"] == n
     assert moved["vllm:request_params_max_tokens_count"] == n and moved["vllm:request_params_max_tokens_sum"] == n * m
@@ -259,9 +346,15 @@ def test_metrics_counts_as_vllms_test_expects(server):
 
 def test_metrics_have_vllms_names_and_no_created_series(server):
     text = httpx.get(f"{server.base_url}/metrics").text
-    for name in ("vllm:iteration_tokens_total", "vllm:cache_config_info", "vllm:request_params_n",
-                 "vllm:request_params_max_tokens", "vllm:time_per_output_token_seconds",
-                 "vllm:request_prefill_time_seconds", "vllm:request_decode_time_seconds"):
+    for name in (
+        "vllm:iteration_tokens_total",
+        "vllm:cache_config_info",
+        "vllm:request_params_n",
+        "vllm:request_params_max_tokens",
+        "vllm:time_per_output_token_seconds",
+        "vllm:request_prefill_time_seconds",
+        "vllm:request_decode_time_seconds",
+    ):
         assert name in text, name
     assert "_created" not in text
     [info] = families(server)["vllm:cache_config_info"].samples
@@ -274,10 +367,14 @@ def test_metrics_have_vllms_names_and_no_created_series(server):
 def test_running_gauge_returns_to_zero_after_an_abort(server):
     """vLLM's test_abort_metrics_reset: streams left mid-way leave no running request,
     waiting request or KV page behind in the gauges."""
+
     def gauges() -> tuple[float, float, float]:
         samples = scrape(server)
-        return (samples["vllm:num_requests_running"], samples["vllm:num_requests_waiting"],
-                samples["vllm:kv_cache_usage_perc"])
+        return (
+            samples["vllm:num_requests_running"],
+            samples["vllm:num_requests_waiting"],
+            samples["vllm:kv_cache_usage_perc"],
+        )
 
     # Long enough that the streams are still running when their clients leave (the abort
     # counter below shows they were), and 12 sequences, so all three run at once.
@@ -286,8 +383,9 @@ def test_running_gauge_returns_to_zero_after_an_abort(server):
     streams = []
     with httpx.Client(headers=auth(KEYS[0]), timeout=120) as client:
         for _ in range(3):
-            response = client.send(client.build_request("POST", f"{server.base_url}/v1/completions", json=body),
-                                   stream=True)
+            response = client.send(
+                client.build_request("POST", f"{server.base_url}/v1/completions", json=body), stream=True
+            )
             # The line iterator is kept: closing it (when collected) would close the stream.
             lines = response.iter_lines()
             next(line for line in lines if line.startswith("data: "))

@@ -6,6 +6,7 @@ Sampling fields are checked against offline `LLM.generate` with the same Samplin
 value (whose semantics the sampler tests check against numpy), and only where that value
 changes the offline output, so a field that the server dropped would be caught.
 """
+
 from __future__ import annotations
 
 import json
@@ -25,10 +26,12 @@ PROMPT = "The capital of France is"
 MESSAGES = [{"role": "user", "content": "Name a colour."}]
 # A template that shows what each chat field changes: roles, turn ends, the generation
 # prompt, tools, documents and a template keyword.
-TEMPLATE = ("{% if tools %}tools={{ tools | tojson }};{% endif %}{% if documents %}docs={{ documents | tojson }};"
-            "{% endif %}{% if greeting is defined %}{{ greeting }};{% endif %}"
-            "{% for m in messages %}{{ m['role'] }}: {{ m['content'] }}{% if not (continue_final_message and loop.last)"
-            " %}<end>{% endif %}{% endfor %}{% if add_generation_prompt %}assistant:{% endif %}")
+TEMPLATE = (
+    "{% if tools %}tools={{ tools | tojson }};{% endif %}{% if documents %}docs={{ documents | tojson }};"
+    "{% endif %}{% if greeting is defined %}{{ greeting }};{% endif %}"
+    "{% for m in messages %}{{ m['role'] }}: {{ m['content'] }}{% if not (continue_final_message and loop.last)"
+    " %}<end>{% endif %}{% endfor %}{% if add_generation_prompt %}assistant:{% endif %}"
+)
 SERVER_TEMPLATE = "{% for m in messages %}{{ m['content'] }}{% endfor %}"
 GREEDY = {"temperature": 0.0, "max_tokens": 12}
 RANDOM = {"temperature": 1.0, "seed": 5, "max_tokens": 12}
@@ -48,9 +51,18 @@ def model_path(tiny_llama_path, tmp_path_factory) -> str:
 
 @pytest.fixture(scope="module")
 def server(model_path):
-    server = InProcessServer(server_args(
-        model_path, "--served-model-name", MODEL_NAME, "--chat-template", SERVER_TEMPLATE,
-        "--trust-request-chat-template", "--enable-prompt-tokens-details", "--enable-log-requests"))
+    server = InProcessServer(
+        server_args(
+            model_path,
+            "--served-model-name",
+            MODEL_NAME,
+            "--chat-template",
+            SERVER_TEMPLATE,
+            "--trust-request-chat-template",
+            "--enable-prompt-tokens-details",
+            "--enable-log-requests",
+        )
+    )
     yield server
     server.stop()
 
@@ -119,19 +131,19 @@ def check_stop(a: Audit) -> None:
     data = a.ok(stop=[stop])
     choice = data["choices"][0]
     assert choice["finish_reason"] == "stop" and choice["stop_reason"] == stop
-    assert a.text(data) == a.text(base)[:a.text(base).index(stop)]
+    assert a.text(data) == a.text(base)[: a.text(base).index(stop)]
 
 
 def check_include_stop_str(a: Audit) -> None:
     base = a.text(a.ok())
     stop = base[4:7]
-    assert a.text(a.ok(stop=stop, include_stop_str_in_output=True)) == base[:base.index(stop) + len(stop)]
+    assert a.text(a.ok(stop=stop, include_stop_str_in_output=True)) == base[: base.index(stop) + len(stop)]
 
 
 def check_stop_token_ids(a: Audit) -> None:
     tokens = greedy_tokens(a)
     choice = a.ok(stop_token_ids=[tokens[3]], return_token_ids=True)["choices"][0]
-    assert choice["token_ids"] == tokens[:tokens.index(tokens[3]) + 1] and choice["stop_reason"] == tokens[3]
+    assert choice["token_ids"] == tokens[: tokens.index(tokens[3]) + 1] and choice["stop_reason"] == tokens[3]
 
 
 EOS_FIRST = {"logit_bias": {str(EOS_TOKEN_ID): 100}}
@@ -201,8 +213,7 @@ def sse(response: httpx.Response) -> list[dict]:
 
 def check_stream(a: Audit) -> None:
     chunks = sse(a.send(stream=True))
-    assert len(chunks) > 2 and all(c["object"].endswith("chunk") or c["object"] == "text_completion"
-                                   for c in chunks)
+    assert len(chunks) > 2 and all(c["object"].endswith("chunk") or c["object"] == "text_completion" for c in chunks)
 
 
 def check_stream_options(a: Audit) -> None:
@@ -245,8 +256,9 @@ def check_return_token_ids(a: Audit) -> None:
 
 
 def check_cache_salt(a: Audit) -> None:
-    long = {"messages": [{"role": "user", "content": "colour " * 60}]} if a.route == "chat" else {
-        "prompt": "colour " * 60}
+    long = (
+        {"messages": [{"role": "user", "content": "colour " * 60}]} if a.route == "chat" else {"prompt": "colour " * 60}
+    )
 
     def cached(**fields) -> int:
         details = a.ok(**long, **fields, max_tokens=1)["usage"]["prompt_tokens_details"]
@@ -308,8 +320,7 @@ def check_add_special_tokens(a: Audit) -> None:
 
 
 def rendered(a: Audit, **fields) -> str:
-    return a.llm.get_tokenizer().decode(a.prompt_ids(a.ok(chat_template=TEMPLATE, return_token_ids=True,
-                                                          **fields)))
+    return a.llm.get_tokenizer().decode(a.prompt_ids(a.ok(chat_template=TEMPLATE, return_token_ids=True, **fields)))
 
 
 def check_messages(a: Audit) -> None:
@@ -474,25 +485,40 @@ def chat_tokens_text(server, llm, **fields) -> str:
 
 
 TOKENIZE_AUDIT = {
-    "model": lambda s, llm: httpx.post(f"{s.base_url}/tokenize", json={"model": "other", "prompt": "a"}
-                                       ).status_code == 404,
+    "model": lambda s, llm: (
+        httpx.post(f"{s.base_url}/tokenize", json={"model": "other", "prompt": "a"}).status_code == 404
+    ),
     "prompt": lambda s, llm: tokenize(s, prompt=PROMPT)["tokens"] == llm.get_tokenizer().encode(PROMPT),
-    "add_special_tokens": lambda s, llm: (tokenize(s, prompt=PROMPT)["tokens"]
-                                          == [llm.get_tokenizer().bos_token_id]
-                                          + tokenize(s, prompt=PROMPT, add_special_tokens=False)["tokens"]),
-    "return_token_strs": lambda s, llm: (tokenize(s, prompt=PROMPT, return_token_strs=True)["token_strs"]
-                                         == llm.get_tokenizer().convert_ids_to_tokens(
-                                             llm.get_tokenizer().encode(PROMPT))),
+    "add_special_tokens": lambda s, llm: (
+        tokenize(s, prompt=PROMPT)["tokens"]
+        == [llm.get_tokenizer().bos_token_id] + tokenize(s, prompt=PROMPT, add_special_tokens=False)["tokens"]
+    ),
+    "return_token_strs": lambda s, llm: (
+        tokenize(s, prompt=PROMPT, return_token_strs=True)["token_strs"]
+        == llm.get_tokenizer().convert_ids_to_tokens(llm.get_tokenizer().encode(PROMPT))
+    ),
     "messages": lambda s, llm: chat_tokens_text(s, llm) == "user: Name a colour.<end>assistant:",
-    "add_generation_prompt": lambda s, llm: (chat_tokens_text(s, llm, add_generation_prompt=False)
-                                             == "user: Name a colour.<end>"),
-    "continue_final_message": lambda s, llm: llm.get_tokenizer().decode(tokenize(
-        s, messages=[*MESSAGES, {"role": "assistant", "content": "Bl"}], chat_template=TEMPLATE,
-        add_generation_prompt=False, continue_final_message=True)["tokens"]) == "user: Name a colour.<end>assistant: Bl",
-    "chat_template": lambda s, llm: (llm.get_tokenizer().decode(tokenize(s, messages=MESSAGES)["tokens"])
-                                     == "Name a colour."),
-    "chat_template_kwargs": lambda s, llm: chat_tokens_text(
-        s, llm, chat_template_kwargs={"greeting": "hi"}).startswith("hi;user:"),
+    "add_generation_prompt": lambda s, llm: (
+        chat_tokens_text(s, llm, add_generation_prompt=False) == "user: Name a colour.<end>"
+    ),
+    "continue_final_message": lambda s, llm: (
+        llm.get_tokenizer().decode(
+            tokenize(
+                s,
+                messages=[*MESSAGES, {"role": "assistant", "content": "Bl"}],
+                chat_template=TEMPLATE,
+                add_generation_prompt=False,
+                continue_final_message=True,
+            )["tokens"]
+        )
+        == "user: Name a colour.<end>assistant: Bl"
+    ),
+    "chat_template": lambda s, llm: (
+        llm.get_tokenizer().decode(tokenize(s, messages=MESSAGES)["tokens"]) == "Name a colour."
+    ),
+    "chat_template_kwargs": lambda s, llm: chat_tokens_text(s, llm, chat_template_kwargs={"greeting": "hi"}).startswith(
+        "hi;user:"
+    ),
     "tools": lambda s, llm: chat_tokens_text(s, llm, tools=[TOOL]).startswith("tools=["),
     "documents": lambda s, llm: chat_tokens_text(s, llm, documents=[{"title": "t", "text": "x"}]).startswith("docs=["),
 }

@@ -2,6 +2,7 @@
 in the engine gets a 500 (or an error event in its stream) while requests beside it are
 served in full; a dead engine makes /health answer 503 and the server exit instead of
 answering 500 for ever."""
+
 from __future__ import annotations
 
 import json
@@ -52,8 +53,10 @@ def test_a_request_that_fails_in_the_engine_fails_alone(server, monkeypatch):
         results[name] = complete(server, body)
 
     threads = [threading.Thread(target=send, args=(f"good-{i}", body)) for i, body in enumerate(GOOD)]
-    threads += [threading.Thread(target=send, args=("faulty", faulty)),
-                threading.Thread(target=send, args=("faulty-stream", {**faulty, "stream": True}))]
+    threads += [
+        threading.Thread(target=send, args=("faulty", faulty)),
+        threading.Thread(target=send, args=("faulty-stream", {**faulty, "stream": True})),
+    ]
     for t in threads:
         t.start()
     for t in threads:
@@ -94,8 +97,12 @@ def test_a_dead_engine_fails_its_requests_and_the_server_exits(tiny_llama_path):
     server.engine.engine.step = step
     response = complete(server, GOOD[1])
     assert response.status_code == 500
-    assert response.json()["error"] == {"message": "Engine loop has died: RuntimeError('device lost')",
-                                        "type": "EngineDeadError", "param": None, "code": 500}
+    assert response.json()["error"] == {
+        "message": "Engine loop has died: RuntimeError('device lost')",
+        "type": "EngineDeadError",
+        "param": None,
+        "code": 500,
+    }
     assert server.engine.errored
     deadline = time.monotonic() + 30
     while server.thread.is_alive():

@@ -1,5 +1,6 @@
 """The worker sees only the scheduler's per-step message: nothing under jllm/worker/
 imports the engine's Request, the scheduler or SamplingParams, or any engine module."""
+
 import ast
 import pathlib
 

@@ -4,6 +4,7 @@ compiles nothing more; with enforce_eager=True nothing compiles up front.
 
 The count is the jit cache size of the fused step (ModelRunner.num_compiled_steps).
 """
+
 import random
 
 import pytest
@@ -19,8 +20,7 @@ CAPTURED_PAGE_BUCKETS = (4, 8)
 
 @pytest.fixture(scope="module")
 def llm(tiny_llama_path):
-    return LLM(model=tiny_llama_path, enforce_eager=False, max_seq_len_to_capture=MAX_SEQ_LEN_TO_CAPTURE,
-               **ENGINE_ARGS)
+    return LLM(model=tiny_llama_path, enforce_eager=False, max_seq_len_to_capture=MAX_SEQ_LEN_TO_CAPTURE, **ENGINE_ARGS)
 
 
 def test_enforce_eager_compiles_nothing_up_front(tiny_llama_path):
@@ -56,8 +56,7 @@ def test_no_recompilation_after_warm_up(llm):
     batch = prompts(rng, 16, 100)
     llm.generate(batch, [greedy if i % 2 else sampled for i in range(16)], use_tqdm=False)
     llm.generate(prompts(rng, 20, 12), SamplingParams(temperature=1.0, max_tokens=20), use_tqdm=False)
-    llm.generate(prompts(rng, 2, 60), SamplingParams(temperature=1.0, n=3, stop=["e"], max_tokens=10),
-                 use_tqdm=False)
+    llm.generate(prompts(rng, 2, 60), SamplingParams(temperature=1.0, n=3, stop=["e"], max_tokens=10), use_tqdm=False)
     outputs = llm.generate(shared, greedy, use_tqdm=False)
     assert any(o.num_cached_tokens > 0 for o in outputs)
 
@@ -79,8 +78,7 @@ def test_no_recompilation_after_warm_up(llm):
 def test_a_sequence_longer_than_captured_compiles_its_shape_on_first_use(llm):
     runner = llm.llm_engine.runner
     compiled = runner.num_compiled_steps
-    [output] = llm.generate([list(range(100, 300))], SamplingParams(temperature=0.0, max_tokens=4),
-                            use_tqdm=False)
+    [output] = llm.generate([list(range(100, 300))], SamplingParams(temperature=0.0, max_tokens=4), use_tqdm=False)
     assert len(output.outputs[0].token_ids) == 4
     assert runner.num_compiled_steps > compiled
     llm.llm_engine.scheduler.block_manager.check_no_leaks()
@@ -94,8 +92,7 @@ def test_warm_up_covers_fresh_and_prefix_prefill_steps(tiny_llama_path, monkeypa
     monkeypatch.setattr("jllm.engine.engine_setup.fresh_prefill_min_tokens", lambda *args: 16)
     # The tiny chunk would not pay for its gather on a real model (attention_plan.py).
     monkeypatch.setattr("jllm.worker.attention_plan.PREFIX_PREFILL_TABLE_TOKENS_PER_PAIR", float("inf"))
-    llm = LLM(model=tiny_llama_path, enforce_eager=False, max_seq_len_to_capture=MAX_SEQ_LEN_TO_CAPTURE,
-              **ENGINE_ARGS)
+    llm = LLM(model=tiny_llama_path, enforce_eager=False, max_seq_len_to_capture=MAX_SEQ_LEN_TO_CAPTURE, **ENGINE_ARGS)
     runner = llm.llm_engine.runner
     # Per token bucket and captured page width: the plain step and both prefill variants.
     assert runner.num_compiled_steps == 3 * len(TOKEN_BUCKETS) * len(CAPTURED_PAGE_BUCKETS)

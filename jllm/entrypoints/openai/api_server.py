@@ -6,6 +6,7 @@
 `init_app_state` wires an AsyncLLMEngine into it; everything per server lives on
 `app.state`, so several servers can share one process (the tests do).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -31,12 +32,22 @@ from jllm.entrypoints.openai.chat_utils import load_chat_template
 from jllm.entrypoints.openai.cli_args import make_arg_parser, resolve_api_keys, validate_parsed_serve_args
 from jllm.entrypoints.openai.errors import OpenAIServingError, install_exception_handlers
 from jllm.entrypoints.openai.metrics import PrometheusStatLogger
-from jllm.entrypoints.openai.middleware import (AUTHENTICATED_PREFIXES, AuthenticationMiddleware,
-                                                RequestSizeLimitMiddleware, ServerLoad, ServerLoadMiddleware,
-                                                XRequestIdMiddleware)
+from jllm.entrypoints.openai.middleware import (
+    AUTHENTICATED_PREFIXES,
+    AuthenticationMiddleware,
+    RequestSizeLimitMiddleware,
+    ServerLoad,
+    ServerLoadMiddleware,
+    XRequestIdMiddleware,
+)
 from jllm.entrypoints.openai.orca_metrics import add_load_report
-from jllm.entrypoints.openai.protocol import (ChatCompletionRequest, CompletionRequest, DetokenizeRequest,
-                                              GenerateRequest, TokenizeRequest)
+from jllm.entrypoints.openai.protocol import (
+    ChatCompletionRequest,
+    CompletionRequest,
+    DetokenizeRequest,
+    GenerateRequest,
+    TokenizeRequest,
+)
 from jllm.entrypoints.openai.request_logger import RequestLogger
 from jllm.entrypoints.openai.serving_chat import OpenAIServingChat
 from jllm.entrypoints.openai.serving_completion import OpenAIServingCompletion
@@ -136,6 +147,7 @@ def build_app(args: argparse.Namespace) -> FastAPI:
         return JSONResponse(response.model_dump())
 
     if args.enable_tokenizer_info_endpoint:
+
         @app.get("/tokenizer_info")
         async def tokenizer_info(raw_request: Request) -> JSONResponse:
             return JSONResponse(raw_request.app.state.openai_serving_tokenization.get_tokenizer_info())
@@ -194,11 +206,21 @@ def init_app_state(engine: AsyncLLMEngine, state, args: argparse.Namespace) -> N
     models = OpenAIServingModels([args.served_model_name or args.model], args.model, max_model_len)
     request_logger = RequestLogger(args.max_log_len) if args.enable_log_requests else None
     executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="jllm-tokenizer")
-    options = ResponseOptions(return_tokens_as_token_ids=args.return_tokens_as_token_ids,
-                              enable_force_include_usage=args.enable_force_include_usage,
-                              enable_prompt_tokens_details=args.enable_prompt_tokens_details)
-    serving_chat = OpenAIServingChat(engine, models, request_logger, executor, load_chat_template(args.chat_template),
-                                     args.response_role, args.trust_request_chat_template, options)
+    options = ResponseOptions(
+        return_tokens_as_token_ids=args.return_tokens_as_token_ids,
+        enable_force_include_usage=args.enable_force_include_usage,
+        enable_prompt_tokens_details=args.enable_prompt_tokens_details,
+    )
+    serving_chat = OpenAIServingChat(
+        engine,
+        models,
+        request_logger,
+        executor,
+        load_chat_template(args.chat_template),
+        args.response_role,
+        args.trust_request_chat_template,
+        options,
+    )
     state.engine_client = engine
     state.tokenizer_executor = executor
     state.openai_serving_models = models
@@ -207,8 +229,9 @@ def init_app_state(engine: AsyncLLMEngine, state, args: argparse.Namespace) -> N
     state.openai_serving_tokenization = OpenAIServingTokenization(serving_chat)
     state.serving_generate = ServingGenerate(engine, models, request_logger, executor, options)
     state.metrics_registry = CollectorRegistry()
-    engine.add_stat_logger(PrometheusStatLogger(state.metrics_registry, models.model_name, max_model_len,
-                                                engine.cache_config))
+    engine.add_stat_logger(
+        PrometheusStatLogger(state.metrics_registry, models.model_name, max_model_len, engine.cache_config)
+    )
 
 
 def configure_logging() -> None:
@@ -219,9 +242,13 @@ def make_server(app: FastAPI, args: argparse.Namespace):
     """The uvicorn server for `app`; kept on app.state so a dead engine can stop it."""
     import uvicorn
 
-    config = uvicorn.Config(app, log_level=args.uvicorn_log_level, access_log=not args.disable_uvicorn_access_log,
-                            timeout_keep_alive=TIMEOUT_KEEP_ALIVE,
-                            timeout_graceful_shutdown=TIMEOUT_GRACEFUL_SHUTDOWN)
+    config = uvicorn.Config(
+        app,
+        log_level=args.uvicorn_log_level,
+        access_log=not args.disable_uvicorn_access_log,
+        timeout_keep_alive=TIMEOUT_KEEP_ALIVE,
+        timeout_graceful_shutdown=TIMEOUT_GRACEFUL_SHUTDOWN,
+    )
     app.state.server = uvicorn.Server(config)
     return app.state.server
 
@@ -251,8 +278,11 @@ def run_server(args: argparse.Namespace) -> None:
     app = build_app(args)
     init_app_state(engine, app.state, args)
     if args.api_key:
-        logger.info("API key authentication is on: routes under %s need one of %d key(s).",
-                    ", ".join(AUTHENTICATED_PREFIXES), len(args.api_key))
+        logger.info(
+            "API key authentication is on: routes under %s need one of %d key(s).",
+            ", ".join(AUTHENTICATED_PREFIXES),
+            len(args.api_key),
+        )
     else:
         logger.info("API key authentication is off: set --api-key, JLLM_API_KEY or VLLM_API_KEY to turn it on.")
     logger.info("Serving %s on %s", args.served_model_name or args.model, address)

@@ -5,6 +5,7 @@ ends first cancels the other. Cancelling the handler cancels its engine generato
 which aborts the request and frees its KV pages. Streaming responses need no wrapper:
 Starlette cancels the body iterator itself when the client disconnects.
 """
+
 from __future__ import annotations
 
 import asyncio

@@ -1,5 +1,6 @@
 """From OpenAI chat messages to a prompt string: content parts, the chat template
 (--chat-template, the tokenizer's own, or a request's), and its keyword arguments."""
+
 from __future__ import annotations
 
 import codecs
@@ -21,8 +22,7 @@ def load_chat_template(chat_template: str | None) -> str | None:
         with open(chat_template, encoding="utf-8") as f:
             return f.read()
     if not any(c in chat_template for c in _JINJA_CHARS):
-        raise ValueError(
-            f"The supplied chat template string ({chat_template}) appears path-like, but doesn't exist!")
+        raise ValueError(f"The supplied chat template string ({chat_template}) appears path-like, but doesn't exist!")
     # Given on the command line, "\n" arrives as two characters.
     return codecs.decode(chat_template, "unicode_escape")
 
@@ -37,8 +37,10 @@ def parse_chat_messages(messages: list[ChatCompletionMessageParam]) -> list[dict
             texts = []
             for part in content:
                 if part.type != "text" or part.text is None:
-                    raise ValueError(f"Content part type '{part.type}' is not supported: this model "
-                                     "accepts only text parts ({'type': 'text', 'text': ...}).")
+                    raise ValueError(
+                        f"Content part type '{part.type}' is not supported: this model "
+                        "accepts only text parts ({'type': 'text', 'text': ...})."
+                    )
                 texts.append(part.text)
             content = "\n".join(texts)
         entry: dict[str, Any] = {"role": message.role, "content": content if content is not None else ""}
@@ -55,8 +57,9 @@ def _reserved_template_kwargs(tokenizer) -> set[str]:
     return {name for name, p in params.items() if p.kind is not inspect.Parameter.VAR_KEYWORD}
 
 
-def apply_chat_template(tokenizer, request: ChatTemplateFields, conversation: list[dict[str, Any]],
-                        chat_template: str | None) -> str:
+def apply_chat_template(
+    tokenizer, request: ChatTemplateFields, conversation: list[dict[str, Any]], chat_template: str | None
+) -> str:
     """The rendered prompt text. Raises ValueError (a 400) for a missing template or a
     template that fails on this conversation."""
     if tokenizer is None:
@@ -64,14 +67,20 @@ def apply_chat_template(tokenizer, request: ChatTemplateFields, conversation: li
     if chat_template is None and getattr(tokenizer, "chat_template", None) is None:
         raise ValueError(
             "As of transformers v4.44, default chat template is no longer allowed, so you must provide "
-            "a chat template if the tokenizer does not define one.")
+            "a chat template if the tokenizer does not define one."
+        )
     reserved = _reserved_template_kwargs(tokenizer)
     extra = {k: v for k, v in (request.chat_template_kwargs or {}).items() if k not in reserved}
     try:
         text = tokenizer.apply_chat_template(
-            conversation, tools=request.tools, documents=request.documents, chat_template=chat_template,
+            conversation,
+            tools=request.tools,
+            documents=request.documents,
+            chat_template=chat_template,
             add_generation_prompt=request.add_generation_prompt,
-            continue_final_message=request.continue_final_message, tokenize=False, **extra,
+            continue_final_message=request.continue_final_message,
+            tokenize=False,
+            **extra,
         )
     except Exception as e:  # noqa: BLE001 - jinja and template errors are the request's fault
         raise ValueError(f"Chat template failed to render the conversation: {e}") from e

@@ -1,6 +1,7 @@
 """vLLM's error body, `{"error": {"message", "type", "param", "code"}}`, and the handlers
 that give every failure that shape: pydantic validation (400, not FastAPI's 422),
 HTTP errors (404 route, 405 method, 413 body), serving errors and engine death."""
+
 from __future__ import annotations
 
 import logging
@@ -23,8 +24,13 @@ MAX_ERROR_MESSAGE_CHARS = 8192
 class OpenAIServingError(Exception):
     """A request the server refuses, with the status and type it answers with."""
 
-    def __init__(self, message: str, err_type: str = "BadRequestError",
-                 status_code: HTTPStatus = HTTPStatus.BAD_REQUEST, param: str | None = None) -> None:
+    def __init__(
+        self,
+        message: str,
+        err_type: str = "BadRequestError",
+        status_code: HTTPStatus = HTTPStatus.BAD_REQUEST,
+        param: str | None = None,
+    ) -> None:
         super().__init__(message)
         self.message = message
         self.err_type = err_type
@@ -37,9 +43,12 @@ class NotFoundError(OpenAIServingError):
         super().__init__(message, "NotFoundError", HTTPStatus.NOT_FOUND, param)
 
 
-def create_error_response(message: str, err_type: str = "BadRequestError",
-                          status_code: HTTPStatus = HTTPStatus.BAD_REQUEST,
-                          param: str | None = None) -> ErrorResponse:
+def create_error_response(
+    message: str,
+    err_type: str = "BadRequestError",
+    status_code: HTTPStatus = HTTPStatus.BAD_REQUEST,
+    param: str | None = None,
+) -> ErrorResponse:
     if len(message) > MAX_ERROR_MESSAGE_CHARS:
         message = message[:MAX_ERROR_MESSAGE_CHARS] + "... (truncated)"
     return ErrorResponse(error=ErrorInfo(message=message, type=err_type, param=param, code=int(status_code)))
@@ -64,7 +73,8 @@ def install_exception_handlers(app: FastAPI) -> None:
         except RecursionError:  # an input nested deeper than repr can go: the errors without it
             message = str([{k: v for k, v in e.items() if k != "input"} for e in errors])
         return error_json_response(
-            create_error_response(message, HTTPStatus.BAD_REQUEST.phrase, HTTPStatus.BAD_REQUEST))
+            create_error_response(message, HTTPStatus.BAD_REQUEST.phrase, HTTPStatus.BAD_REQUEST)
+        )
 
     @app.exception_handler(StarletteHTTPException)
     async def http_exception_handler(_: Request, exc: StarletteHTTPException) -> JSONResponse:
@@ -77,12 +87,13 @@ def install_exception_handlers(app: FastAPI) -> None:
 
     @app.exception_handler(EngineDeadError)
     async def engine_dead_handler(_: Request, exc: EngineDeadError) -> JSONResponse:
-        return error_json_response(create_error_response(
-            str(exc), "EngineDeadError", HTTPStatus.INTERNAL_SERVER_ERROR))
+        return error_json_response(create_error_response(str(exc), "EngineDeadError", HTTPStatus.INTERNAL_SERVER_ERROR))
 
     @app.exception_handler(Exception)
     async def internal_error_handler(_: Request, exc: Exception) -> JSONResponse:
         logger.exception("Unexpected error while serving a request.")
-        return error_json_response(create_error_response(
-            f"Internal server error: {type(exc).__name__}", "InternalServerError",
-            HTTPStatus.INTERNAL_SERVER_ERROR))
+        return error_json_response(
+            create_error_response(
+                f"Internal server error: {type(exc).__name__}", "InternalServerError", HTTPStatus.INTERNAL_SERVER_ERROR
+            )
+        )

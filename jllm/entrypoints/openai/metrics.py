@@ -1,5 +1,6 @@
 """Prometheus metrics under vLLM's names (V1's PrometheusStatLogger), so dashboards and
 alerts written for vLLM read jllm unchanged. Every server has its own CollectorRegistry."""
+
 from __future__ import annotations
 
 import dataclasses
@@ -11,12 +12,74 @@ from jllm.config import CacheConfig
 from jllm.engine.stats import IterationStats, SchedulerStats
 
 # vLLM's bucket boundaries (seconds).
-TTFT_BUCKETS = [0.001, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5, 5.0, 7.5, 10.0,
-                20.0, 40.0, 80.0, 160.0, 640.0, 2560.0]
-ITL_BUCKETS = [0.01, 0.025, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.4, 0.5, 0.75, 1.0, 2.5, 5.0, 7.5, 10.0, 20.0,
-               40.0, 80.0]
-REQUEST_LATENCY_BUCKETS = [0.3, 0.5, 0.8, 1.0, 1.5, 2.0, 2.5, 5.0, 10.0, 15.0, 20.0, 30.0, 40.0, 50.0, 60.0,
-                           120.0, 240.0, 480.0, 960.0, 1920.0, 7680.0]
+TTFT_BUCKETS = [
+    0.001,
+    0.005,
+    0.01,
+    0.02,
+    0.04,
+    0.06,
+    0.08,
+    0.1,
+    0.25,
+    0.5,
+    0.75,
+    1.0,
+    2.5,
+    5.0,
+    7.5,
+    10.0,
+    20.0,
+    40.0,
+    80.0,
+    160.0,
+    640.0,
+    2560.0,
+]
+ITL_BUCKETS = [
+    0.01,
+    0.025,
+    0.05,
+    0.075,
+    0.1,
+    0.15,
+    0.2,
+    0.3,
+    0.4,
+    0.5,
+    0.75,
+    1.0,
+    2.5,
+    5.0,
+    7.5,
+    10.0,
+    20.0,
+    40.0,
+    80.0,
+]
+REQUEST_LATENCY_BUCKETS = [
+    0.3,
+    0.5,
+    0.8,
+    1.0,
+    1.5,
+    2.0,
+    2.5,
+    5.0,
+    10.0,
+    15.0,
+    20.0,
+    30.0,
+    40.0,
+    50.0,
+    60.0,
+    120.0,
+    240.0,
+    480.0,
+    960.0,
+    1920.0,
+    7680.0,
+]
 ITERATION_TOKENS_BUCKETS = [1, 8, 16, 32, 64, 128, 256, 512, 1024, 2048, 4096, 8192, 16384]
 REQUEST_PARAMS_N_BUCKETS = [1, 2, 5, 10, 20]
 # vLLM's FinishReason strings; every series exists (at 0) from the start.
@@ -28,7 +91,7 @@ def build_1_2_5_buckets(max_value: int) -> list[int]:
     buckets, exponent = [], 0
     while True:
         for mantissa in (1, 2, 5):
-            value = mantissa * 10 ** exponent
+            value = mantissa * 10**exponent
             if value > max_value:
                 return buckets
             buckets.append(value)
@@ -36,8 +99,14 @@ def build_1_2_5_buckets(max_value: int) -> list[int]:
 
 
 class PrometheusStatLogger:
-    def __init__(self, registry: CollectorRegistry, model_name: str, max_model_len: int,
-                 cache_config: CacheConfig | None = None, engine_index: int = 0):
+    def __init__(
+        self,
+        registry: CollectorRegistry,
+        model_name: str,
+        max_model_len: int,
+        cache_config: CacheConfig | None = None,
+        engine_index: int = 0,
+    ):
         # vLLM's /metrics has no `_created` series; prometheus_client's switch for
         # that is process-wide, and no jllm metric wants them.
         prometheus_client.disable_created_metrics()
@@ -60,60 +129,87 @@ class PrometheusStatLogger:
         self.prompt_tokens = counter("vllm:prompt_tokens", "Number of prefill tokens processed.")
         self.generation_tokens = counter("vllm:generation_tokens", "Number of generation tokens processed.")
         self.prefix_cache_queries = counter(
-            "vllm:prefix_cache_queries", "Prefix cache queries, in terms of number of queried tokens.")
+            "vllm:prefix_cache_queries", "Prefix cache queries, in terms of number of queried tokens."
+        )
         self.prefix_cache_hits = counter(
-            "vllm:prefix_cache_hits", "Prefix cache hits, in terms of number of cached tokens.")
-        success = Counter("vllm:request_success", "Count of successfully processed requests.",
-                          names + ["finished_reason"], registry=registry)
+            "vllm:prefix_cache_hits", "Prefix cache hits, in terms of number of cached tokens."
+        )
+        success = Counter(
+            "vllm:request_success",
+            "Count of successfully processed requests.",
+            names + ["finished_reason"],
+            registry=registry,
+        )
         self.request_success = {reason: success.labels(**labels, finished_reason=reason) for reason in FINISH_REASONS}
         self.time_to_first_token = histogram(
-            "vllm:time_to_first_token_seconds", "Histogram of time to first token in seconds.", TTFT_BUCKETS)
+            "vllm:time_to_first_token_seconds", "Histogram of time to first token in seconds.", TTFT_BUCKETS
+        )
         self.inter_token_latency = histogram(
-            "vllm:inter_token_latency_seconds", "Histogram of inter-token latency in seconds.", ITL_BUCKETS)
+            "vllm:inter_token_latency_seconds", "Histogram of inter-token latency in seconds.", ITL_BUCKETS
+        )
         # The same observations under the name vLLM used before 0.11, which its metrics
         # test and older dashboards still read.
         self.time_per_output_token = histogram(
             "vllm:time_per_output_token_seconds",
-            "Histogram of time per output token in seconds.DEPRECATED: Use vllm:inter_token_latency_seconds "
-            "instead.", ITL_BUCKETS)
+            "Histogram of time per output token in seconds.DEPRECATED: Use vllm:inter_token_latency_seconds instead.",
+            ITL_BUCKETS,
+        )
         self.request_time_per_output_token = histogram(
-            "vllm:request_time_per_output_token_seconds", "Histogram of time_per_output_token_seconds per request.",
-            ITL_BUCKETS)
+            "vllm:request_time_per_output_token_seconds",
+            "Histogram of time_per_output_token_seconds per request.",
+            ITL_BUCKETS,
+        )
         self.iteration_tokens = histogram(
-            "vllm:iteration_tokens_total", "Histogram of number of tokens per engine_step.", ITERATION_TOKENS_BUCKETS)
+            "vllm:iteration_tokens_total", "Histogram of number of tokens per engine_step.", ITERATION_TOKENS_BUCKETS
+        )
         self.e2e_request_latency = histogram(
-            "vllm:e2e_request_latency_seconds", "Histogram of e2e request latency in seconds.",
-            REQUEST_LATENCY_BUCKETS)
+            "vllm:e2e_request_latency_seconds", "Histogram of e2e request latency in seconds.", REQUEST_LATENCY_BUCKETS
+        )
         self.request_queue_time = histogram(
-            "vllm:request_queue_time_seconds", "Histogram of time spent in WAITING phase for request.",
-            REQUEST_LATENCY_BUCKETS)
+            "vllm:request_queue_time_seconds",
+            "Histogram of time spent in WAITING phase for request.",
+            REQUEST_LATENCY_BUCKETS,
+        )
         self.request_inference_time = histogram(
-            "vllm:request_inference_time_seconds", "Histogram of time spent in RUNNING phase for request.",
-            REQUEST_LATENCY_BUCKETS)
+            "vllm:request_inference_time_seconds",
+            "Histogram of time spent in RUNNING phase for request.",
+            REQUEST_LATENCY_BUCKETS,
+        )
         self.request_prefill_time = histogram(
-            "vllm:request_prefill_time_seconds", "Histogram of time spent in PREFILL phase for request.",
-            REQUEST_LATENCY_BUCKETS)
+            "vllm:request_prefill_time_seconds",
+            "Histogram of time spent in PREFILL phase for request.",
+            REQUEST_LATENCY_BUCKETS,
+        )
         self.request_decode_time = histogram(
-            "vllm:request_decode_time_seconds", "Histogram of time spent in DECODE phase for request.",
-            REQUEST_LATENCY_BUCKETS)
+            "vllm:request_decode_time_seconds",
+            "Histogram of time spent in DECODE phase for request.",
+            REQUEST_LATENCY_BUCKETS,
+        )
         token_buckets = build_1_2_5_buckets(max_model_len)
         self.request_prompt_tokens = histogram(
-            "vllm:request_prompt_tokens", "Number of prefill tokens processed.", token_buckets)
+            "vllm:request_prompt_tokens", "Number of prefill tokens processed.", token_buckets
+        )
         self.request_generation_tokens = histogram(
-            "vllm:request_generation_tokens", "Number of generation tokens processed.", token_buckets)
+            "vllm:request_generation_tokens", "Number of generation tokens processed.", token_buckets
+        )
         self.request_max_num_generation_tokens = histogram(
-            "vllm:request_max_num_generation_tokens", "Histogram of maximum number of requested generation tokens.",
-            token_buckets)
+            "vllm:request_max_num_generation_tokens",
+            "Histogram of maximum number of requested generation tokens.",
+            token_buckets,
+        )
         self.request_params_n = histogram(
-            "vllm:request_params_n", "Histogram of the n request parameter.", REQUEST_PARAMS_N_BUCKETS)
+            "vllm:request_params_n", "Histogram of the n request parameter.", REQUEST_PARAMS_N_BUCKETS
+        )
         self.request_params_max_tokens = histogram(
-            "vllm:request_params_max_tokens", "Histogram of the max_tokens request parameter.", token_buckets)
+            "vllm:request_params_max_tokens", "Histogram of the max_tokens request parameter.", token_buckets
+        )
         if cache_config is not None:
             # Info emulated by a gauge of 1, every CacheConfig field a label (vLLM's).
             info = {name: str(value) for name, value in dataclasses.asdict(cache_config).items()}
             info["engine"] = str(engine_index)
-            Gauge("vllm:cache_config_info", "Information of the LLMEngine CacheConfig", list(info),
-                  registry=registry).labels(**info).set(1)
+            Gauge(
+                "vllm:cache_config_info", "Information of the LLMEngine CacheConfig", list(info), registry=registry
+            ).labels(**info).set(1)
         # The scheduler's counts are cumulative; counters advance by the difference.
         self._last = SchedulerStats()
 

@@ -1,6 +1,7 @@
 """Pure ASGI middleware (no BaseHTTPMiddleware, which would break streaming and
 disconnect detection): API-key checks, the request body size limit, X-Request-Id
 headers and the count of generation requests in flight."""
+
 from __future__ import annotations
 
 import hashlib
@@ -95,7 +96,9 @@ class RequestSizeLimitMiddleware:
     async def _refuse(self, scope: Scope, receive: Receive, send: Send) -> None:
         error = create_error_response(
             f"Request body too large: the limit is {self.max_body_bytes} bytes.",
-            HTTPStatus.REQUEST_ENTITY_TOO_LARGE.phrase, HTTPStatus.REQUEST_ENTITY_TOO_LARGE)
+            HTTPStatus.REQUEST_ENTITY_TOO_LARGE.phrase,
+            HTTPStatus.REQUEST_ENTITY_TOO_LARGE,
+        )
         response = JSONResponse(error.model_dump(), status_code=HTTPStatus.REQUEST_ENTITY_TOO_LARGE)
         await response(scope, receive, send)
 

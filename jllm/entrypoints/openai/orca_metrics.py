@@ -2,6 +2,7 @@
 `endpoint-load-metrics-format: text|json` gets the engine's load in an
 `endpoint-load-metrics` header on a non-streaming completion, for load balancers that
 route by it."""
+
 from __future__ import annotations
 
 import json

@@ -6,6 +6,7 @@ clients send fields of their own); a field jllm defines but cannot honour is ref
 the serving layer, and a field of the wrong type or a rule broken here becomes a 400
 through the server's validation handler.
 """
+
 from __future__ import annotations
 
 import logging
@@ -41,8 +42,10 @@ def reject_lone_surrogates(data):
         value = stack.pop()
         if isinstance(value, str):
             if _LONE_SURROGATE.search(value):
-                raise ValueError("The request holds a lone UTF-16 surrogate (an unpaired \\ud800-\\udfff "
-                                 "escape), which is not valid Unicode.")
+                raise ValueError(
+                    "The request holds a lone UTF-16 surrogate (an unpaired \\ud800-\\udfff "
+                    "escape), which is not valid Unicode."
+                )
         elif isinstance(value, dict):
             stack.extend(value.keys())
             stack.extend(value.values())
@@ -208,8 +211,9 @@ class SamplingRequest(OpenAIRequestModel):
             raise ValueError("`prompt_logprobs` must be a positive value or -1.")
         return data
 
-    def build_sampling_params(self, max_tokens: int, default_sampling_params: dict, logprobs: int | None,
-                              prompt_logprobs: int | None) -> SamplingParams:
+    def build_sampling_params(
+        self, max_tokens: int, default_sampling_params: dict, logprobs: int | None, prompt_logprobs: int | None
+    ) -> SamplingParams:
         """SamplingParams with vLLM's precedence: the request's value, else the model's
         generation_config default, else the server default."""
 
@@ -220,16 +224,30 @@ class SamplingRequest(OpenAIRequestModel):
             return value
 
         return SamplingParams.from_optional(
-            n=self.n, presence_penalty=self.presence_penalty, frequency_penalty=self.frequency_penalty,
-            repetition_penalty=pick("repetition_penalty"), temperature=pick("temperature"),
-            top_p=pick("top_p"), top_k=pick("top_k"), min_p=pick("min_p"), seed=self.seed,
-            stop=self.stop, stop_token_ids=self.stop_token_ids, bad_words=self.bad_words,
-            include_stop_str_in_output=self.include_stop_str_in_output, ignore_eos=self.ignore_eos,
-            max_tokens=max_tokens, min_tokens=self.min_tokens, logprobs=logprobs,
-            prompt_logprobs=prompt_logprobs, skip_special_tokens=self.skip_special_tokens,
+            n=self.n,
+            presence_penalty=self.presence_penalty,
+            frequency_penalty=self.frequency_penalty,
+            repetition_penalty=pick("repetition_penalty"),
+            temperature=pick("temperature"),
+            top_p=pick("top_p"),
+            top_k=pick("top_k"),
+            min_p=pick("min_p"),
+            seed=self.seed,
+            stop=self.stop,
+            stop_token_ids=self.stop_token_ids,
+            bad_words=self.bad_words,
+            include_stop_str_in_output=self.include_stop_str_in_output,
+            ignore_eos=self.ignore_eos,
+            max_tokens=max_tokens,
+            min_tokens=self.min_tokens,
+            logprobs=logprobs,
+            prompt_logprobs=prompt_logprobs,
+            skip_special_tokens=self.skip_special_tokens,
             spaces_between_special_tokens=self.spaces_between_special_tokens,
-            truncate_prompt_tokens=self.truncate_prompt_tokens, logit_bias=self.logit_bias,
-            allowed_token_ids=self.allowed_token_ids, extra_args=self.vllm_xargs,
+            truncate_prompt_tokens=self.truncate_prompt_tokens,
+            logit_bias=self.logit_bias,
+            allowed_token_ids=self.allowed_token_ids,
+            extra_args=self.vllm_xargs,
             output_kind=RequestOutputKind.DELTA if self.stream else RequestOutputKind.FINAL_ONLY,
         )
 
@@ -248,8 +266,13 @@ class CompletionRequest(SamplingRequest):
     @model_validator(mode="before")
     @classmethod
     def check_logprobs(cls, data):
-        if isinstance(data, dict) and isinstance(logprobs := data.get("logprobs"), int) \
-                and not isinstance(logprobs, bool) and logprobs < 0 and logprobs != -1:
+        if (
+            isinstance(data, dict)
+            and isinstance(logprobs := data.get("logprobs"), int)
+            and not isinstance(logprobs, bool)
+            and logprobs < 0
+            and logprobs != -1
+        ):
             raise ValueError("`logprobs` must be a positive value or -1.")
         return data
 

@@ -1,5 +1,6 @@
 """`POST /v1/completions` (vLLM's OpenAIServingCompletion): text or token-id prompts,
 one or many, n samples each, echo, logprobs, and SSE streaming."""
+
 from __future__ import annotations
 
 import time
@@ -9,9 +10,16 @@ from fastapi import Request
 from fastapi.responses import JSONResponse
 
 from jllm.entrypoints.openai.errors import OpenAIServingError
-from jllm.entrypoints.openai.protocol import (CompletionLogProbs, CompletionRequest, CompletionResponse,
-                                              CompletionResponseChoice, CompletionResponseStreamChoice,
-                                              CompletionStreamResponse, LogprobEntry, UsageInfo)
+from jllm.entrypoints.openai.protocol import (
+    CompletionLogProbs,
+    CompletionRequest,
+    CompletionResponse,
+    CompletionResponseChoice,
+    CompletionResponseStreamChoice,
+    CompletionStreamResponse,
+    LogprobEntry,
+    UsageInfo,
+)
 from jllm.entrypoints.openai.serving_engine import EngineStreamingResponse, OpenAIServing, sse_error, sse_event
 from jllm.outputs import Logprob, RequestOutput
 
@@ -43,8 +51,8 @@ class OpenAIServingCompletion(OpenAIServing):
         model_name = self.models.model_name
         if request.stream:
             return EngineStreamingResponse(
-                self._stream(request, request_id, created, model_name, len(prompts), outputs),
-                self.engine, streams)
+                self._stream(request, request_id, created, model_name, len(prompts), outputs), self.engine, streams
+            )
         finals: list[RequestOutput | None] = [None] * len(prompts)
         async for index, output in outputs:
             finals[index] = output
@@ -70,8 +78,9 @@ class OpenAIServingCompletion(OpenAIServing):
 
     # ----- the non-streaming response -------------------------------------------------
 
-    def _response(self, request: CompletionRequest, request_id: str, created: int, model_name: str,
-                  finals: list[RequestOutput]) -> CompletionResponse:
+    def _response(
+        self, request: CompletionRequest, request_id: str, created: int, model_name: str, finals: list[RequestOutput]
+    ) -> CompletionResponse:
         choices = []
         num_prompt_tokens = num_generated_tokens = num_cached_tokens = 0
         for final in finals:
@@ -89,21 +98,31 @@ class OpenAIServingCompletion(OpenAIServing):
                         token_ids = prompt_ids + token_ids
                         logprobs = None if logprobs is None else [*(prompt_logprobs or []), *logprobs]
                         text = prompt_text + text
-                choices.append(CompletionResponseChoice(
-                    index=len(choices), text=text,
-                    logprobs=(self._logprobs(token_ids, logprobs, request) if request.logprobs is not None
-                              else None),
-                    finish_reason=output.finish_reason, stop_reason=output.stop_reason,
-                    prompt_logprobs=prompt_logprobs_json(prompt_logprobs),
-                    prompt_token_ids=prompt_ids if request.return_token_ids else None,
-                    token_ids=list(output.token_ids) if request.return_token_ids else None,
-                ))
+                choices.append(
+                    CompletionResponseChoice(
+                        index=len(choices),
+                        text=text,
+                        logprobs=(
+                            self._logprobs(token_ids, logprobs, request) if request.logprobs is not None else None
+                        ),
+                        finish_reason=output.finish_reason,
+                        stop_reason=output.stop_reason,
+                        prompt_logprobs=prompt_logprobs_json(prompt_logprobs),
+                        prompt_token_ids=prompt_ids if request.return_token_ids else None,
+                        token_ids=list(output.token_ids) if request.return_token_ids else None,
+                    )
+                )
                 num_generated_tokens += len(output.token_ids)
         usage = self.usage(num_prompt_tokens, num_generated_tokens, num_cached_tokens)
         return CompletionResponse(id=request_id, created=created, model=model_name, choices=choices, usage=usage)
 
-    def _logprobs(self, token_ids: list[int], top_logprobs: list[dict[int, Logprob] | None] | None,
-                  request: CompletionRequest, initial_text_offset: int = 0) -> CompletionLogProbs:
+    def _logprobs(
+        self,
+        token_ids: list[int],
+        top_logprobs: list[dict[int, Logprob] | None] | None,
+        request: CompletionRequest,
+        initial_text_offset: int = 0,
+    ) -> CompletionLogProbs:
         """OpenAI's completion logprobs: per token its text, logprob, the top `logprobs`
         alternatives (plus the chosen one) and its character offset."""
         as_ids = self.tokens_as_token_ids(request)
@@ -119,20 +138,25 @@ class OpenAIServingCompletion(OpenAIServing):
             else:
                 token = self.decoded_token(step[token_id], token_id, as_ids)
                 result.token_logprobs.append(max(step[token_id].logprob, -9999.0))
-                result.top_logprobs.append({
-                    self.decoded_token(lp, tid, as_ids): max(lp.logprob, -9999.0)
-                    for rank, (tid, lp) in enumerate(step.items()) if rank <= num_top or num_top == -1
-                })
+                result.top_logprobs.append(
+                    {
+                        self.decoded_token(lp, tid, as_ids): max(lp.logprob, -9999.0)
+                        for rank, (tid, lp) in enumerate(step.items())
+                        if rank <= num_top or num_top == -1
+                    }
+                )
             result.tokens.append(token)
             result.text_offset.append(
-                initial_text_offset if not result.text_offset else result.text_offset[-1] + last_token_len)
+                initial_text_offset if not result.text_offset else result.text_offset[-1] + last_token_len
+            )
             last_token_len = len(token)
         return result
 
     # ----- streaming ------------------------------------------------------------------
 
-    async def _stream(self, request: CompletionRequest, request_id: str, created: int, model_name: str,
-                      num_prompts: int, outputs) -> AsyncGenerator[str, None]:
+    async def _stream(
+        self, request: CompletionRequest, request_id: str, created: int, model_name: str, num_prompts: int, outputs
+    ) -> AsyncGenerator[str, None]:
         n = request.n
         previous_text_lens = [0] * n * num_prompts
         previous_num_tokens = [0] * n * num_prompts
@@ -163,28 +187,45 @@ class OpenAIServingCompletion(OpenAIServing):
                         has_echoed[i] = True
                     elif not delta_text and not delta_ids and output.finish_reason is None:
                         continue
-                    logprobs = (self._logprobs(delta_ids, delta_logprobs, request, previous_text_lens[i])
-                                if request.logprobs is not None else None)
+                    logprobs = (
+                        self._logprobs(delta_ids, delta_logprobs, request, previous_text_lens[i])
+                        if request.logprobs is not None
+                        else None
+                    )
                     previous_text_lens[i] += len(delta_text)
                     previous_num_tokens[i] += len(output.token_ids)
                     finish_sent[i] = output.finish_reason is not None
-                    chunk = CompletionStreamResponse(id=request_id, created=created, model=model_name, choices=[
-                        CompletionResponseStreamChoice(
-                            index=i, text=delta_text, logprobs=logprobs, finish_reason=output.finish_reason,
-                            stop_reason=output.stop_reason,
-                            token_ids=delta_ids if request.return_token_ids else None,
-                            prompt_token_ids=prompt_ids if request.return_token_ids and not first_sent[i] else None,
-                        )])
+                    chunk = CompletionStreamResponse(
+                        id=request_id,
+                        created=created,
+                        model=model_name,
+                        choices=[
+                            CompletionResponseStreamChoice(
+                                index=i,
+                                text=delta_text,
+                                logprobs=logprobs,
+                                finish_reason=output.finish_reason,
+                                stop_reason=output.stop_reason,
+                                token_ids=delta_ids if request.return_token_ids else None,
+                                prompt_token_ids=prompt_ids if request.return_token_ids and not first_sent[i] else None,
+                            )
+                        ],
+                    )
                     first_sent[i] = True
                     if continuous_usage:
                         prompt_tokens = num_prompt_tokens[prompt_index]
-                        chunk.usage = UsageInfo(prompt_tokens=prompt_tokens, completion_tokens=previous_num_tokens[i],
-                                                total_tokens=prompt_tokens + previous_num_tokens[i])
+                        chunk.usage = UsageInfo(
+                            prompt_tokens=prompt_tokens,
+                            completion_tokens=previous_num_tokens[i],
+                            total_tokens=prompt_tokens + previous_num_tokens[i],
+                        )
                     yield sse_event(chunk)
             if include_usage:
                 usage = self.usage(sum(num_prompt_tokens), sum(previous_num_tokens), sum(num_cached_tokens))
-                yield sse_event(CompletionStreamResponse(id=request_id, created=created, model=model_name,
-                                                         choices=[], usage=usage), exclude_none=True)
+                yield sse_event(
+                    CompletionStreamResponse(id=request_id, created=created, model=model_name, choices=[], usage=usage),
+                    exclude_none=True,
+                )
         except Exception as e:  # noqa: BLE001 - the status line is gone; the error goes in the stream
             yield sse_error(e)
         finally:
@@ -195,7 +236,12 @@ class OpenAIServingCompletion(OpenAIServing):
 def prompt_logprobs_json(prompt_logprobs) -> list[dict[int, LogprobEntry] | None] | None:
     if prompt_logprobs is None:
         return None
-    return [None if step is None else
-            {tid: LogprobEntry(logprob=max(lp.logprob, -9999.0), rank=lp.rank, decoded_token=lp.decoded_token)
-             for tid, lp in step.items()}
-            for step in prompt_logprobs]
+    return [
+        None
+        if step is None
+        else {
+            tid: LogprobEntry(logprob=max(lp.logprob, -9999.0), rank=lp.rank, decoded_token=lp.decoded_token)
+            for tid, lp in step.items()
+        }
+        for step in prompt_logprobs
+    ]

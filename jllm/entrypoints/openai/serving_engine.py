@@ -1,6 +1,7 @@
 """What every OpenAI endpoint shares (vLLM's OpenAIServing): the model check, request
 ids, tokenization off the event loop, the context-length check, SamplingParams with
 the server's defaults, handing requests to the engine, and server-sent events."""
+
 from __future__ import annotations
 
 import asyncio
@@ -26,13 +27,22 @@ from jllm.sampling_params import SamplingParams
 # vLLM's VLLM_MAX_NUM_BAD_WORDS: token sequences per request after tokenization.
 MAX_NUM_BAD_WORDS = 128
 # Request fields that ask for structured outputs (guided_* are vLLM's names before 0.12).
-STRUCTURED_OUTPUT_FIELDS = ("structured_outputs", "guided_json", "guided_regex", "guided_choice", "guided_grammar",
-                            "guided_decoding_backend", "guided_whitespace_pattern", "structural_tag")
+STRUCTURED_OUTPUT_FIELDS = (
+    "structured_outputs",
+    "guided_json",
+    "guided_regex",
+    "guided_choice",
+    "guided_grammar",
+    "guided_decoding_backend",
+    "guided_whitespace_pattern",
+    "structural_tag",
+)
 
 
 @dataclass(frozen=True)
 class ResponseOptions:
     """Server flags that shape every response (vLLM's frontend flags of the same names)."""
+
     return_tokens_as_token_ids: bool = False
     enable_force_include_usage: bool = False
     enable_prompt_tokens_details: bool = False
@@ -43,8 +53,11 @@ def random_uuid() -> str:
 
 
 def sse_event(chunk: BaseModel | str, exclude_unset: bool = False, exclude_none: bool = False) -> str:
-    data = chunk if isinstance(chunk, str) else chunk.model_dump_json(exclude_unset=exclude_unset,
-                                                                        exclude_none=exclude_none)
+    data = (
+        chunk
+        if isinstance(chunk, str)
+        else chunk.model_dump_json(exclude_unset=exclude_unset, exclude_none=exclude_none)
+    )
     return f"data: {data}\n\n"
 
 
@@ -56,8 +69,9 @@ def sse_error(exc: BaseException) -> str:
     elif isinstance(exc, ValueError):
         error = create_error_response(str(exc))
     else:
-        error = create_error_response(str(exc) or type(exc).__name__, "InternalServerError",
-                                      HTTPStatus.INTERNAL_SERVER_ERROR)
+        error = create_error_response(
+            str(exc) or type(exc).__name__, "InternalServerError", HTTPStatus.INTERNAL_SERVER_ERROR
+        )
     return sse_event(error)
 
 
@@ -65,8 +79,9 @@ class EngineStreamingResponse(StreamingResponse):
     """An SSE response that aborts its engine requests however it ends: a client that
     leaves before the body is first iterated never runs the generator's own cleanup."""
 
-    def __init__(self, content, engine: AsyncLLMEngine, streams: list[RequestStream],
-                 media_type: str = "text/event-stream") -> None:
+    def __init__(
+        self, content, engine: AsyncLLMEngine, streams: list[RequestStream], media_type: str = "text/event-stream"
+    ) -> None:
         super().__init__(content, media_type=media_type)
         self._engine = engine
         self._streams = streams
@@ -81,9 +96,14 @@ class EngineStreamingResponse(StreamingResponse):
 
 
 class OpenAIServing:
-    def __init__(self, engine: AsyncLLMEngine, models: OpenAIServingModels,
-                 request_logger: RequestLogger | None, tokenizer_executor: Executor,
-                 options: ResponseOptions = ResponseOptions()) -> None:
+    def __init__(
+        self,
+        engine: AsyncLLMEngine,
+        models: OpenAIServingModels,
+        request_logger: RequestLogger | None,
+        tokenizer_executor: Executor,
+        options: ResponseOptions = ResponseOptions(),
+    ) -> None:
         self.engine = engine
         self.options = options
         self.models = models
@@ -109,16 +129,21 @@ class OpenAIServing:
         if request.response_format is not None and request.response_format.type != "text":
             raise OpenAIServingError(
                 f"response_format type '{request.response_format.type}' needs structured outputs, "
-                "which jllm does not support.", param="response_format")
+                "which jllm does not support.",
+                param="response_format",
+            )
         for name in STRUCTURED_OUTPUT_FIELDS:
             if getattr(request, name) is not None:
                 raise OpenAIServingError(
                     f"`{name}` asks for structured outputs, which jllm does not support yet; the output "
-                    "would not be constrained, so the request is refused.", param=name)
+                    "would not be constrained, so the request is refused.",
+                    param=name,
+                )
         if request.vllm_xargs:
             raise OpenAIServingError(
                 "`vllm_xargs` is read by engine-level logits processors and plugins, and this server has none.",
-                param="vllm_xargs")
+                param="vllm_xargs",
+            )
 
     @staticmethod
     def base_request_id(raw_request: Request | None, default: str | None = None) -> str:
@@ -141,7 +166,8 @@ class OpenAIServing:
     async def tokenize(self, text: str, add_special_tokens: bool) -> list[int]:
         tokenizer = self.require_tokenizer("A text prompt")
         return await self.run_in_tokenizer_thread(
-            lambda: list(tokenizer.encode(text, add_special_tokens=add_special_tokens)))
+            lambda: list(tokenizer.encode(text, add_special_tokens=add_special_tokens))
+        )
 
     def truncate(self, token_ids: list[int], truncate_prompt_tokens: int | None) -> list[int]:
         if truncate_prompt_tokens is None:
@@ -159,13 +185,14 @@ class OpenAIServing:
                 f"This model's maximum context length is {self.max_model_len} tokens. However, you "
                 f"requested {requested} output tokens and your prompt contains {num_prompt_tokens} input "
                 f"tokens, for a total of {total} tokens. Please reduce the length of the input prompt or "
-                "the number of requested output tokens.", param="input_tokens")
+                "the number of requested output tokens.",
+                param="input_tokens",
+            )
 
     def max_tokens(self, num_prompt_tokens: int, requested: int | None) -> int:
         """vLLM's get_max_tokens: the smallest of the context left, the request's value
         and the model's generation_config max_new_tokens."""
-        candidates = (self.max_model_len - num_prompt_tokens, requested,
-                      self.default_sampling_params.get("max_tokens"))
+        candidates = (self.max_model_len - num_prompt_tokens, requested, self.default_sampling_params.get("max_tokens"))
         return min(v for v in candidates if v is not None)
 
     def sampling_params(self, request, max_tokens: int) -> SamplingParams:
@@ -187,11 +214,18 @@ class OpenAIServing:
         if params.bad_words and self.tokenizer is not None:
             words = bad_words_token_ids(params, self.tokenizer, self.vocab_size)
             if len(words) > MAX_NUM_BAD_WORDS:
-                raise ValueError(f"Too many bad words after tokenization: {len(words)}. "
-                                 f"The max number is {MAX_NUM_BAD_WORDS}.")
+                raise ValueError(
+                    f"Too many bad words after tokenization: {len(words)}. The max number is {MAX_NUM_BAD_WORDS}."
+                )
 
-    def log_inputs(self, request_id: str, prompt: str | None, prompt_token_ids: list[int] | None,
-                   params: SamplingParams | None, user: str | None = None) -> None:
+    def log_inputs(
+        self,
+        request_id: str,
+        prompt: str | None,
+        prompt_token_ids: list[int] | None,
+        params: SamplingParams | None,
+        user: str | None = None,
+    ) -> None:
         if self.request_logger is not None:
             self.request_logger.log_inputs(request_id, prompt, prompt_token_ids, params, user)
 
@@ -202,7 +236,8 @@ class OpenAIServing:
         none stays (the first refusal is the answer, as a 400)."""
         results = await asyncio.gather(
             *(self.engine.add_request(request_id, prompt, params) for request_id, prompt, params in requests),
-            return_exceptions=True)
+            return_exceptions=True,
+        )
         errors = [r for r in results if isinstance(r, BaseException)]
         if not errors:
             return results
@@ -232,8 +267,11 @@ class OpenAIServing:
         return include, include and bool(options.continuous_usage_stats)
 
     def usage(self, num_prompt_tokens: int, num_generated_tokens: int, num_cached_tokens: int = 0) -> UsageInfo:
-        usage = UsageInfo(prompt_tokens=num_prompt_tokens, completion_tokens=num_generated_tokens,
-                          total_tokens=num_prompt_tokens + num_generated_tokens)
+        usage = UsageInfo(
+            prompt_tokens=num_prompt_tokens,
+            completion_tokens=num_generated_tokens,
+            total_tokens=num_prompt_tokens + num_generated_tokens,
+        )
         if self.options.enable_prompt_tokens_details and num_cached_tokens:
             usage.prompt_tokens_details = {"cached_tokens": num_cached_tokens}
         return usage

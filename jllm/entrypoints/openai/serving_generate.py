@@ -4,6 +4,7 @@ takes and older vLLM clients still send: {"prompt", "stream", SamplingParams fie
 The answer is {"text": [prompt + completion for each of the n samples]}; streaming sends
 one such JSON object per line, each with the whole text so far.
 """
+
 from __future__ import annotations
 
 import json
@@ -32,8 +33,9 @@ class ServingGenerate(OpenAIServing):
         streams = await self.add_requests([(request_id, request.prompt, params)])
         outputs = self.engine.stream_outputs(streams)
         if request.stream:
-            return EngineStreamingResponse(self._stream(request.prompt, outputs), self.engine, streams,
-                                           media_type="application/x-ndjson")
+            return EngineStreamingResponse(
+                self._stream(request.prompt, outputs), self.engine, streams, media_type="application/x-ndjson"
+            )
         final = None
         async for _, output in outputs:
             final = output

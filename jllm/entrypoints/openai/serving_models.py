@@ -1,5 +1,6 @@
 """The served model's names, `GET /v1/models`, and the 404 for a name not served
 (vLLM's OpenAIServingModels, without LoRA adapters)."""
+
 from __future__ import annotations
 
 import uuid
@@ -27,8 +28,14 @@ class OpenAIServingModels:
             raise NotFoundError(f"The model `{model}` does not exist.", param="model")
 
     def show_available_models(self) -> ModelList:
-        return ModelList(data=[
-            ModelCard(id=name, root=self.model_path, max_model_len=self.max_model_len,
-                      permission=[ModelPermission(id=f"modelperm-{uuid.uuid4().hex}")])
-            for name in self.served_model_names
-        ])
+        return ModelList(
+            data=[
+                ModelCard(
+                    id=name,
+                    root=self.model_path,
+                    max_model_len=self.max_model_len,
+                    permission=[ModelPermission(id=f"modelperm-{uuid.uuid4().hex}")],
+                )
+                for name in self.served_model_names
+            ]
+        )

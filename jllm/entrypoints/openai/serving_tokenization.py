@@ -1,22 +1,29 @@
 """`POST /tokenize` and `POST /detokenize` (vLLM's OpenAIServingTokenization): a prompt or
 a conversation (through the same chat template as chat completions) to token ids, and back;
 and `GET /tokenizer_info`, the tokenizer's configuration."""
+
 from __future__ import annotations
 
 import json
 from typing import Any
 
 from jllm.entrypoints.openai.errors import OpenAIServingError
-from jllm.entrypoints.openai.protocol import (DetokenizeRequest, DetokenizeResponse, TokenizeChatRequest,
-                                              TokenizeRequest, TokenizeResponse)
+from jllm.entrypoints.openai.protocol import (
+    DetokenizeRequest,
+    DetokenizeResponse,
+    TokenizeChatRequest,
+    TokenizeRequest,
+    TokenizeResponse,
+)
 from jllm.entrypoints.openai.serving_chat import OpenAIServingChat
 from jllm.entrypoints.openai.serving_engine import OpenAIServing
 
 
 class OpenAIServingTokenization(OpenAIServing):
     def __init__(self, serving_chat: OpenAIServingChat) -> None:
-        super().__init__(serving_chat.engine, serving_chat.models, serving_chat.request_logger,
-                         serving_chat.tokenizer_executor)
+        super().__init__(
+            serving_chat.engine, serving_chat.models, serving_chat.request_logger, serving_chat.tokenizer_executor
+        )
         self.serving_chat = serving_chat
 
     async def create_tokenize(self, request: TokenizeRequest) -> TokenizeResponse:
@@ -29,8 +36,9 @@ class OpenAIServingTokenization(OpenAIServing):
         token_strs = None
         if request.return_token_strs:
             token_strs = await self.run_in_tokenizer_thread(tokenizer.convert_ids_to_tokens, token_ids)
-        return TokenizeResponse(count=len(token_ids), max_model_len=self.max_model_len, tokens=token_ids,
-                                token_strs=token_strs)
+        return TokenizeResponse(
+            count=len(token_ids), max_model_len=self.max_model_len, tokens=token_ids, token_strs=token_strs
+        )
 
     async def create_detokenize(self, request: DetokenizeRequest) -> DetokenizeResponse:
         self.check_model(request)

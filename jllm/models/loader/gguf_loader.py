@@ -4,6 +4,7 @@ The goal is parity with transformers' own GGUF loading (`from_pretrained(..., gg
 the same names, the same [out, in] layouts and bit-identical float32 values. Unlike transformers
 it needs no torch: the metadata and tensors are read with the `gguf` package directly.
 """
+
 from __future__ import annotations
 
 import functools
@@ -87,9 +88,7 @@ def _read_gguf_metadata(path: str, mtime_ns: int, size: int) -> tuple[dict[str, 
 def gguf_architecture(metadata: dict[str, Any]) -> str:
     arch = metadata["general.architecture"]
     if arch not in SUPPORTED_ARCHITECTURES:
-        raise ValueError(
-            f"GGUF architecture {arch!r} is not supported; jllm loads {sorted(SUPPORTED_ARCHITECTURES)}."
-        )
+        raise ValueError(f"GGUF architecture {arch!r} is not supported; jllm loads {sorted(SUPPORTED_ARCHITECTURES)}.")
     return arch
 
 
@@ -206,9 +205,7 @@ def load_gguf_tokenizer(path: str) -> PreTrainedTokenizerFast:
         token = tokenizer_dict["tokens"][token_id] if token_id is not None else None
         tokenizer_config[f"{hf_name}_token"] = token
     backend, extra_kwargs = convert_gguf_tokenizer(metadata["general.architecture"], tokenizer_dict)
-    return PreTrainedTokenizerFast(
-        tokenizer_object=backend, name_or_path=path, **tokenizer_config, **extra_kwargs
-    )
+    return PreTrainedTokenizerFast(tokenizer_object=backend, name_or_path=path, **tokenizer_config, **extra_kwargs)
 
 
 # generation_config.json keys -> the general.sampling.* keys llama.cpp's converter writes them to.

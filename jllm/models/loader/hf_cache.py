@@ -4,6 +4,7 @@ jllm never downloads. A repo id is looked up offline in the Hugging Face hub cac
 (`models--org--name/refs/<revision>` names a commit, `snapshots/<commit>/` holds the files),
 so anything fetched earlier with `hf download` or transformers is found without the network.
 """
+
 from __future__ import annotations
 
 import os

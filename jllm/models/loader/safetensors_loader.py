@@ -3,6 +3,7 @@
 Names and layouts are left exactly as transformers saves them ([out, in] linears); the model
 code maps them onto its own parameters.
 """
+
 from __future__ import annotations
 
 import glob
@@ -50,9 +51,7 @@ def iterate_safetensors(
                 yield name, array
 
 
-def load_safetensors(
-    folder: str, dtype: str | np.dtype | None = None, use_tqdm: bool = True
-) -> dict[str, np.ndarray]:
+def load_safetensors(folder: str, dtype: str | np.dtype | None = None, use_tqdm: bool = True) -> dict[str, np.ndarray]:
     """{hf_name: array} for every tensor in the folder; `dtype` (e.g. "bfloat16") casts floats."""
     return dict(iterate_safetensors(folder, dtype=dtype, use_tqdm=use_tqdm))
 
