@@ -305,6 +305,7 @@ def test_sha256_key_encoding_has_no_ambiguity():
         assert len(digests) == len(keys) and all(len(d) == 32 for d in digests)
 
 
+@pytest.mark.slow
 def test_block_hashes_do_not_depend_on_the_process():
     """Unlike Python's hash(), the digest is the same in every process (PYTHONHASHSEED)."""
     code = (

@@ -9,6 +9,7 @@ import types
 import jax
 import jax.numpy as jnp
 import numpy as np
+import pytest
 
 from scripts import bench_kernels
 from scripts.bench_utils import (
@@ -210,6 +211,7 @@ def test_kernel_seconds_traces_the_calls_and_finds_no_gpu_on_the_cpu():
     assert len(calls) == 4
 
 
+@pytest.mark.slow
 def test_decode_section_runs_end_to_end_in_interpret_mode(tmp_path):
     out = tmp_path / "kernels.json"
     bench_kernels.main(["--interpret", "--tiny", "--iters", "1", "--only", "decode", "--batch", "3", "--out", str(out)])

@@ -114,6 +114,7 @@ def test_skip_tokenizer_init_takes_token_ids_and_returns_no_text(tiny_llama_path
     assert not llm.llm_engine.has_unfinished_requests()
 
 
+@pytest.mark.slow
 def test_generate_script_runs_on_the_default_model(smollm2_gguf_path):
     repo = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
     result = subprocess.run(

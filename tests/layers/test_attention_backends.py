@@ -64,6 +64,7 @@ def test_pallas_backend_matches_the_reference_with_decode_and_mixed_steps(tiny_l
     assert any(s.decode_only for s in shapes) and not all(s.decode_only for s in shapes)
 
 
+@pytest.mark.slow
 def test_lone_prompt_chunks_run_fresh_and_prefix_prefill_attention(tiny_llama_path, prompts, monkeypatch):
     """One request at a time: each first chunk (no cached prefix) takes the fresh-prefill
     path; the second chunk of a 100-token prompt (64-token budget), on top of its first,

@@ -28,6 +28,9 @@ from hf_models import (
 from jllm import LLM, SamplingParams
 from jllm.models.loader.gguf_loader import load_gguf_tokenizer
 
+# Slow tier: each case builds HF and jllm models and generates with both (minutes in all).
+pytestmark = pytest.mark.slow
+
 MAX_TOKENS = 32
 NUM_LOGPROBS = 5
 # One engine shape for every test: a context long enough for the long prompt, few buckets.

@@ -18,6 +18,9 @@ from hf_models import hf_greedy, load_hf_model
 from openai_server import engine_flags, free_port
 from prometheus_client.parser import text_string_to_metric_families
 
+# Slow tier: each case runs jllm run-batch in a fresh process.
+pytestmark = pytest.mark.slow
+
 PROMPT_IDS = [1000 + i for i in range(7)]
 MAX_TOKENS = 8
 GOOD_COMPLETION = {"prompt": PROMPT_IDS, "max_tokens": MAX_TOKENS, "temperature": 0, "return_token_ids": True}

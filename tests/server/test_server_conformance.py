@@ -19,6 +19,9 @@ from jllm import LLM, SamplingParams
 from openai_server import InProcessServer, server_args
 from tiny_model import ENGINE_ARGS, MAX_MODEL_LEN, VOCAB_SIZE
 
+# Slow tier: vLLM's server-test features, each against a live server.
+pytestmark = pytest.mark.slow
+
 MODEL_NAME = "tiny"
 PROMPT = "The capital of France is"
 MESSAGES = [{"role": "user", "content": "Name a colour."}]

@@ -30,6 +30,9 @@ from schemathesis.checks import not_a_server_error
 
 from openai_server import InProcessServer, server_args
 
+# Slow tier: thousands of generated requests against a live server.
+pytestmark = pytest.mark.slow
+
 FLAGS = ("--enable-tokenizer-info-endpoint", "--enable-server-load-tracking", "--enable-request-id-headers")
 GOOD = {"prompt": "The capital of France is", "max_tokens": 6, "temperature": 0}
 CLIENT_TIMEOUT_S = 20

@@ -21,6 +21,9 @@ import jllm
 from openai_server import RemoteServer
 from tiny_model import VOCAB_SIZE
 
+# Slow tier: starts several servers (keys, root paths, a unix socket).
+pytestmark = pytest.mark.slow
+
 KEYS = ("sk-first", "sk-second")
 MODEL_NAME = "tiny"
 MAX_LOG_LEN = 12

@@ -21,6 +21,9 @@ from jllm.entrypoints.openai.protocol import ChatCompletionRequest, CompletionRe
 from openai_server import InProcessServer, server_args
 from tiny_model import ENGINE_ARGS, EOS_TOKEN_ID
 
+# Slow tier: one live-server case per request field.
+pytestmark = pytest.mark.slow
+
 MODEL_NAME = "tiny"
 PROMPT = "The capital of France is"
 MESSAGES = [{"role": "user", "content": "Name a colour."}]
