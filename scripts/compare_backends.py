@@ -26,7 +26,7 @@ from jllm import LLM, SamplingParams  # noqa: E402
 
 # dtype -> (largest |dlogprob| on shared context, largest reference top-2 gap at which a
 # greedy divergence counts as a tie). Measured on the H100: float32 2.2e-4 and gaps
-# down to 5e-5; bfloat16 2.6e-3 and gaps up to 9.5e-4 (BUILD_NOTES.md, sessions 4-5).
+# down to 5e-5; bfloat16 2.6e-3 and gaps up to 9.5e-4 (BUILD_NOTES.md, "Testing approach").
 TOLERANCE = {"float32": (1e-3, 1e-3), "bfloat16": (2e-2, 1e-2)}
 
 

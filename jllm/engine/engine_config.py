@@ -77,8 +77,8 @@ def fresh_prefill_min_tokens(backend: AttentionBackend, dtype) -> int | None:
     """From which token bucket a lone prompt chunk runs cuDNN's flash attention (over
     its cached prefix too, if it has one): on the GPU with the kernels in 16-bit (cuDNN's
     dtypes). 512 tokens: below it the paged kernel is within a few microseconds of a
-    fresh prefill (scripts/results/kernels_*.json); over a prefix, cuDNN led from 1024
-    tokens on (BUILD_NOTES.md, session 7)."""
+    fresh prefill; over a prefix, cuDNN led from 1024 tokens on (BUILD_NOTES.md,
+    "Attention paths")."""
     if backend != AttentionBackend.PALLAS or jax.default_backend() != "gpu":
         return None
     return 512 if dtype in (jnp.bfloat16, jnp.float16) else None
