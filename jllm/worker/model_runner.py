@@ -60,9 +60,6 @@ class ModelRunnerOutput:
     failed: dict[str, BaseException] = field(default_factory=dict)
 
 
-EMPTY_MODEL_RUNNER_OUTPUT = ModelRunnerOutput([], {}, {})
-
-
 @dataclass
 class StepResults:
     """What a step brought to the host, by row: the sampled tokens, compute_logprobs'
@@ -189,7 +186,7 @@ class ModelRunner:
     def execute_model(self, scheduler_output: SchedulerOutput) -> ModelRunnerOutput:
         self.builder.update_states(scheduler_output)
         if scheduler_output.is_empty:
-            return EMPTY_MODEL_RUNNER_OUTPUT
+            return ModelRunnerOutput([], {}, {})
         batch = self.builder.build(scheduler_output)
         shape = batch.shape
         if shape not in self.seen_shapes:
