@@ -162,3 +162,10 @@ class EngineArgs:
     def from_cli_args(cls, args: argparse.Namespace) -> "EngineArgs":
         names = [f.name for f in dataclasses.fields(cls)]
         return cls(**{n: getattr(args, n) for n in names if hasattr(args, n)})
+
+
+@dataclass
+class AsyncEngineArgs(EngineArgs):
+    """EngineArgs for the AsyncLLMEngine, as vLLM's: the same arguments plus request logging."""
+
+    enable_log_requests: bool = False

@@ -4,9 +4,8 @@ OpenAI batch requests; every engine argument is a flag."""
 
 from __future__ import annotations
 
-import argparse
-
 from jllm import __version__
+from jllm.utils.argparse_utils import FlexibleArgumentParser
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -14,7 +13,7 @@ def main(argv: list[str] | None = None) -> None:
     from jllm.entrypoints.openai.api_server import run_server
     from jllm.entrypoints.openai.cli_args import make_arg_parser
 
-    parser = argparse.ArgumentParser(prog="jllm", description="jllm: vLLM's inference engine on JAX.")
+    parser = FlexibleArgumentParser(prog="jllm", description="jllm: vLLM's inference engine on JAX.")
     parser.add_argument("-v", "--version", action="version", version=__version__)
     subparsers = parser.add_subparsers(dest="subcommand", required=True)
     serve = subparsers.add_parser(

@@ -55,6 +55,7 @@ from jllm.entrypoints.openai.serving_engine import ResponseOptions
 from jllm.entrypoints.openai.serving_generate import ServingGenerate
 from jllm.entrypoints.openai.serving_models import OpenAIServingModels
 from jllm.entrypoints.openai.serving_tokenization import OpenAIServingTokenization
+from jllm.utils.argparse_utils import FlexibleArgumentParser
 
 logger = logging.getLogger("jllm.entrypoints.openai.api_server")
 
@@ -292,7 +293,7 @@ def run_server(args: argparse.Namespace) -> None:
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = make_arg_parser(argparse.ArgumentParser(description="jllm's OpenAI-compatible API server."))
+    parser = make_arg_parser(FlexibleArgumentParser(description="jllm's OpenAI-compatible API server."))
     args = parser.parse_args(argv)
     try:
         run_server(args)

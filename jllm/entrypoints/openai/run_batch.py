@@ -41,6 +41,7 @@ from jllm.entrypoints.openai.protocol import (
     OpenAIRequestModel,
 )
 from jllm.entrypoints.openai.serving_engine import random_uuid
+from jllm.utils.argparse_utils import FlexibleArgumentParser
 
 logger = logging.getLogger("jllm.entrypoints.openai.run_batch")
 
@@ -319,7 +320,7 @@ def run_batch(args: argparse.Namespace) -> None:
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = make_arg_parser(argparse.ArgumentParser(description="jllm's OpenAI-compatible batch runner."))
+    parser = make_arg_parser(FlexibleArgumentParser(description="jllm's OpenAI-compatible batch runner."))
     args = parser.parse_args(argv)
     try:
         validate_run_batch_args(args)
