@@ -50,6 +50,35 @@ _HELP = {
     "disable_log_stats": "Do not log engine statistics.",
     "served_model_name": "The model name reported in outputs and the API.",
     "tensor_parallel_size": "Devices for tensor parallelism; jllm runs on one for now.",
+    "pipeline_parallel_size": "Pipeline stages; jllm runs one for now.",
+    "data_parallel_size": "Engine replicas; jllm runs one for now.",
+    "distributed_executor_backend": "vLLM's executor for several devices; none is needed on one.",
+    "quantization": "Quantization method of the weights; none is supported yet.",
+    "kv_cache_dtype": "KV cache dtype; 'auto' (the model's dtype) only, for now.",
+    "swap_space": "GiB of CPU swap per GPU. As in vLLM's V1 engine, preemption recomputes and never swaps, "
+    "so the value is checked and has no effect.",
+    "cpu_offload_gb": "GiB of weights kept in CPU memory; 0 only, for now.",
+    "speculative_config": "JSON dict for speculative decoding; not supported yet.",
+    "enable_lora": "Serve LoRA adapters; not supported yet.",
+    "scheduling_policy": "'fcfs' (first come, first served) only, for now.",
+    "enable_sleep_mode": "Allow the engine to release its memory while asleep; not supported yet.",
+    "async_scheduling": "Schedule step t+1 while step t runs; not supported yet.",
+}
+
+# vLLM arguments jllm takes so that vLLM's programs run, but honours only at the values
+# listed: anything else is refused by name (never a TypeError, never ignored).
+_ONLY_AT = {
+    "pipeline_parallel_size": ((1,), "jllm runs a model as one pipeline stage for now"),
+    "data_parallel_size": ((1,), "jllm runs one engine replica for now"),
+    "distributed_executor_backend": ((None, "uni"), "jllm runs in one process on one device for now"),
+    "quantization": ((None,), "quantized checkpoints are not supported yet"),
+    "kv_cache_dtype": (("auto",), "the KV cache is kept in the model's dtype for now"),
+    "cpu_offload_gb": ((0,), "weights are not offloaded to the CPU"),
+    "speculative_config": ((None,), "speculative decoding is not supported yet"),
+    "enable_lora": ((False,), "LoRA adapters are not supported yet"),
+    "scheduling_policy": (("fcfs",), "only first-come-first-served scheduling exists for now"),
+    "enable_sleep_mode": ((False,), "sleep mode is not supported yet"),
+    "async_scheduling": ((False, None), "async scheduling is not supported yet"),
 }
 
 
@@ -85,6 +114,18 @@ class EngineArgs:
     disable_log_stats: bool = True
     served_model_name: str | None = None
     tensor_parallel_size: int = 1
+    pipeline_parallel_size: int = 1
+    data_parallel_size: int = 1
+    distributed_executor_backend: str | None = None
+    quantization: str | None = None
+    kv_cache_dtype: str = "auto"
+    swap_space: float = 4
+    cpu_offload_gb: float = 0
+    speculative_config: dict[str, Any] | None = None
+    enable_lora: bool = False
+    scheduling_policy: str = "fcfs"
+    enable_sleep_mode: bool = False
+    async_scheduling: bool | None = None
 
     def __post_init__(self) -> None:
         self.validate()
@@ -127,6 +168,12 @@ class EngineArgs:
                 f"tensor_parallel_size={self.tensor_parallel_size}: jllm runs a model on one device "
                 "for now; tensor parallelism is not supported yet."
             )
+        if self.swap_space < 0:
+            raise ValueError(f"swap_space must be non-negative, got {self.swap_space}.")
+        for name, (allowed, reason) in _ONLY_AT.items():
+            value = getattr(self, name)
+            if value not in allowed:
+                raise ValueError(f"{name}={value!r} is not supported: {reason} (allowed: {list(allowed)}).")
         if self.max_seq_len_to_capture <= 0:
             raise ValueError(f"max_seq_len_to_capture must be positive, got {self.max_seq_len_to_capture}.")
 
@@ -134,13 +181,19 @@ class EngineArgs:
     def add_cli_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
         for f in dataclasses.fields(EngineArgs):
             flag = "--" + f.name.replace("_", "-")
-            flags = ("-tp", flag) if f.name == "tensor_parallel_size" else (flag,)
+            short = {
+                "tensor_parallel_size": "-tp",
+                "pipeline_parallel_size": "-pp",
+                "data_parallel_size": "-dp",
+                "quantization": "-q",
+            }.get(f.name)
+            flags = (short, flag) if short else (flag,)
             default = f.default
             if f.type in ("bool", bool, "bool | None"):
                 parser.add_argument(
                     *flags, action=argparse.BooleanOptionalAction, default=default, help=_HELP.get(f.name)
                 )
-            elif f.name in ("hf_overrides", "compilation_config"):
+            elif f.name in ("hf_overrides", "compilation_config", "speculative_config"):
                 parser.add_argument(*flags, type=json.loads, default=None, help=_HELP.get(f.name))
             else:
                 kind = {"int": int, "float": float}.get(str(f.type).split(" ")[0], str)

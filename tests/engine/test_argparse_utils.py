@@ -98,3 +98,58 @@ def test_config_file_under_a_subcommand_keeps_the_command_and_model_first(tmp_pa
         True,
         2,
     )
+
+
+# A value vLLM accepts that jllm cannot honour yet, per argument.
+NOT_YET = {
+    "tensor_parallel_size": 2,
+    "pipeline_parallel_size": 2,
+    "data_parallel_size": 2,
+    "distributed_executor_backend": "ray",
+    "quantization": "awq",
+    "kv_cache_dtype": "fp8",
+    "cpu_offload_gb": 4,
+    "speculative_config": {"method": "ngram", "num_speculative_tokens": 3},
+    "enable_lora": True,
+    "scheduling_policy": "priority",
+    "enable_sleep_mode": True,
+    "async_scheduling": True,
+}
+
+
+@pytest.mark.parametrize("name", sorted(NOT_YET))
+def test_vllm_argument_jllm_cannot_honour_yet_is_refused_by_name(name):
+    with pytest.raises(ValueError, match=rf"^{name}="):
+        EngineArgs(model="m", **{name: NOT_YET[name]})
+
+
+def test_vllm_arguments_at_values_jllm_honours_are_accepted():
+    args = EngineArgs(
+        model="m",
+        tensor_parallel_size=1,
+        pipeline_parallel_size=1,
+        data_parallel_size=1,
+        distributed_executor_backend="uni",
+        quantization=None,
+        kv_cache_dtype="auto",
+        swap_space=16,
+        cpu_offload_gb=0,
+        speculative_config=None,
+        enable_lora=False,
+        scheduling_policy="fcfs",
+        enable_sleep_mode=False,
+        async_scheduling=False,
+    )
+    assert args.swap_space == 16
+    with pytest.raises(ValueError, match="swap_space must be non-negative"):
+        EngineArgs(model="m", swap_space=-1)
+
+
+def test_vllm_short_flags_and_json_flags_parse():
+    args = engine_parser().parse_args(
+        ["--model", "m", "-tp", "1", "-pp", "1", "-dp", "1", "--speculative_config", "{}"]
+    )
+    assert (args.tensor_parallel_size, args.pipeline_parallel_size, args.data_parallel_size) == (1, 1, 1)
+    assert args.speculative_config == {}
+    with pytest.raises(ValueError, match="^speculative_config="):
+        EngineArgs(**vars(args))
