@@ -145,8 +145,7 @@ class InputBatchBuilder:
         num_tokens = int(ends[-1])
         T = pick_bucket(self.token_buckets, num_tokens)
         S = self.planner.num_seqs_for(T)
-        num_blocks = np.asarray(table.num_blocks)[row_idx]
-        P = pick_bucket(self.page_buckets, int(num_blocks.max()))
+        P = pick_bucket(self.page_buckets, int(table.num_blocks[row_idx].max()))
 
         # Each token's position: its row's first position plus its offset in the row.
         positions = np.arange(num_tokens, dtype=np.int32) - np.repeat(starts - computed, num_scheduled)

@@ -35,6 +35,7 @@ class RequestRows:
         # Row-indexed arrays: (name, shape of one row, dtype, value of an empty row).
         self._columns = (
             ("block_table", (max_pages,), np.int32, 0),
+            ("num_blocks", (), np.int32, 0),  # pages in the row's table
             ("floats", (len(FLOAT_FIELDS),), np.float32, 0.0),
             ("top_k", (), np.int32, 0),
             ("seeds", (2,), np.uint32, 0),  # the 64-bit seed's high and low halves
@@ -51,7 +52,6 @@ class RequestRows:
         for name, shape, dtype, fill in self._columns:
             setattr(self, name, np.full((0,) + shape, fill, dtype))
         self.token_ids = np.zeros((0, 0), np.int32)  # [rows, tokens], widened as needed
-        self.num_blocks: list[int] = []
         self.settings: list[SamplingSettings | None] = []
         self.bias: list[tuple[list[int], list[float]]] = []
         self._grow(capacity)
@@ -63,7 +63,7 @@ class RequestRows:
         if new.req_id in self.row_of:
             raise ValueError(f"Request {new.req_id} is already in the batch.")
         if not self._free:
-            self._grow(2 * len(self.num_blocks))
+            self._grow(2 * len(self.block_table))
         row = self._free.pop()
         self.row_of[new.req_id] = row
         s = new.sampling
@@ -160,12 +160,11 @@ class RequestRows:
             self.token_ids = wider
 
     def _grow(self, capacity: int) -> None:
-        old = len(self.num_blocks)
+        old = len(self.block_table)
         extra = capacity - old
         for name, shape, dtype, fill in self._columns:
             setattr(self, name, np.concatenate([getattr(self, name), np.full((extra,) + shape, fill, dtype)]))
         self.token_ids = np.concatenate([self.token_ids, np.zeros((extra, self.token_ids.shape[1]), np.int32)])
-        self.num_blocks += [0] * extra
         self.settings += [None] * extra
         self.bias += [([], [])] * extra
         self._free.extend(reversed(range(old, capacity)))
