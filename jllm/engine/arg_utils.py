@@ -68,6 +68,7 @@ _HELP = {
 # vLLM arguments jllm takes so that vLLM's programs run, but honours only at the values
 # listed: anything else is refused by name (never a TypeError, never ignored).
 _ONLY_AT = {
+    "tensor_parallel_size": ((1,), "jllm runs a model on one device for now; tensor parallelism is not supported yet"),
     "pipeline_parallel_size": ((1,), "jllm runs a model as one pipeline stage for now"),
     "data_parallel_size": ((1,), "jllm runs one engine replica for now"),
     "distributed_executor_backend": ((None, "uni"), "jllm runs in one process on one device for now"),
@@ -163,11 +164,6 @@ class EngineArgs:
                 raise ValueError(f"{name} must be a positive integer, got {value}.")
         if self.max_logprobs < -1:
             raise ValueError(f"max_logprobs must be non-negative or -1, got {self.max_logprobs}.")
-        if self.tensor_parallel_size != 1:
-            raise ValueError(
-                f"tensor_parallel_size={self.tensor_parallel_size}: jllm runs a model on one device "
-                "for now; tensor parallelism is not supported yet."
-            )
         if self.swap_space < 0:
             raise ValueError(f"swap_space must be non-negative, got {self.swap_space}.")
         for name, (allowed, reason) in _ONLY_AT.items():
