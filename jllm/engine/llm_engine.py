@@ -6,6 +6,7 @@ import logging
 import random
 import time
 from collections.abc import Iterable
+from typing import TYPE_CHECKING
 
 from jllm.core.scheduler import Scheduler
 from jllm.engine.arg_utils import EngineArgs
@@ -18,6 +19,9 @@ from jllm.engine.sampling_settings import sampling_settings
 from jllm.outputs import RequestOutput
 from jllm.sampling_params import SamplingParams
 from jllm.worker.model_runner import ModelRunnerOutput
+
+if TYPE_CHECKING:
+    from jllm.engine.stats_recorder import EngineStatsRecorder
 
 logger = logging.getLogger(__name__)
 
@@ -41,6 +45,8 @@ class LLMEngine:
         # user request id -> state; each sample's Request id -> (state, sample index)
         self._states: dict[str, RequestState] = {}
         self._sample_of: dict[str, tuple[RequestState, SampleState]] = {}
+        # Set by LLM(disable_log_stats=False); it sees every sampled token, whatever output kind.
+        self.stats_recorder: EngineStatsRecorder | None = None
 
     @classmethod
     def from_engine_args(cls, engine_args: EngineArgs) -> "LLMEngine":
@@ -115,6 +121,8 @@ class LLMEngine:
             ids = [s.request.request_id for s in state.samples]
             self.scheduler.abort_requests(ids)
             self._forget(ids)
+            if self.stats_recorder is not None:
+                self.stats_recorder.record_abort(request_id)
 
     def _forget(self, sample_ids: list[str]) -> None:
         for sid in sample_ids:
@@ -156,7 +164,10 @@ class LLMEngine:
         self._record_prompt_logprobs(result, failed)
         updated = self.scheduler.update_from_output(sched, result.sampled_token_ids)
         touched = self._process_sampled(updated, result, now, failed)
-        return self._make_outputs([*touched.values(), *(s for r, s in failed.items() if r not in touched)])
+        outputs = self._make_outputs([*touched.values(), *(s for r, s in failed.items() if r not in touched)])
+        if self.stats_recorder is not None:
+            self.stats_recorder.record_step(updated, outputs, now)
+        return outputs
 
     def _fail(self, sample_id: str, error: BaseException, failed: dict[str, RequestState]) -> None:
         """Ends the user request that sample `sample_id` belongs to (all its samples)

@@ -3,8 +3,9 @@
 `SchedulerStats` is a snapshot of the queues and the KV pool after a step;
 `IterationStats` holds what one step produced (tokens, first-token and inter-token
 latencies, finished requests). `RequestStatsTracker` turns the stream of DELTA outputs
-into those numbers; stat loggers (the Prometheus one in the server, the periodic log
-line here) only read them.
+(the server's), or each step's sampled requests (the offline LLM's, `EngineStatsRecorder`),
+into those numbers; stat loggers (the Prometheus one, the periodic log line here) only
+read them.
 """
 
 from __future__ import annotations
@@ -12,9 +13,12 @@ from __future__ import annotations
 import logging
 import time
 from dataclasses import dataclass, field
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
 
 from jllm.outputs import RequestOutput
+
+if TYPE_CHECKING:
+    from jllm.engine.request import Request
 
 logger = logging.getLogger("jllm")
 
@@ -113,6 +117,37 @@ class RequestStatsTracker:
                 times.num_generation_tokens += new_tokens
                 stats.num_generation_tokens += new_tokens
             if output.finished:
+                reason = next((c.finish_reason for c in output.outputs if c.finish_reason), "stop")
+                stats.finished_requests.append(self._finish(output.request_id, reason, now, output))
+        return stats
+
+    def record_sampled(self, sampled: list[Request], outputs: list[RequestOutput], now: float) -> IterationStats:
+        """The same numbers from inside `LLMEngine.step`, whatever kind of outputs its requests
+        asked for (the offline LLM's are FINAL_ONLY): `sampled` are the sample Requests that got
+        a token this step, one each; of `outputs` only the finished ones are read. Requests need
+        no `add`: each is known from its first token."""
+        stats = IterationStats(num_generation_tokens=len(sampled), has_outputs=bool(sampled or outputs))
+        for request in sampled:
+            times = self._requests.get(request.parent_id)
+            if times is None:
+                params = request.sampling_params
+                times = self._requests[request.parent_id] = _RequestTimes(
+                    request.arrival_time, params.n, params.max_tokens
+                )
+            if times.last_token_time is None:
+                times.num_prompt_tokens = request.num_prompt_tokens
+                times.first_token_time = now
+                stats.num_prompt_tokens += times.num_prompt_tokens
+                stats.time_to_first_tokens.append(now - times.arrival_time)
+            elif times.last_token_time != now:  # a sibling sample stepped at `now`: one latency per request
+                stats.inter_token_latencies.append(now - times.last_token_time)
+            times.last_token_time = now
+            times.num_generation_tokens += 1
+            times.sample_tokens[request.index] = request.num_output_tokens
+        for output in outputs:
+            if output.finished:
+                if output.request_id not in self._requests:  # ended before its first token
+                    self.add(output.request_id, output.metrics.arrival_time or now, len(output.outputs))
                 reason = next((c.finish_reason for c in output.outputs if c.finish_reason), "stop")
                 stats.finished_requests.append(self._finish(output.request_id, reason, now, output))
         return stats

@@ -6,13 +6,18 @@ import itertools
 import logging
 from collections.abc import Callable, Sequence
 
+from prometheus_client import CollectorRegistry
 from tqdm.auto import tqdm
 
 from jllm.engine.arg_utils import EngineArgs
 from jllm.engine.llm_engine import LLMEngine
+from jllm.engine.stats import LoggingStatLogger
+from jllm.engine.stats_recorder import EngineStatsRecorder
+from jllm.entrypoints.openai.metrics import PrometheusStatLogger
 from jllm.outputs import RequestOutput
 from jllm.sampling_params import RequestOutputKind, SamplingParams
 from jllm.transformers_utils.config import get_diff_sampling_param
+from jllm.v1.metrics.reader import Metric, get_metrics_snapshot
 
 logger = logging.getLogger(__name__)
 
@@ -28,6 +33,11 @@ class LLM:
         self.engine_args = EngineArgs(model=model, **kwargs)
         self.llm_engine = LLMEngine.from_engine_args(self.engine_args)
         self.request_counter = itertools.count()
+        # Statistics only when asked for (vLLM's LLM defaults to disable_log_stats=True), into
+        # this LLM's own registry: two LLMs in one process never share counts.
+        self.metrics_registry: CollectorRegistry | None = None
+        if not self.engine_args.disable_log_stats:
+            self.metrics_registry = self._gather_stats()
 
     def get_tokenizer(self):
         return self.llm_engine.tokenizer
@@ -36,6 +46,29 @@ class LLM:
         """SamplingParams() with the model's generation_config.json values, unless
         generation_config="vllm" (vLLM's rule)."""
         return SamplingParams(**get_diff_sampling_param(self.llm_engine.generation_config))
+
+    def get_metrics(self) -> list[Metric]:
+        """The engine's metrics as the server's /metrics has them (vllm:* counters, gauges and
+        histograms), read from this LLM's registry (`jllm.v1.metrics.reader`)."""
+        if self.metrics_registry is None:
+            # vLLM's words, and its exception type (its LLMEngine asserts it).
+            raise AssertionError("Stat logging disabled: pass disable_log_stats=False to LLM to gather metrics.")
+        return get_metrics_snapshot(self.metrics_registry)
+
+    def _gather_stats(self) -> CollectorRegistry:
+        """vLLM's stat loggers for an offline engine: the periodic throughput log line and the
+        server's Prometheus metrics, fed from every engine step."""
+        engine = self.llm_engine
+        registry = CollectorRegistry()
+        model_config = engine.model_config
+        prometheus = PrometheusStatLogger(
+            registry,
+            model_config.served_model_name or model_config.model,
+            model_config.max_model_len,
+            engine.cache_config,
+        )
+        engine.stats_recorder = EngineStatsRecorder(engine.scheduler, [LoggingStatLogger(), prometheus])
+        return registry
 
     # ----- generate ---------------------------------------------------------------
 

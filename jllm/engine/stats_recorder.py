@@ -1,0 +1,52 @@
+"""Statistics gathered inside `LLMEngine.step`, for the offline `LLM` with
+disable_log_stats=False (the server's AsyncLLMEngine reads its own off the DELTA outputs it
+streams). An engine holds a recorder only when asked, so without one statistics cost nothing."""
+
+from __future__ import annotations
+
+import logging
+import time
+
+from jllm.core.scheduler import Scheduler
+from jllm.engine.request import Request
+from jllm.engine.stats import IterationStats, RequestStatsTracker, SchedulerStats, StatLogger
+from jllm.outputs import RequestOutput
+
+logger = logging.getLogger(__name__)
+
+
+def scheduler_stats(scheduler: Scheduler) -> SchedulerStats:
+    running, waiting = scheduler.get_request_counts()
+    prefix = scheduler.block_manager.prefix_cache_stats
+    return SchedulerStats(
+        num_running_reqs=running,
+        num_waiting_reqs=waiting,
+        kv_cache_usage=scheduler.block_manager.usage,
+        num_preemptions=scheduler.num_preemptions,
+        prefix_cache_queries=prefix.queries,
+        prefix_cache_hits=prefix.hits,
+    )
+
+
+class EngineStatsRecorder:
+    def __init__(self, scheduler: Scheduler, stat_loggers: list[StatLogger]) -> None:
+        self.scheduler = scheduler
+        self.stat_loggers = stat_loggers
+        self._tracker = RequestStatsTracker()
+
+    def record_step(self, sampled: list[Request], outputs: list[RequestOutput], now: float) -> None:
+        """`sampled`: the sample Requests that got a token this step; `outputs`: the step's."""
+        self._record(self._tracker.record_sampled(sampled, outputs, now))
+
+    def record_abort(self, request_id: str) -> None:
+        finished = self._tracker.record_abort(request_id, time.time())
+        if finished is not None:
+            self._record(IterationStats(finished_requests=[finished]))
+
+    def _record(self, iteration: IterationStats) -> None:
+        stats = scheduler_stats(self.scheduler)
+        for stat_logger in self.stat_loggers:
+            try:
+                stat_logger.record(stats, iteration)
+            except Exception:  # noqa: BLE001 - statistics must never stop the engine
+                logger.exception("Stat logger %r failed.", stat_logger)
