@@ -48,6 +48,34 @@ class CacheConfig:
     prefix_caching_hash_algo: str = "sha256"
 
 
+POOLING_TYPES = ("CLS", "MEAN", "LAST", "ALL")
+# vLLM's runner, convert and (older) task choices: jllm/engine/task_config.py resolves them.
+RUNNER_TYPES = ("auto", "generate", "pooling")
+CONVERT_TYPES = ("auto", "none", "embed", "classify", "reward")
+TASKS = ("auto", "generate", "embed", "classify", "score", "reward")
+
+
+@dataclass(frozen=True)
+class PoolerConfig:
+    """How a pooling model turns hidden states into its output (vLLM's PoolerConfig).
+    None fields take the model's defaults (jllm/engine/task_config.py)."""
+
+    # "CLS" (first token), "MEAN", "LAST" or "ALL" (every token).
+    pooling_type: str | None = None
+    # L2-normalize embeddings.
+    normalize: bool | None = None
+    # Matryoshka: keep the first `dimensions` of each embedding.
+    dimensions: int | None = None
+    # Softmax (or sigmoid for one label) on classifier outputs.
+    use_activation: bool | None = None
+
+    def __post_init__(self) -> None:
+        if self.pooling_type is not None and self.pooling_type not in POOLING_TYPES:
+            raise ValueError(f"pooling_type must be one of {list(POOLING_TYPES)}, got {self.pooling_type!r}.")
+        if self.dimensions is not None and self.dimensions < 1:
+            raise ValueError("Dimensions must be greater than 0")
+
+
 @dataclass(frozen=True)
 class ModelConfig:
     # Resolved local path: an HF folder or a .gguf file.
@@ -67,6 +95,21 @@ class ModelConfig:
     revision: str | None = None
     # The served name: what the user passed as `model`.
     served_model_name: str | None = None
+    # "generate" or "pooling" (vLLM's runner), and how a generative architecture was
+    # turned into a pooling one ("none", "embed", "classify", "reward": vLLM's convert).
+    runner_type: str = "generate"
+    convert_type: str = "none"
+    # What the loaded model can do: "generate", or pooling tasks ("embed", "token_embed",
+    # "classify", "token_classify"); "score" is served by "embed" or a one-label "classify".
+    supported_tasks: tuple[str, ...] = ("generate",)
+    pooler_config: PoolerConfig | None = None
+    # The architecture run, and whether it is a cross-encoder (a classifier scoring pairs).
+    architecture: str = ""
+    is_cross_encoder: bool = False
+    num_labels: int = 0
+    # Matryoshka embeddings: any `dimensions` may be asked for (None: all, or only these).
+    is_matryoshka: bool = False
+    matryoshka_dimensions: tuple[int, ...] | None = None
 
 
 @dataclass(frozen=True)

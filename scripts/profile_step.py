@@ -96,7 +96,7 @@ def profile_batch(args, folder: str, vocab: int, tbps: float, batch: int) -> tup
         x = dataclasses.replace(dev_inputs, attn=dataclasses.replace(dev_inputs.attn, decode_only=decode_only))
 
         def run_forward():
-            runner.kv_caches, hidden = forward(runner.params, runner.kv_caches, runner.cos_sin_table, x)
+            runner.kv_caches, hidden = forward(runner.params, runner.kv_caches, runner.constants, x)
             return hidden
 
         fwd[decode_only] = median_ms(run_forward, args.iters)

@@ -55,6 +55,11 @@ class NewRequestData:
     block_ids: list[int]
     # Tokens already in the KV cache (prefix-cache hits): where this step starts.
     num_computed_tokens: int
+    # A pooling request's task ("embed", "classify", "token_embed", ...): it runs whole in
+    # one step and its output is pooled hidden states instead of a sampled token.
+    pooling_task: str | None = None
+    # BERT's token types (segments) of the prompt, for cross-encoders scoring a pair.
+    token_type_ids: tuple[int, ...] | None = None
 
 
 @dataclass(slots=True)

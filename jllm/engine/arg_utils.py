@@ -11,6 +11,7 @@ import json
 from dataclasses import dataclass
 from typing import Any
 
+from jllm.config import CONVERT_TYPES, RUNNER_TYPES, TASKS, PoolerConfig
 from jllm.core.block_hash import PREFIX_CACHING_HASH_ALGOS
 
 _DTYPES = ("auto", "half", "float16", "bfloat16", "float", "float32")
@@ -49,6 +50,13 @@ _HELP = {
     "attention_backend": "'reference' (plain jnp) or 'pallas' (GPU kernels); default by platform.",
     "disable_log_stats": "Do not log engine statistics.",
     "served_model_name": "The model name reported in outputs and the API.",
+    "runner": "'generate' (text generation), 'pooling' (embeddings, classification, scores, rewards), or 'auto': "
+    "by the architecture.",
+    "convert": "How a generative model is used for pooling: 'embed', 'classify', 'reward', 'none', or 'auto'.",
+    "task": "The older way to say runner and convert: 'generate', 'embed', 'classify', 'score', 'reward' or 'auto'.",
+    "pooler_config": "JSON dict overriding the pooler: pooling_type (CLS, MEAN, LAST, ALL), normalize, dimensions, "
+    "use_activation.",
+    "override_pooler_config": "The older name of pooler_config.",
     "tensor_parallel_size": "Devices for tensor parallelism; jllm runs on one for now.",
     "pipeline_parallel_size": "Pipeline stages; jllm runs one for now.",
     "data_parallel_size": "Engine replicas; jllm runs one for now.",
@@ -114,6 +122,11 @@ class EngineArgs:
     attention_backend: str | None = None
     disable_log_stats: bool = True
     served_model_name: str | None = None
+    runner: str = "auto"
+    convert: str = "auto"
+    task: str = "auto"
+    pooler_config: dict[str, Any] | PoolerConfig | None = None
+    override_pooler_config: dict[str, Any] | PoolerConfig | None = None
     tensor_parallel_size: int = 1
     pipeline_parallel_size: int = 1
     data_parallel_size: int = 1
@@ -172,6 +185,26 @@ class EngineArgs:
                 raise ValueError(f"{name}={value!r} is not supported: {reason} (allowed: {list(allowed)}).")
         if self.max_seq_len_to_capture <= 0:
             raise ValueError(f"max_seq_len_to_capture must be positive, got {self.max_seq_len_to_capture}.")
+        for name, allowed in (("runner", RUNNER_TYPES), ("convert", CONVERT_TYPES), ("task", TASKS)):
+            if getattr(self, name) not in allowed:
+                raise ValueError(f"{name} must be one of {list(allowed)}, got {getattr(self, name)!r}.")
+        self.resolved_pooler_config()
+
+    def resolved_pooler_config(self) -> PoolerConfig | None:
+        """pooler_config (or the older override_pooler_config) as a PoolerConfig."""
+        value = self.pooler_config if self.pooler_config is not None else self.override_pooler_config
+        if value is None or isinstance(value, PoolerConfig):
+            return value
+        fields = {f.name for f in dataclasses.fields(PoolerConfig)}
+        value = dict(value)
+        # vLLM's older names for use_activation.
+        for old in ("activation", "softmax"):
+            if old in value:
+                value.setdefault("use_activation", value.pop(old))
+        unknown = sorted(set(value) - fields)
+        if unknown:
+            raise ValueError(f"Unknown pooler_config keys {unknown}; supported: {sorted(fields)}.")
+        return PoolerConfig(**value)
 
     @staticmethod
     def add_cli_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
@@ -189,7 +222,13 @@ class EngineArgs:
                 parser.add_argument(
                     *flags, action=argparse.BooleanOptionalAction, default=default, help=_HELP.get(f.name)
                 )
-            elif f.name in ("hf_overrides", "compilation_config", "speculative_config"):
+            elif f.name in (
+                "hf_overrides",
+                "compilation_config",
+                "speculative_config",
+                "pooler_config",
+                "override_pooler_config",
+            ):
                 parser.add_argument(*flags, type=json.loads, default=None, help=_HELP.get(f.name))
             else:
                 kind = {"int": int, "float": float}.get(str(f.type).split(" ")[0], str)
@@ -203,6 +242,9 @@ class EngineArgs:
                     "tokenizer_mode": _TOKENIZER_MODES,
                     "attention_backend": _ATTENTION_BACKENDS,
                     "prefix_caching_hash_algo": PREFIX_CACHING_HASH_ALGOS,
+                    "runner": RUNNER_TYPES,
+                    "convert": CONVERT_TYPES,
+                    "task": TASKS,
                 }.get(f.name)
                 parser.add_argument(*flags, type=kind, default=default, choices=choices, help=_HELP.get(f.name))
         return parser

@@ -40,13 +40,17 @@ def resolve_dtype(requested: str, hf_config, is_gguf: bool) -> str:
     return name
 
 
-def resolve_max_model_len(requested: int | None, hf_config) -> int:
+def resolve_max_model_len(requested: int | None, hf_config, max_positions: int | None = None) -> int:
+    """The user's max_model_len, checked against the model's, or the model's: its config's
+    position limit, lowered to `max_positions` where the model takes fewer."""
     derived = None
     for key in ("max_position_embeddings", "n_positions", "max_seq_len", "seq_length"):
         if getattr(hf_config, key, None):
             derived = int(getattr(hf_config, key))
             derived_key = key
             break
+    if max_positions is not None and (derived is None or max_positions < derived):
+        derived, derived_key = max_positions, "max_positions"
     if requested is None:
         if derived is None:
             raise ValueError("The model config has no max_position_embeddings; pass max_model_len.")
@@ -84,20 +88,20 @@ def fresh_prefill_min_tokens(backend: AttentionBackend, dtype) -> int | None:
     return 512 if dtype in (jnp.bfloat16, jnp.float16) else None
 
 
-def scheduler_config_from(args: EngineArgs, max_model_len: int) -> SchedulerConfig:
+def scheduler_config_from(args: EngineArgs, max_model_len: int, chunked_prefill: bool) -> SchedulerConfig:
     # vLLM's offline defaults on a GPU; a smaller token budget on the CPU keeps steps short.
     default_tokens, default_seqs = (8192, 256) if on_accelerator() else (2048, 64)
     max_num_seqs = args.max_num_seqs or default_seqs
     max_num_batched_tokens = args.max_num_batched_tokens
     if max_num_batched_tokens is None:
         max_num_batched_tokens = max(default_tokens, max_num_seqs)
-        if not args.enable_chunked_prefill:
+        if not chunked_prefill:
             max_num_batched_tokens = max(max_num_batched_tokens, max_model_len)
     return SchedulerConfig(
         max_num_batched_tokens=max_num_batched_tokens,
         max_num_seqs=max_num_seqs,
         max_model_len=max_model_len,
-        enable_chunked_prefill=args.enable_chunked_prefill,
+        enable_chunked_prefill=chunked_prefill,
     )
 
 

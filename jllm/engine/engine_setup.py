@@ -24,12 +24,14 @@ from jllm.engine.engine_config import (
     resolve_max_model_len,
     scheduler_config_from,
 )
+from jllm.engine.task_config import ModelTask, resolve_model_task
 from jllm.layers.attention import AttentionBackend, default_attention_backend
-from jllm.models.llama import DecoderSpec
-from jllm.models.registry import resolve_model
+from jllm.models.interface import ModelFamily, ModelShape
+from jllm.models.registry import resolve_architecture
 from jllm.worker.buckets import pick_bucket, pow2_buckets
 from jllm.worker.kv_cache import activation_bytes, allocate_kv_caches, determine_num_blocks
 from jllm.worker.model_runner import ModelRunner
+from jllm.worker.pooling_runner import PoolingModelRunner
 
 logger = logging.getLogger("jllm")
 
@@ -41,11 +43,11 @@ class EngineParts:
     cache_config: CacheConfig
     compilation_config: CompilationConfig
     hf_config: object
-    spec: DecoderSpec
+    spec: ModelShape
     tokenizer: object | None
     generation_config: dict | None
     eos_token_id: int | None
-    runner: ModelRunner
+    runner: ModelRunner | PoolingModelRunner
 
 
 @dataclass(frozen=True)
@@ -56,8 +58,9 @@ class _Configs:
     scheduler_config: SchedulerConfig
     compilation_config: CompilationConfig
     hf_config: object
-    model_cls: type
-    spec: DecoderSpec
+    family: ModelFamily
+    task: ModelTask
+    spec: ModelShape
     backend: AttentionBackend
 
     @property
@@ -68,12 +71,16 @@ class _Configs:
     def fresh_prefill_min_tokens(self) -> int | None:
         return fresh_prefill_min_tokens(self.backend, self.dtype)
 
+    @property
+    def pooling(self) -> bool:
+        return self.task.runner_type == "pooling"
+
 
 def build_engine_parts(args: EngineArgs) -> EngineParts:
     t0 = time.perf_counter()
     configs = create_configs(args)
     tokenizer, generation_config = load_tokenizer(args, configs)
-    model, params = load_model(args, configs)
+    model, params, constants = load_model(args, configs)
     logger.info(
         "Loaded %s (%s, %.1fM parameters) in %s in %.1f s; attention backend %s.",
         configs.model_config.model,
@@ -84,7 +91,7 @@ def build_engine_parts(args: EngineArgs) -> EngineParts:
         configs.backend.value,
     )
     cache_config = plan_kv_cache(args, configs)
-    runner = create_runner(configs, cache_config, model, params)
+    runner = create_runner(configs, cache_config, model, params, constants)
     if not configs.compilation_config.enforce_eager:
         warm_up(runner, configs)
     eos = _eos_token_id(configs.hf_config, tokenizer, generation_config)
@@ -115,9 +122,21 @@ def create_configs(args: EngineArgs) -> _Configs:
     hf_config = get_config(
         model_path, hf_overrides=args.hf_overrides, revision=args.revision, trust_remote_code=args.trust_remote_code
     )
-    model_cls, spec = resolve_model(hf_config)
+    architecture, family, native_head = resolve_architecture(hf_config)
+    task = resolve_model_task(
+        architecture=architecture,
+        family=family,
+        native_head=native_head,
+        hf_config=hf_config,
+        model_path=model_path,
+        runner=args.runner,
+        convert=args.convert,
+        task=args.task,
+        pooler_config=args.resolved_pooler_config(),
+    )
+    spec = family.build_spec(hf_config, task.head)
     dtype = resolve_dtype(args.dtype, hf_config, model_path.endswith(".gguf"))
-    max_model_len = resolve_max_model_len(args.max_model_len, hf_config)
+    max_model_len = resolve_max_model_len(args.max_model_len, hf_config, _max_positions(family, hf_config, model_path))
     backend = (
         AttentionBackend(args.attention_backend)
         if args.attention_backend
@@ -137,11 +156,38 @@ def create_configs(args: EngineArgs) -> _Configs:
         attention_backend=backend.value,
         revision=args.revision,
         served_model_name=args.served_model_name or args.model,
+        runner_type=task.runner_type,
+        convert_type=task.convert_type,
+        supported_tasks=task.supported_tasks,
+        pooler_config=task.pooler_config,
+        architecture=architecture,
+        is_cross_encoder=task.is_cross_encoder,
+        num_labels=task.num_labels,
+        is_matryoshka=bool(
+            getattr(hf_config, "is_matryoshka", False) or getattr(hf_config, "matryoshka_dimensions", None)
+        ),
+        matryoshka_dimensions=tuple(getattr(hf_config, "matryoshka_dimensions", None) or ()) or None,
     )
-    scheduler_config = scheduler_config_from(args, max_model_len)
+    # A pooling request runs whole in one step and keeps nothing afterwards: no chunking,
+    # nothing to share through the prefix cache (vLLM's settings for pooling models).
+    pooling = task.runner_type == "pooling"
+    scheduler_config = scheduler_config_from(
+        args, max_model_len, chunked_prefill=not pooling and args.enable_chunked_prefill
+    )
     compilation_config = compilation_config_from(args, scheduler_config)
     enable_compilation_cache(compilation_config.cache_dir)
-    return _Configs(model_config, scheduler_config, compilation_config, hf_config, model_cls, spec, backend)
+    return _Configs(model_config, scheduler_config, compilation_config, hf_config, family, task, spec, backend)
+
+
+def _max_positions(family: ModelFamily, hf_config, model_path: str) -> int | None:
+    """The longest input the model takes where its config's max_position_embeddings does not
+    say it: the family's own rule, or a sentence-transformers folder's max_seq_length (the
+    length sentence-transformers truncates to, as vLLM reads it)."""
+    from jllm.transformers_utils.sentence_transformers import get_sentence_transformer_config
+
+    st_config = get_sentence_transformer_config(model_path) or {}
+    limits = [n for n in (family.max_positions(hf_config), st_config.get("max_seq_length")) if n]
+    return min(limits) if limits else None
 
 
 def load_tokenizer(args: EngineArgs, configs: _Configs) -> tuple[object | None, dict | None]:
@@ -166,20 +212,33 @@ def load_tokenizer(args: EngineArgs, configs: _Configs) -> tuple[object | None, 
 
 
 def load_model(args: EngineArgs, configs: _Configs):
-    """Step 2b: the Flax model and its weights on the device."""
+    """Step 2b: the Flax model, its weights on the device, and the family's constant tables."""
     from jllm.models.model_loader import load_checkpoint
 
-    model = configs.model_cls(configs.spec, configs.dtype, configs.backend)
+    family = configs.family
+    model = family.module(configs.spec, configs.dtype, configs.backend)
+    constants = family.constants(configs.spec, configs.hf_config, configs.model_config.max_model_len)
     params = load_checkpoint(
-        model, configs.spec, configs.hf_config, configs.model_config.model, args.load_format, configs.dtype, args.seed
+        family, model, configs.spec, constants, configs.model_config.model, args.load_format, configs.dtype, args.seed
     )
-    return model, params
+    return model, params, constants
 
 
 def plan_kv_cache(args: EngineArgs, configs: _Configs) -> CacheConfig:
-    """Step 3: how many KV pages fit beside the weights and the largest step's activations."""
+    """Step 3: how many KV pages fit beside the weights and the largest step's activations.
+
+    A pooling model keeps no KV cache: its pages are only the scheduler's count of a step's
+    tokens (enough for a full step of whole prompts), with no device memory behind them."""
     block_size = args.block_size
     max_model_len = configs.model_config.max_model_len
+    if configs.pooling:
+        sched = configs.scheduler_config
+        return CacheConfig(
+            block_size=block_size,
+            num_gpu_blocks=-(-sched.max_num_batched_tokens // block_size) + sched.max_num_seqs,
+            enable_prefix_caching=False,
+            prefix_caching_hash_algo=args.prefix_caching_hash_algo,
+        )
     # Where lone prompt chunks run cuDNN, one over a cached prefix gathers the page table's
     # whole width of K/V (prefix_prefill_attention).
     prefix_gather_tokens = (
@@ -203,9 +262,23 @@ def plan_kv_cache(args: EngineArgs, configs: _Configs) -> CacheConfig:
     )
 
 
-def create_runner(configs: _Configs, cache_config: CacheConfig, model, params) -> ModelRunner:
-    """Step 4: the KV pool allocated and the runner around it, with its page buckets."""
+def create_runner(configs: _Configs, cache_config: CacheConfig, model, params, constants):
+    """Step 4: the KV pool allocated and the runner around it, with its page buckets (or,
+    for a pooling model, the pooling runner, which keeps no pool)."""
     spec, block_size = configs.spec, cache_config.block_size
+    if configs.pooling:
+        return PoolingModelRunner(
+            model=model,
+            params=params,
+            spec=spec,
+            constants=constants,
+            block_size=block_size,
+            max_model_len=configs.model_config.max_model_len,
+            max_num_seqs=configs.scheduler_config.max_num_seqs,
+            token_buckets=configs.compilation_config.token_buckets,
+            pooler_config=configs.model_config.pooler_config,
+            uses_token_types=configs.family.is_encoder,
+        )
     kv_caches = allocate_kv_caches(
         spec, cache_config.num_gpu_blocks, block_size, configs.dtype, configs.scheduler_config.max_num_seqs
     )
@@ -222,9 +295,8 @@ def create_runner(configs: _Configs, cache_config: CacheConfig, model, params) -
         spec=spec,
         kv_caches=kv_caches,
         block_size=block_size,
-        max_model_len=configs.model_config.max_model_len,
         max_logprobs=max(configs.model_config.max_logprobs, 0),
-        hf_config=configs.hf_config,
+        constants=constants,
         token_buckets=configs.compilation_config.token_buckets,
         page_buckets=_page_buckets(configs.backend, -(-configs.model_config.max_model_len // block_size)),
         max_num_seqs=configs.scheduler_config.max_num_seqs,
@@ -241,9 +313,19 @@ def _page_buckets(backend: AttentionBackend, max_blocks_per_seq: int) -> tuple[i
     return pow2_buckets(min(4, max_blocks_per_seq), max_blocks_per_seq)
 
 
-def warm_up(runner: ModelRunner, configs: _Configs) -> None:
+def warm_up(runner: ModelRunner | PoolingModelRunner, configs: _Configs) -> None:
     """Step 5: every step program a request can need, compiled before the first one."""
     compilation_config = configs.compilation_config
+    if isinstance(runner, PoolingModelRunner):
+        seconds = runner.warmup()
+        logger.info(
+            "Compiled %d pooling step programs (token buckets %s, length buckets %s) in %.1f s.",
+            runner.num_compiled_steps,
+            list(runner.token_buckets),
+            list(runner.length_buckets),
+            seconds,
+        )
+        return
     page_buckets = runner.builder.page_buckets
     capture_pages = pick_bucket(
         page_buckets,

@@ -61,6 +61,62 @@ def default_attention_backend(platform: str) -> AttentionBackend:
     return AttentionBackend.REFERENCE if platform == "cpu" else AttentionBackend.PALLAS
 
 
+def attention(
+    q,
+    k,
+    v,
+    cache: KVCache | None,
+    md: AttentionMetadata,
+    *,
+    scale: float,
+    backend: AttentionBackend,
+    causal: bool = True,
+    sliding_window: int | None = None,
+):
+    """One layer's attention: over the paged cache (written first) where the layer keeps
+    one, else each sequence over its own tokens in this step (pooling steps keep no cache;
+    encoders are not causal). Returns (output [T, N, H], the updated cache or None)."""
+    if cache is None:
+        return packed_self_attention(q, k, v, md, scale=scale, causal=causal, sliding_window=sliding_window), None
+    if not causal:
+        raise ValueError("Bidirectional attention keeps no KV cache: pass cache=None.")
+    return paged_attention(q, k, v, cache, md, scale=scale, backend=backend, sliding_window=sliding_window)
+
+
+def packed_self_attention(q, k, v, md: AttentionMetadata, *, scale: float, causal: bool, sliding_window=None):
+    """Attention of each sequence over its own tokens: q/k/v [T, heads, H] hold the step's
+    sequences back to back (md.query_start_loc), each whole (md.seq_lens its length).
+
+    The tokens are laid out [S, md.max_seq_len] and run through one batched
+    `jax.nn.dot_product_attention` masked by the lengths: cuDNN's flash attention on the
+    GPU for 16-bit inputs, XLA's otherwise; then gathered back to the flat token axis.
+    Padding tokens come back as zeros."""
+    L = md.max_seq_len
+    T = q.shape[0]
+    starts = md.query_start_loc[:-1]
+    lengths = md.seq_lens
+    offsets = jnp.arange(L, dtype=jnp.int32)
+    index = jnp.where(offsets[None, :] < lengths[:, None], starts[:, None] + offsets[None, :], 0)  # [S, L]
+    window = None if sliding_window is None else (sliding_window - 1, 0 if causal else sliding_window - 1)
+    out = jax.nn.dot_product_attention(
+        q[index],
+        k[index],
+        v[index],
+        scale=scale,
+        is_causal=causal,
+        query_seq_lengths=lengths,
+        key_value_seq_lengths=lengths,
+        local_window_size=window,
+        implementation="cudnn" if _use_cudnn(q) else "xla",
+    )
+    tokens = jnp.arange(T, dtype=jnp.int32)
+    seq = jnp.clip(jnp.searchsorted(md.query_start_loc[1:], tokens, side="right"), 0, lengths.shape[0] - 1)
+    offset = tokens - starts[seq]
+    real = (tokens < md.query_start_loc[-1]) & (offset < L)
+    flat = out[seq, jnp.clip(offset, 0, L - 1)]
+    return jnp.where(real[:, None, None], flat, jnp.zeros((), flat.dtype))
+
+
 def paged_attention(
     q,
     k,

@@ -48,3 +48,7 @@ class AttentionMetadata:
     # step, chosen on the host (InputBatchBuilder.decode_config) for the smallest batch
     # its bucket holds; None: the kernel's table by the padded batch.
     decode_config: DecodeConfig | None = dataclasses.field(default=None, metadata=dict(static=True))
+    # Static, for steps that keep no KV cache (pooling): every sequence is whole in the
+    # step and attends to its own tokens only; this bucket bounds the longest one, the
+    # width its tokens are laid out at for attention (layers/attention.packed_self_attention).
+    max_seq_len: int | None = dataclasses.field(default=None, metadata=dict(static=True))

@@ -1,11 +1,13 @@
 """The Llama-family decoder (Llama 2/3.x, SmolLM2, Mistral, Qwen2, Qwen3) as a Flax module.
 
 One definition serves the family; `DecoderSpec` carries the differences (qkv bias for
-Qwen2, per-head q/k RMSNorm for Qwen3, sliding window for Mistral). The module is a
-pure function of (params, kv_caches, input_ids, metadata) -> (kv_caches, hidden):
-the caches go in and come out so the jitted step can donate them. Layers are
-unrolled in Python over per-layer weights (GPU.md: `lax.scan` over stacked weights
-doubled the decode step on the H100).
+Qwen2, per-head q/k RMSNorm for Qwen3, sliding window for Mistral) and the head: the LM
+head, none (last-token embeddings, as Qwen3-Embedding is used), a `score` classifier
+(`*ForSequenceClassification`) or Qwen2ForRewardModel's two-layer `score` MLP. The module
+is a pure function of (params, kv_caches, input_ids, metadata) -> (kv_caches, hidden):
+the caches go in and come out so the jitted step can donate them. Layers are unrolled in
+Python over per-layer weights (GPU.md: `lax.scan` over stacked weights doubled the decode
+step on the H100). The module contract is jllm/models/interface.py's.
 """
 
 from __future__ import annotations
@@ -16,24 +18,20 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from jllm.layers.attention import AttentionBackend, KVCache, paged_attention
+import numpy as np
+
+from jllm.layers.attention import AttentionBackend, KVCache, attention
 from jllm.layers.attention_metadata import AttentionMetadata
 from jllm.layers.norm import RMSNorm
-from jllm.layers.rotary import apply_rotary
+from jllm.layers.rotary import apply_rotary, cos_sin_cache, rope_parameters
+from jllm.models.interface import ModelFamily, ModelHead, ModelShape
 
 # Einsum axis letters (tpu-inference's): T tokens, D model dim, N q heads,
 # K kv heads, H head dim, F ffn dim, V vocab.
 
 
 @dataclasses.dataclass(frozen=True)
-class DecoderSpec:
-    vocab_size: int
-    hidden_size: int
-    intermediate_size: int
-    num_hidden_layers: int
-    num_attention_heads: int
-    num_key_value_heads: int
-    head_dim: int
+class DecoderSpec(ModelShape):
     rms_norm_eps: float
     tie_word_embeddings: bool
     qkv_bias: bool = False
@@ -42,6 +40,9 @@ class DecoderSpec:
     qk_norm: bool = False
     sliding_window: int | None = None
     hidden_act: str = "silu"
+    head: ModelHead = ModelHead.LM
+    # Outputs of the classify / reward head.
+    num_labels: int = 0
 
 
 def _dense(module: nn.Module, name: str, shape: tuple[int, ...], dtype) -> jax.Array:
@@ -64,7 +65,7 @@ class Attention(nn.Module):
     backend: AttentionBackend
 
     @nn.compact
-    def __call__(self, x, cos_sin, cache: KVCache, md: AttentionMetadata):
+    def __call__(self, x, cos_sin, cache: KVCache | None, md: AttentionMetadata):
         s = self.spec
         N, K, H, D = s.num_attention_heads, s.num_key_value_heads, s.head_dim, s.hidden_size
         q = jnp.einsum("TD,DNH->TNH", x, _dense(self, "q_proj", (D, N, H), self.dtype))
@@ -79,15 +80,8 @@ class Attention(nn.Module):
             k = RMSNorm(H, s.rms_norm_eps, self.dtype, name="k_norm")(k)
         q = apply_rotary(q, cos_sin)
         k = apply_rotary(k, cos_sin)
-        out, cache = paged_attention(
-            q,
-            k,
-            v,
-            cache,
-            md,
-            scale=H**-0.5,
-            backend=self.backend,
-            sliding_window=s.sliding_window,
+        out, cache = attention(
+            q, k, v, cache, md, scale=H**-0.5, backend=self.backend, causal=True, sliding_window=s.sliding_window
         )
         o = jnp.einsum("TNH,NHD->TD", out, _dense(self, "o_proj", (N, H, D), self.dtype))
         if s.o_bias:
@@ -145,16 +139,26 @@ class LlamaForCausalLM(nn.Module):
             DecoderLayer(s, self.dtype, self.backend, name=f"layers_{i}") for i in range(s.num_hidden_layers)
         ]
         self.norm = RMSNorm(s.hidden_size, s.rms_norm_eps, self.dtype, name="norm")
-        if not s.tie_word_embeddings:
+        if s.head == ModelHead.LM and not s.tie_word_embeddings:
             self.lm_head = self.param(
                 "lm_head", nn.initializers.normal(0.02), (s.hidden_size, s.vocab_size), self.dtype
             )
+        elif s.head == ModelHead.CLASSIFY:
+            self.score = _dense(self, "score", (s.hidden_size, s.num_labels), self.dtype)
+        elif s.head == ModelHead.REWARD:
+            D = s.hidden_size
+            self.score_0 = _dense(self, "score_0", (D, D), self.dtype)
+            self.score_0_bias = self.param("score_0_bias", nn.initializers.zeros, (D,), self.dtype)
+            self.score_2 = _dense(self, "score_2", (D, s.num_labels), self.dtype)
+            self.score_2_bias = self.param("score_2_bias", nn.initializers.zeros, (s.num_labels,), self.dtype)
 
-    def __call__(self, kv_caches, input_ids, cos_sin, md: AttentionMetadata):
-        """kv_caches: a KVCache per layer; cos_sin: [T, head_dim] by position.
+    def __call__(self, kv_caches, input_ids, md: AttentionMetadata, constants, token_type_ids=None):
+        """kv_caches: a KVCache per layer (or None each: no cache kept); constants["cos_sin"]:
+        [max_model_len, head_dim], gathered by position.
 
         Returns (new kv_caches, final hidden states [T, D]).
         """
+        cos_sin = constants["cos_sin"][md.positions]
         x = self.embed_tokens[input_ids]
         new_caches = []
         for layer, cache in zip(self.layers, kv_caches):
@@ -169,3 +173,115 @@ class LlamaForCausalLM(nn.Module):
         else:
             logits = jnp.einsum("SD,DV->SV", hidden, self.lm_head, preferred_element_type=jnp.float32)
         return logits.astype(jnp.float32)
+
+    def pool_head(self, pooled):
+        """pooled [S, D] -> float32 [S, out]: the embedding itself, or the head's logits."""
+        head = self.spec.head
+        if head == ModelHead.CLASSIFY:
+            return jnp.einsum("SD,DL->SL", pooled, self.score, preferred_element_type=jnp.float32)
+        if head == ModelHead.REWARD:
+            h = jax.nn.relu(pooled @ self.score_0 + self.score_0_bias)
+            return jnp.einsum(
+                "SD,DL->SL", h, self.score_2, preferred_element_type=jnp.float32
+            ) + self.score_2_bias.astype(jnp.float32)
+        return pooled.astype(jnp.float32)
+
+
+def build_spec(cfg, head: ModelHead) -> DecoderSpec:
+    """The family's spec from an HF config: its model_type picks the variant."""
+    model_type = getattr(cfg, "model_type", "llama")
+    variant: dict = {}
+    attention_bias = bool(getattr(cfg, "attention_bias", False))
+    window = cfg.sliding_window if getattr(cfg, "use_sliding_window", False) else None
+    if model_type == "mistral":
+        variant = dict(sliding_window=getattr(cfg, "sliding_window", None))
+    elif model_type == "qwen2":
+        variant = dict(qkv_bias=True, sliding_window=window)
+    elif model_type == "qwen3":
+        variant = dict(qkv_bias=attention_bias, o_bias=attention_bias, qk_norm=True, sliding_window=window)
+    else:
+        variant = dict(qkv_bias=attention_bias, o_bias=attention_bias, mlp_bias=bool(getattr(cfg, "mlp_bias", False)))
+    head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
+    return DecoderSpec(
+        vocab_size=cfg.vocab_size,
+        hidden_size=cfg.hidden_size,
+        intermediate_size=cfg.intermediate_size,
+        num_hidden_layers=cfg.num_hidden_layers,
+        num_attention_heads=cfg.num_attention_heads,
+        num_key_value_heads=getattr(cfg, "num_key_value_heads", None) or cfg.num_attention_heads,
+        head_dim=head_dim,
+        rms_norm_eps=cfg.rms_norm_eps,
+        tie_word_embeddings=bool(getattr(cfg, "tie_word_embeddings", False)),
+        hidden_act=getattr(cfg, "hidden_act", "silu"),
+        head=head,
+        num_labels=int(getattr(cfg, "num_labels", 0) or 0) if head in (ModelHead.CLASSIFY, ModelHead.REWARD) else 0,
+        **variant,
+    )
+
+
+def _layer_map(spec: DecoderSpec, i: int) -> dict[str, tuple[tuple[str, ...], callable]]:
+    N, K, H, D = spec.num_attention_heads, spec.num_key_value_heads, spec.head_dim, spec.hidden_size
+    pre = f"model.layers.{i}."
+    at = (f"layers_{i}", "self_attn")
+    mlp = (f"layers_{i}", "mlp")
+    heads_in = lambda n: lambda w: w.T.reshape(D, n, H)  # noqa: E731
+    m = {
+        pre + "self_attn.q_proj.weight": (at + ("q_proj",), heads_in(N)),
+        pre + "self_attn.k_proj.weight": (at + ("k_proj",), heads_in(K)),
+        pre + "self_attn.v_proj.weight": (at + ("v_proj",), heads_in(K)),
+        pre + "self_attn.o_proj.weight": (at + ("o_proj",), lambda w: w.T.reshape(N, H, D)),
+        pre + "mlp.gate_proj.weight": (mlp + ("gate_proj",), np.transpose),
+        pre + "mlp.up_proj.weight": (mlp + ("up_proj",), np.transpose),
+        pre + "mlp.down_proj.weight": (mlp + ("down_proj",), np.transpose),
+        pre + "input_layernorm.weight": ((f"layers_{i}", "input_layernorm", "weight"), None),
+        pre + "post_attention_layernorm.weight": ((f"layers_{i}", "post_attention_layernorm", "weight"), None),
+    }
+    if spec.qkv_bias:
+        m[pre + "self_attn.q_proj.bias"] = (at + ("q_bias",), lambda b: b.reshape(N, H))
+        m[pre + "self_attn.k_proj.bias"] = (at + ("k_bias",), lambda b: b.reshape(K, H))
+        m[pre + "self_attn.v_proj.bias"] = (at + ("v_bias",), lambda b: b.reshape(K, H))
+    if spec.o_bias:
+        m[pre + "self_attn.o_proj.bias"] = (at + ("o_bias",), None)
+    if spec.mlp_bias:
+        for name in ("gate", "up", "down"):
+            m[pre + f"mlp.{name}_proj.bias"] = (mlp + (f"{name}_bias",), None)
+    if spec.qk_norm:
+        m[pre + "self_attn.q_norm.weight"] = (at + ("q_norm", "weight"), None)
+        m[pre + "self_attn.k_norm.weight"] = (at + ("k_norm", "weight"), None)
+    return m
+
+
+def hf_name_map(spec: DecoderSpec) -> dict[str, tuple[tuple[str, ...], callable]]:
+    """HF tensor name -> (param path, host-side transform or None). HF stores linear
+    weights as [out, in]; the einsums here take [in, heads, head_dim] (projections into
+    heads) or [heads, head_dim, out] (o_proj), so each is transposed once, at load."""
+    m = {
+        "model.embed_tokens.weight": (("embed_tokens",), None),
+        "model.norm.weight": (("norm", "weight"), None),
+    }
+    if spec.head == ModelHead.LM and not spec.tie_word_embeddings:
+        m["lm_head.weight"] = (("lm_head",), np.transpose)
+    elif spec.head == ModelHead.CLASSIFY:
+        m["score.weight"] = (("score",), np.transpose)
+    elif spec.head == ModelHead.REWARD:
+        m["score.0.weight"] = (("score_0",), np.transpose)
+        m["score.0.bias"] = (("score_0_bias",), None)
+        m["score.2.weight"] = (("score_2",), np.transpose)
+        m["score.2.bias"] = (("score_2_bias",), None)
+    for i in range(spec.num_hidden_layers):
+        m.update(_layer_map(spec, i))
+    return m
+
+
+def constants(spec: DecoderSpec, hf_config, max_model_len: int) -> dict:
+    """The rotary cos/sin of every position up to max_model_len."""
+    table = cos_sin_cache(
+        spec.head_dim,
+        rope_parameters(hf_config),
+        getattr(hf_config, "max_position_embeddings", max_model_len),
+        max_model_len,
+    )
+    return {"cos_sin": table}
+
+
+FAMILY = ModelFamily(module=LlamaForCausalLM, build_spec=build_spec, hf_name_map=hf_name_map, constants=constants)

@@ -8,6 +8,7 @@ import jax.numpy as jnp
 
 from jllm.layers.attention import allocate_kv_cache
 from jllm.layers.attention_metadata import AttentionMetadata
+from jllm.models.interface import ModelFamily
 from jllm.models.weights import params_from_hf
 
 
@@ -22,7 +23,7 @@ def resolve_model_source(model: str | None, revision: str | None = None) -> str:
     return resolve_model_path(model, revision)
 
 
-def param_shapes(model, spec) -> dict:
+def param_shapes(model, spec, constants: dict) -> dict:
     """The parameter tree's shapes and dtypes, without allocating anything."""
     t = 1
     cache = jax.eval_shape(lambda: allocate_kv_cache(spec.num_key_value_heads, 1, 1, spec.head_dim, 1, model.dtype))
@@ -31,26 +32,28 @@ def param_shapes(model, spec) -> dict:
     md = AttentionMetadata(
         i32, i32, jax.ShapeDtypeStruct((1, 1), jnp.int32), i32, jax.ShapeDtypeStruct((2,), jnp.int32)
     )
-    cos_sin = jax.ShapeDtypeStruct((t, spec.head_dim), jnp.float32)
-    return jax.eval_shape(lambda *args: model.init(jax.random.PRNGKey(0), *args), caches, i32, cos_sin, md)
+    consts = {k: jax.ShapeDtypeStruct(v.shape, v.dtype) for k, v in constants.items()}
+    return jax.eval_shape(lambda *args: model.init(jax.random.PRNGKey(0), *args), caches, i32, md, consts, i32)
 
 
 def dummy_params(shapes, seed: int) -> dict:
-    """vLLM's dummy weights: uniform in [-1e-3, 1e-3], norms at 1, drawn on the device."""
+    """vLLM's dummy weights: uniform in [-1e-3, 1e-3], norm scales at 1, drawn on the device."""
     leaves, treedef = jax.tree_util.tree_flatten_with_path(shapes)
     key = jax.random.PRNGKey(seed)
     out = []
     for i, (path, leaf) in enumerate(leaves):
         name = str(path[-1].key)
-        if name == "weight":  # RMSNorm scales
+        if name in ("weight", "scale"):  # RMSNorm / LayerNorm scales
             out.append(jnp.ones(leaf.shape, leaf.dtype))
         else:
             out.append(jax.random.uniform(jax.random.fold_in(key, i), leaf.shape, leaf.dtype, -1e-3, 1e-3))
     return jax.tree_util.tree_unflatten(treedef, out)
 
 
-def load_checkpoint(model, spec, hf_config, path: str, load_format: str, dtype, seed: int) -> dict:
-    shapes = param_shapes(model, spec)
+def load_checkpoint(
+    family: ModelFamily, model, spec, constants: dict, path: str, load_format: str, dtype, seed: int
+) -> dict:
+    shapes = param_shapes(model, spec, constants)
     if load_format == "dummy":
         return dummy_params(shapes, seed)
     is_gguf = path.endswith(".gguf")
@@ -66,4 +69,4 @@ def load_checkpoint(model, spec, hf_config, path: str, load_format: str, dtype, 
         from jllm.models.loader.safetensors_loader import load_safetensors
 
         weights = load_safetensors(path)
-    return params_from_hf(spec, weights, dtype, shapes)
+    return params_from_hf(family.hf_name_map(spec), weights, dtype, shapes)

@@ -1,54 +1,35 @@
-"""Which model class serves which HF `architectures` entry, and its DecoderSpec."""
+"""The one place that lists the architectures jllm runs: HF `architectures` name ->
+(family file under jllm/models/, the head the checkpoint carries).
+
+The head says what the architecture is natively: "lm" generates; "embed",
+"classify" and "reward" are pooling models (jllm/engine/task_config.py turns that,
+and the user's runner/convert/task, into what the engine runs).
+"""
 
 from __future__ import annotations
 
-from jllm.models.llama import DecoderSpec, LlamaForCausalLM
+import importlib
 
+from jllm.models.interface import ModelFamily, ModelHead
 
-def _llama_spec(cfg) -> DecoderSpec:
-    attention_bias = bool(getattr(cfg, "attention_bias", False))
-    return _base_spec(
-        cfg, qkv_bias=attention_bias, o_bias=attention_bias, mlp_bias=bool(getattr(cfg, "mlp_bias", False))
-    )
-
-
-def _mistral_spec(cfg) -> DecoderSpec:
-    return _base_spec(cfg, sliding_window=getattr(cfg, "sliding_window", None))
-
-
-def _qwen2_spec(cfg) -> DecoderSpec:
-    window = cfg.sliding_window if getattr(cfg, "use_sliding_window", False) else None
-    return _base_spec(cfg, qkv_bias=True, sliding_window=window)
-
-
-def _qwen3_spec(cfg) -> DecoderSpec:
-    window = cfg.sliding_window if getattr(cfg, "use_sliding_window", False) else None
-    attention_bias = bool(getattr(cfg, "attention_bias", False))
-    return _base_spec(cfg, qkv_bias=attention_bias, o_bias=attention_bias, qk_norm=True, sliding_window=window)
-
-
-def _base_spec(cfg, **overrides) -> DecoderSpec:
-    head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
-    return DecoderSpec(
-        vocab_size=cfg.vocab_size,
-        hidden_size=cfg.hidden_size,
-        intermediate_size=cfg.intermediate_size,
-        num_hidden_layers=cfg.num_hidden_layers,
-        num_attention_heads=cfg.num_attention_heads,
-        num_key_value_heads=getattr(cfg, "num_key_value_heads", None) or cfg.num_attention_heads,
-        head_dim=head_dim,
-        rms_norm_eps=cfg.rms_norm_eps,
-        tie_word_embeddings=bool(getattr(cfg, "tie_word_embeddings", False)),
-        hidden_act=getattr(cfg, "hidden_act", "silu"),
-        **overrides,
-    )
-
-
-_MODELS = {
-    "LlamaForCausalLM": (LlamaForCausalLM, _llama_spec),
-    "MistralForCausalLM": (LlamaForCausalLM, _mistral_spec),
-    "Qwen2ForCausalLM": (LlamaForCausalLM, _qwen2_spec),
-    "Qwen3ForCausalLM": (LlamaForCausalLM, _qwen3_spec),
+_MODELS: dict[str, tuple[str, ModelHead]] = {
+    "LlamaForCausalLM": ("llama", ModelHead.LM),
+    "MistralForCausalLM": ("llama", ModelHead.LM),
+    "Qwen2ForCausalLM": ("llama", ModelHead.LM),
+    "Qwen3ForCausalLM": ("llama", ModelHead.LM),
+    "LlamaModel": ("llama", ModelHead.EMBED),
+    "Qwen2Model": ("llama", ModelHead.EMBED),
+    "Qwen3Model": ("llama", ModelHead.EMBED),
+    "LlamaForSequenceClassification": ("llama", ModelHead.CLASSIFY),
+    "Qwen2ForSequenceClassification": ("llama", ModelHead.CLASSIFY),
+    "Qwen3ForSequenceClassification": ("llama", ModelHead.CLASSIFY),
+    "Qwen2ForRewardModel": ("llama", ModelHead.REWARD),
+    "OPTForCausalLM": ("opt", ModelHead.LM),
+    "GPT2LMHeadModel": ("gpt2", ModelHead.LM),
+    "BertModel": ("bert", ModelHead.EMBED),
+    "BertForSequenceClassification": ("bert", ModelHead.CLASSIFY),
+    "XLMRobertaModel": ("bert", ModelHead.EMBED),
+    "XLMRobertaForSequenceClassification": ("bert", ModelHead.CLASSIFY),
 }
 
 
@@ -56,13 +37,14 @@ def supported_architectures() -> list[str]:
     return sorted(_MODELS)
 
 
-def resolve_model(hf_config):
-    """Returns (model class, DecoderSpec) for the config's first supported architecture."""
+def resolve_architecture(hf_config) -> tuple[str, ModelFamily, ModelHead]:
+    """(the architecture, its family, its native head) for the config's first supported one."""
     architectures = list(getattr(hf_config, "architectures", None) or [])
     for arch in architectures:
         if arch in _MODELS:
-            model_cls, spec_fn = _MODELS[arch]
-            return model_cls, spec_fn(hf_config)
+            family_name, head = _MODELS[arch]
+            family = importlib.import_module(f"jllm.models.{family_name}").FAMILY
+            return arch, family, head
     raise ValueError(
         f"Model architectures {architectures} are not supported for now. "
         f"Supported architectures: {supported_architectures()}"

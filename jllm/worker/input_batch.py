@@ -31,6 +31,8 @@ class ModelInputs:
     # [T] i32: for prompt logprobs, the prompt token that follows each token
     # (-1 where none); width T only when a request asked for prompt logprobs.
     prompt_targets: jax.Array
+    # [T] i32: each token's segment (BERT's token types), or [0] for models without them.
+    token_type_ids: jax.Array
 
 
 @dataclasses.dataclass(frozen=True)
@@ -180,6 +182,7 @@ class InputBatchBuilder:
             attn=attn,
             logits_indices=_rows_then_pad(ends - 1, S, 0),
             prompt_targets=self._prompt_targets(prompt_slices, row_idx[wanted], T),
+            token_type_ids=np.zeros(0, np.int32),
         )
         # The output position each row samples (for a sampling row, its output count).
         step = np.maximum(seq_lens - prompt_len, 0)

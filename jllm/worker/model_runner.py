@@ -21,7 +21,6 @@ import numpy as np
 
 from jllm.core.scheduler_output import SchedulerOutput
 from jllm.layers.attention_metadata import AttentionMetadata
-from jllm.layers.rotary import cos_sin_cache, rope_parameters
 from jllm.layers.sampler import SamplingMetadata, compute_logprobs, sample
 from jllm.worker.attention_plan import AttentionPlanner
 from jllm.worker.input_batch import InputBatchBuilder, ModelInputs, StepBatch, StepShape
@@ -58,6 +57,8 @@ class ModelRunnerOutput:
     prompt_logprobs: dict[str, PromptLogprobs] = field(default_factory=dict)
     # Requests whose own logits processor raised; they sampled nothing.
     failed: dict[str, BaseException] = field(default_factory=dict)
+    # Pooling runs: each request's float32 output, [out] per sequence or [tokens, out].
+    pooler_output: dict[str, np.ndarray] = field(default_factory=dict)
 
 
 @dataclass
@@ -72,17 +73,15 @@ class StepResults:
     failed: dict[str, BaseException] = field(default_factory=dict)
 
 
-def _forward(model, params, kv_caches, cos_sin_table, inputs: ModelInputs):
-    cos_sin = cos_sin_table[inputs.attn.positions]
-    kv_caches, hidden = model.apply(params, kv_caches, inputs.input_ids, cos_sin, inputs.attn)
-    return kv_caches, hidden
+def _forward(model, params, kv_caches, constants, inputs: ModelInputs):
+    return model.apply(params, kv_caches, inputs.input_ids, inputs.attn, constants, inputs.token_type_ids)
 
 
 def _step(
     model,
     params,
     kv_caches,
-    cos_sin_table,
+    constants,
     packed_inputs: jax.Array,
     *,
     layout: PackedLayout,
@@ -96,7 +95,7 @@ def _step(
     reads leaves the device.
     """
     inputs, sampling_md = unpack(packed_inputs, layout)
-    kv_caches, hidden = _forward(model, params, kv_caches, cos_sin_table, inputs)
+    kv_caches, hidden = _forward(model, params, kv_caches, constants, inputs)
     logits = model.apply(params, hidden[inputs.logits_indices], method=type(model).compute_logits)
     out = sample(logits, sampling_md, num_logprobs=num_logprobs)
     logprobs = prompt = None
@@ -109,9 +108,9 @@ def _step(
     return kv_caches, out.sampled_token_ids, logprobs, prompt
 
 
-def _forward_logits(model, params, kv_caches, cos_sin_table, inputs: ModelInputs):
+def _forward_logits(model, params, kv_caches, constants, inputs: ModelInputs):
     """The slow path's first half: logits leave the device for host logits_processors."""
-    kv_caches, hidden = _forward(model, params, kv_caches, cos_sin_table, inputs)
+    kv_caches, hidden = _forward(model, params, kv_caches, constants, inputs)
     return kv_caches, model.apply(params, hidden[inputs.logits_indices], method=type(model).compute_logits)
 
 
@@ -132,10 +131,9 @@ class ModelRunner:
         spec,
         kv_caches,
         block_size: int,
-        max_model_len: int,
         max_num_seqs: int,
         max_logprobs: int,
-        hf_config,
+        constants: dict,
         token_buckets: tuple[int, ...],
         page_buckets: tuple[int, ...],
         decode_kernel: bool = False,
@@ -158,13 +156,8 @@ class ModelRunner:
         self.builder = InputBatchBuilder(
             planner=self.planner, page_buckets=page_buckets, max_logprobs=max_logprobs, vocab_size=spec.vocab_size
         )
-        table = cos_sin_cache(
-            spec.head_dim,
-            rope_parameters(hf_config),
-            getattr(hf_config, "max_position_embeddings", max_model_len),
-            max_model_len,
-        )
-        self.cos_sin_table = jnp.asarray(table)
+        # The family's tables every step reads (rotary cos/sin), on the device once.
+        self.constants = {name: jnp.asarray(table) for name, table in constants.items()}
         self._step = jax.jit(
             functools.partial(_step, model),
             static_argnames=("layout", "num_logprobs", "num_prompt_logprobs"),
@@ -208,7 +201,7 @@ class ModelRunner:
         self.kv_caches, sampled, logprobs, prompt = self._step(
             self.params,
             self.kv_caches,
-            self.cos_sin_table,
+            self.constants,
             packed,
             layout=layout,
             num_logprobs=shape.num_logprobs,
@@ -220,7 +213,7 @@ class ModelRunner:
 
     def _execute_with_processors(self, batch: StepBatch) -> StepResults:
         shape, rows = batch.shape, self.builder.rows
-        self.kv_caches, logits = self._forward_logits(self.params, self.kv_caches, self.cos_sin_table, batch.inputs)
+        self.kv_caches, logits = self._forward_logits(self.params, self.kv_caches, self.constants, batch.inputs)
         logits = np.array(logits)
         failed: dict[str, BaseException] = {}
         for i, (req_id, row) in enumerate(zip(batch.req_ids, batch.rows.tolist())):
@@ -307,7 +300,7 @@ class ModelRunner:
             prefix_prefill=prefix_prefill,
             decode_config=self.planner.decode_config(T, P) if decode_only else None,
         )
-        inputs = ModelInputs(i32(T), attn, i32(S), i32(0))
+        inputs = ModelInputs(i32(T), attn, i32(S), i32(0), i32(0))
         md = SamplingMetadata(
             f32(S),
             i32(S),
@@ -333,7 +326,7 @@ class ModelRunner:
         self.kv_caches, _, _, _ = self._step(
             self.params,
             self.kv_caches,
-            self.cos_sin_table,
+            self.constants,
             packed,
             layout=layout,
             num_logprobs=0,

@@ -77,9 +77,9 @@ def test_unknown_compilation_config_keys_are_rejected(tiny_llama_path):
 
 
 def test_unsupported_architecture_names_the_supported_ones(tiny_llama_path):
-    message = "Model architectures ['GPT2LMHeadModel'] are not supported for now. Supported architectures: ["
+    message = "Model architectures ['FalconForCausalLM'] are not supported for now. Supported architectures: ["
     with raises(message) as info:
-        LLM(model=tiny_llama_path, hf_overrides={"architectures": ["GPT2LMHeadModel"]})
+        LLM(model=tiny_llama_path, hf_overrides={"architectures": ["FalconForCausalLM"]})
     assert "'LlamaForCausalLM'" in str(info.value) and "'Qwen3ForCausalLM'" in str(info.value)
 
 

@@ -22,7 +22,7 @@ SPEC = DecoderSpec(
 
 def test_dummy_params_have_the_model_shapes_and_vllm_range():
     model = LlamaForCausalLM(SPEC, jnp.bfloat16)
-    shapes = param_shapes(model, SPEC)
+    shapes = param_shapes(model, SPEC, {"cos_sin": np.zeros((64, 8), np.float32)})
     params = dummy_params(shapes, seed=0)
     assert jax.tree.map(lambda x: (x.shape, x.dtype), params) == jax.tree.map(lambda x: (x.shape, x.dtype), shapes)
     layer = params["params"]["layers_0"]

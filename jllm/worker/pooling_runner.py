@@ -1,0 +1,197 @@
+"""The pooling model runner: embeddings, classifier outputs and rewards, one jitted call
+per engine step, no KV cache.
+
+A pooling request is scheduled once, whole (the scheduler does not chunk for pooling
+models), and is done when its step returns, so the runner keeps no state between steps.
+The step's prompts lie back to back on the token axis as in generation, padded to a
+token bucket; attention runs each sequence over its own tokens (causal for decoders,
+bidirectional for encoders) laid out at a length bucket; the hidden states are pooled
+per sequence (layers/pooler.py) and the model's head applied. Only the float32 pooled
+outputs leave the device, plus every token's where a request asked for token outputs.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import logging
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from jllm.config import PoolerConfig
+from jllm.core.scheduler_output import SchedulerOutput
+from jllm.layers.attention_metadata import AttentionMetadata
+from jllm.layers.pooler import pool
+from jllm.worker.buckets import pick_bucket, pow2_buckets
+from jllm.worker.model_runner import ModelRunnerOutput
+from jllm.worker.packing import PackedLayout, pack, unpack
+
+logger = logging.getLogger(__name__)
+
+# Pooling tasks whose output is one vector per token rather than per sequence.
+TOKEN_TASKS = frozenset({"token_embed", "token_classify"})
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class PoolingInputs:
+    input_ids: jax.Array  # [T] i32
+    attn: AttentionMetadata
+    token_type_ids: jax.Array  # [T] i32, or [0] for models without token types
+
+
+@dataclasses.dataclass(frozen=True)
+class PoolingStepShape:
+    num_tokens: int
+    num_seqs: int
+    max_seq_len: int
+    token_outputs: bool
+
+
+def _pool_step(
+    model,
+    num_layers: int,
+    params,
+    constants,
+    packed: jax.Array,
+    *,
+    layout: PackedLayout,
+    pooling_type: str,
+    token_outputs: bool,
+):
+    """Returns (per-sequence outputs [S, out] or None for "ALL" pooling, every token's
+    outputs [T, out] or None), float32."""
+    inputs: PoolingInputs = unpack(packed, layout)
+    _, hidden = model.apply(
+        params, [None] * num_layers, inputs.input_ids, inputs.attn, constants, inputs.token_type_ids
+    )
+    head = functools.partial(model.apply, params, method=type(model).pool_head)
+    per_seq = None if pooling_type == "ALL" else head(pool(hidden, inputs.attn.query_start_loc, pooling_type))
+    per_token = head(hidden) if token_outputs or pooling_type == "ALL" else None
+    return per_seq, per_token
+
+
+class PoolingModelRunner:
+    def __init__(
+        self,
+        *,
+        model,
+        params,
+        spec,
+        constants: dict,
+        block_size: int,
+        max_model_len: int,
+        max_num_seqs: int,
+        token_buckets: tuple[int, ...],
+        pooler_config: PoolerConfig,
+        uses_token_types: bool,
+    ):
+        self.model = model
+        self.params = params
+        self.spec = spec
+        self.block_size = block_size
+        self.max_num_seqs = max_num_seqs
+        self.token_buckets = token_buckets
+        self.pooling_type = pooler_config.pooling_type
+        self.uses_token_types = uses_token_types
+        # The attention layout's length buckets: up to the longest prompt a step can hold.
+        self.length_buckets = pow2_buckets(min(16, max_model_len), min(max_model_len, token_buckets[-1]))
+        self.constants = {name: jnp.asarray(table) for name, table in constants.items()}
+        self.kv_caches = None
+        self._step = jax.jit(
+            functools.partial(_pool_step, model, spec.num_hidden_layers),
+            static_argnames=("layout", "pooling_type", "token_outputs"),
+        )
+
+    @property
+    def num_compiled_steps(self) -> int:
+        return self._step._cache_size()
+
+    def kv_cache_alive(self) -> bool:
+        return True  # nothing is donated: a failed step loses no state
+
+    def num_seqs_for(self, num_tokens: int) -> int:
+        return min(num_tokens, self.max_num_seqs)
+
+    def execute_model(self, so: SchedulerOutput) -> ModelRunnerOutput:
+        if so.scheduled_cached_reqs.req_ids:
+            raise RuntimeError(
+                f"Pooling requests run whole in one step; {so.scheduled_cached_reqs.req_ids} were scheduled again."
+            )
+        if so.is_empty:
+            return ModelRunnerOutput([], {}, {})
+        reqs = so.scheduled_new_reqs
+        for new in reqs:
+            if new.num_computed_tokens or so.num_scheduled_tokens[new.req_id] != len(new.prompt_token_ids):
+                raise RuntimeError(f"Pooling request {new.req_id} was not scheduled whole.")
+        lengths = np.fromiter((len(new.prompt_token_ids) for new in reqs), np.int32, len(reqs))
+        token_outputs = any(new.pooling_task in TOKEN_TASKS for new in reqs)
+        shape, inputs = self._inputs(
+            [new.prompt_token_ids for new in reqs], [new.token_type_ids for new in reqs], lengths, token_outputs
+        )
+        per_seq, per_token = self._run(shape, inputs)
+        req_ids = [new.req_id for new in reqs]
+        ends = np.cumsum(lengths)
+        outputs = {}
+        for i, new in enumerate(reqs):
+            if new.pooling_task in TOKEN_TASKS or per_seq is None:
+                outputs[new.req_id] = per_token[ends[i] - lengths[i] : ends[i]]
+            else:
+                outputs[new.req_id] = per_seq[i]
+        return ModelRunnerOutput(req_ids, {r: i for i, r in enumerate(req_ids)}, {}, pooler_output=outputs)
+
+    def _inputs(self, prompts, token_types, lengths: np.ndarray, token_outputs: bool, T: int | None = None):
+        """The step's arrays, in the smallest token bucket that holds them (or bucket T)."""
+        n, total = len(prompts), int(lengths.sum())
+        T = T or pick_bucket(self.token_buckets, total)
+        S = self.num_seqs_for(T)
+        L = pick_bucket(self.length_buckets, int(lengths.max()))
+        starts = np.zeros(S + 1, np.int32)
+        np.cumsum(lengths, out=starts[1 : n + 1])
+        starts[n + 1 :] = total
+        input_ids = np.zeros(T, np.int32)
+        input_ids[:total] = np.concatenate(prompts)
+        positions = np.zeros(T, np.int32)
+        positions[:total] = np.arange(total, dtype=np.int32) - np.repeat(starts[:n], lengths)
+        seq_lens = np.zeros(S, np.int32)
+        seq_lens[:n] = lengths
+        types = np.zeros(T if self.uses_token_types else 0, np.int32)
+        if self.uses_token_types:
+            for start, length, ids in zip(starts[:n].tolist(), lengths.tolist(), token_types):
+                if ids is not None:
+                    types[start : start + length] = ids
+        attn = AttentionMetadata(
+            positions=positions,
+            slot_mapping=np.full(T, -1, np.int32),
+            block_tables=np.zeros((S, 0), np.int32),
+            seq_lens=seq_lens,
+            query_start_loc=starts,
+            max_seq_len=L,
+        )
+        return PoolingStepShape(T, S, L, token_outputs), PoolingInputs(input_ids, attn, types)
+
+    def _run(self, shape: PoolingStepShape, inputs: PoolingInputs):
+        packed, layout = pack(inputs)
+        per_seq, per_token = self._step(
+            self.params,
+            self.constants,
+            packed,
+            layout=layout,
+            pooling_type=self.pooling_type,
+            token_outputs=shape.token_outputs,
+        )
+        return jax.device_get((per_seq, per_token))
+
+    def warmup(self) -> float:
+        """Compiles the step for every (token bucket, length bucket) a request can reach,
+        without token outputs (those compile on first use); returns seconds."""
+        start = time.perf_counter()
+        for T in self.token_buckets:
+            for L in self.length_buckets:
+                if L > T:
+                    break
+                self._run(*self._inputs([np.zeros(L, np.int32)], [None], np.asarray([L], np.int32), False, T=T))
+        return time.perf_counter() - start
