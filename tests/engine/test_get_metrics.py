@@ -5,11 +5,12 @@ so the snapshot holds the same vllm:* series as the server's /metrics; the refer
 every count is the outputs themselves.
 """
 
+import prometheus_client
 import pytest
 
 from jllm import LLM, SamplingParams
 from jllm.entrypoints.openai.metrics import REQUEST_LATENCY_BUCKETS
-from jllm.v1.metrics.reader import Counter, Gauge, Histogram, Metric, Vector
+from jllm.v1.metrics.reader import Counter, Gauge, Histogram, Metric, Vector, get_metrics_snapshot
 from tiny_model import ENGINE_ARGS
 
 PROMPTS = ["Hello, my name is", "The capital of France is", "The future of AI is", "One, two, three,"]
@@ -135,3 +136,19 @@ def test_vllms_metrics_example_runs(tiny_llama_path, capsys):
     assert "vllm:num_requests_running (gauge) = 0.0\n" in printed
     assert "vllm:e2e_request_latency_seconds (histogram)\n    sum = " in printed
     assert "    +Inf = 2\n" in printed
+
+
+def test_reader_turns_position_counters_into_a_vector_and_skips_the_rest():
+    """vLLM's one Vector (accepted tokens per speculative position); non-vllm metrics and
+    collector types the reader has no form for are left out."""
+    registry = prometheus_client.CollectorRegistry()
+    per_pos = prometheus_client.Counter(
+        "vllm:spec_decode_num_accepted_tokens_per_pos", "doc", ["engine", "position"], registry=registry
+    )
+    per_pos.labels(engine="0", position="0").inc(5)
+    per_pos.labels(engine="0", position="2").inc(1)
+    prometheus_client.Summary("vllm:a_summary", "doc", registry=registry).observe(1.0)
+    prometheus_client.Counter("process_things", "doc", registry=registry).inc()
+    assert get_metrics_snapshot(registry) == [
+        Vector("vllm:spec_decode_num_accepted_tokens_per_pos", {"engine": "0"}, [5, 0, 1])
+    ]
