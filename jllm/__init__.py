@@ -5,7 +5,20 @@ from jllm.engine.async_llm_engine import AsyncLLMEngine
 from jllm.engine.llm_engine import LLMEngine
 from jllm.entrypoints.llm import LLM
 from jllm.inputs import TextPrompt, TokensPrompt
-from jllm.outputs import CompletionOutput, Logprob, RequestOutput
+from jllm.outputs import (
+    ClassificationOutput,
+    ClassificationRequestOutput,
+    CompletionOutput,
+    EmbeddingOutput,
+    EmbeddingRequestOutput,
+    Logprob,
+    PoolingOutput,
+    PoolingRequestOutput,
+    RequestOutput,
+    ScoringOutput,
+    ScoringRequestOutput,
+)
+from jllm.pooling_params import PoolingParams
 from jllm.sampling_params import RequestOutputKind, SamplingParams
 
 __version__ = "0.1.0"
@@ -17,6 +30,15 @@ __all__ = [
     "EngineArgs",
     "AsyncEngineArgs",
     "SamplingParams",
+    "PoolingParams",
+    "PoolingOutput",
+    "PoolingRequestOutput",
+    "EmbeddingOutput",
+    "EmbeddingRequestOutput",
+    "ClassificationOutput",
+    "ClassificationRequestOutput",
+    "ScoringOutput",
+    "ScoringRequestOutput",
     "RequestOutputKind",
     "RequestOutput",
     "CompletionOutput",

@@ -8,6 +8,9 @@ from __future__ import annotations
 
 from collections.abc import MutableSequence, Sequence
 from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
 
 
 @dataclass
@@ -140,3 +143,123 @@ class RequestOutput:
             f"metrics={self.metrics}, "
             f"num_cached_tokens={self.num_cached_tokens})"
         )
+
+
+@dataclass
+class PoolingOutput:
+    """A pooling request's output: `data` is a float32 numpy array ([dims] for a sequence,
+    [tokens, dims] per token); vLLM holds a torch tensor here."""
+
+    data: Any
+
+    def __eq__(self, other) -> bool:
+        return isinstance(other, self.__class__) and bool(np.array_equal(self.data, other.data))
+
+
+class PoolingRequestOutput:
+    """The output of one pooling request (vLLM's PoolingRequestOutput)."""
+
+    def __init__(
+        self,
+        request_id: str,
+        outputs,
+        prompt_token_ids: list[int],
+        finished: bool,
+        num_cached_tokens: int = 0,
+        error: BaseException | None = None,
+    ) -> None:
+        self.request_id = request_id
+        self.outputs = outputs
+        self.prompt_token_ids = prompt_token_ids
+        self.finished = finished
+        self.num_cached_tokens = num_cached_tokens
+        self.error = error
+
+    def __repr__(self) -> str:
+        return (
+            f"{type(self).__name__}(request_id={self.request_id!r}, outputs={self.outputs!r}, "
+            f"prompt_token_ids={self.prompt_token_ids}, num_cached_tokens={self.num_cached_tokens}, "
+            f"finished={self.finished})"
+        )
+
+    @classmethod
+    def from_base(cls, request_output: PoolingRequestOutput):
+        return cls(
+            request_output.request_id,
+            cls._output_class().from_base(request_output.outputs),
+            request_output.prompt_token_ids,
+            request_output.finished,
+            request_output.num_cached_tokens,
+        )
+
+    @staticmethod
+    def _output_class():
+        raise NotImplementedError
+
+
+@dataclass
+class EmbeddingOutput:
+    """One embedding vector."""
+
+    embedding: list[float]
+
+    @staticmethod
+    def from_base(pooling_output: PoolingOutput) -> EmbeddingOutput:
+        data = np.asarray(pooling_output.data)
+        if data.ndim != 1:
+            raise ValueError("pooled_data should be a 1-D embedding vector")
+        return EmbeddingOutput(data.tolist())
+
+    @property
+    def hidden_size(self) -> int:
+        return len(self.embedding)
+
+
+class EmbeddingRequestOutput(PoolingRequestOutput):
+    @staticmethod
+    def _output_class():
+        return EmbeddingOutput
+
+
+@dataclass
+class ClassificationOutput:
+    """One sequence's class probabilities."""
+
+    probs: list[float]
+
+    @staticmethod
+    def from_base(pooling_output: PoolingOutput) -> ClassificationOutput:
+        data = np.asarray(pooling_output.data)
+        if data.ndim != 1:
+            raise ValueError("pooled_data should be a 1-D probability vector")
+        return ClassificationOutput(data.tolist())
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.probs)
+
+
+class ClassificationRequestOutput(PoolingRequestOutput):
+    @staticmethod
+    def _output_class():
+        return ClassificationOutput
+
+
+@dataclass
+class ScoringOutput:
+    """The similarity score of one pair."""
+
+    score: float
+
+    @staticmethod
+    def from_base(pooling_output: PoolingOutput) -> ScoringOutput:
+        data = np.asarray(pooling_output.data)
+        if data.size != 1:
+            raise ValueError("pooled_data should be a scalar score")
+        return ScoringOutput(float(data.reshape(-1)[0]))
+
+
+class ScoringRequestOutput(PoolingRequestOutput):
+    @staticmethod
+    def _output_class():
+        return ScoringOutput

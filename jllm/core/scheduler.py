@@ -146,6 +146,8 @@ class Scheduler:
                         request.sampling_settings,
                         list(request.block_ids),
                         num_computed_tokens,
+                        request.pooling_task,
+                        request.token_type_ids,
                     )
                 )
                 self._count(output, request, num_new_tokens)

@@ -13,10 +13,12 @@ from jllm.engine.arg_utils import EngineArgs
 from jllm.engine.detokenizer import IncrementalDetokenizer
 from jllm.engine.engine_setup import EngineParts, build_engine_parts
 from jllm.engine.output_processor import RequestState, SampleState, check_stop, past_min_tokens
+from jllm.engine.pooling_requests import PoolingRequests
 from jllm.engine.prompts import bad_words_token_ids, process_prompt
 from jllm.engine.request import Request, RequestStatus
 from jllm.engine.sampling_settings import sampling_settings
-from jllm.outputs import RequestOutput
+from jllm.outputs import PoolingRequestOutput, RequestOutput
+from jllm.pooling_params import PoolingParams
 from jllm.sampling_params import SamplingParams
 from jllm.worker.model_runner import ModelRunnerOutput
 
@@ -45,6 +47,9 @@ class LLMEngine:
         # user request id -> state; each sample's Request id -> (state, sample index)
         self._states: dict[str, RequestState] = {}
         self._sample_of: dict[str, tuple[RequestState, SampleState]] = {}
+        self._pooling = PoolingRequests(
+            parts.model_config, parts.hf_config, parts.tokenizer, self.vocab_size, self.scheduler
+        )
         # Set by LLM(disable_log_stats=False); it sees every sampled token, whatever output kind.
         self.stats_recorder: EngineStatsRecorder | None = None
 
@@ -55,10 +60,28 @@ class LLMEngine:
     # ----- requests -------------------------------------------------------------------
 
     def add_request(
-        self, request_id: str, prompt, params: SamplingParams | None = None, arrival_time: float | None = None
+        self,
+        request_id: str,
+        prompt,
+        params: SamplingParams | PoolingParams | None = None,
+        arrival_time: float | None = None,
     ) -> None:
-        if request_id in self._states:
+        if request_id in self._states or request_id in self._pooling:
             raise ValueError(f"Request id {request_id} already running.")
+        runner_type = self.model_config.runner_type
+        if isinstance(params, PoolingParams):
+            if runner_type != "pooling":
+                raise ValueError(
+                    "Pooling requests need a pooling model. Try passing `--runner pooling` to use the model "
+                    "as a pooling model."
+                )
+            self._pooling.add(request_id, prompt, params, arrival_time)
+            return
+        if runner_type != "generate":
+            raise ValueError(
+                "Generation requests need a generative model; this one is a pooling model. Try passing "
+                "`--runner generate` to use the model as a generative model."
+            )
         params = (params or SamplingParams()).clone()
         prompt_text, prompt_ids, cache_salt = process_prompt(
             prompt, params, self.tokenizer, self.model_config.max_model_len, self.vocab_size
@@ -117,6 +140,7 @@ class LLMEngine:
         for request_id in request_ids:
             state = self._states.pop(request_id, None)
             if state is None:
+                self._pooling.abort(request_id)
                 continue
             ids = [s.request.request_id for s in state.samples]
             self.scheduler.abort_requests(ids)
@@ -132,11 +156,11 @@ class LLMEngine:
         return self.scheduler.has_unfinished_requests()
 
     def get_num_unfinished_requests(self) -> int:
-        return len(self._states)
+        return len(self._states) + len(self._pooling)
 
     # ----- the step -------------------------------------------------------------------
 
-    def step(self) -> list[RequestOutput]:
+    def step(self) -> list[RequestOutput | PoolingRequestOutput]:
         """One scheduled model step. A request whose own processing raises (its logits
         processor, logprobs, detokenization, stop checks) ends with finish_reason
         "error" and its exception in `RequestOutput.error`; the others go on."""
@@ -153,12 +177,15 @@ class LLMEngine:
             logger.exception(
                 "A model step failed; its %d requests fail, the engine goes on.", len(sched.num_scheduled_tokens)
             )
+            pooled = [out for r in sched.num_scheduled_tokens if (out := self._pooling.fail(r, e)) is not None]
             for sample_id in sched.num_scheduled_tokens:
                 self._fail(sample_id, e, failed)
-            return self._make_outputs(list(failed.values()))
+            return [*pooled, *self._make_outputs(list(failed.values()))]
         if sched.is_empty:
             return []
         now = time.time()
+        if result.pooler_output:
+            return self._pooling.finish(result.pooler_output, now)
         for sample_id, error in result.failed.items():
             self._fail(sample_id, error, failed)
         self._record_prompt_logprobs(result, failed)

@@ -60,6 +60,10 @@ class Request:
     seed: int = 0
     # What the worker gets of sampling_params (and the seed, bad words), resolved once.
     sampling_settings: SamplingSettings | None = None
+    # A pooling request: its task (it runs whole in one step and is then done), and its
+    # token types where a cross-encoder scores a pair.
+    pooling_task: str | None = None
+    token_type_ids: tuple[int, ...] | None = None
 
     status: RequestStatus = RequestStatus.WAITING
     output_token_ids: list[int] = field(default_factory=list)

@@ -14,7 +14,15 @@ from jllm.engine.llm_engine import LLMEngine
 from jllm.engine.stats import LoggingStatLogger
 from jllm.engine.stats_recorder import EngineStatsRecorder
 from jllm.entrypoints.openai.metrics import PrometheusStatLogger
-from jllm.outputs import RequestOutput
+from jllm.entrypoints.score_utils import cosine_scores, cross_encoder_prompt, validate_score_input
+from jllm.outputs import (
+    ClassificationRequestOutput,
+    EmbeddingRequestOutput,
+    PoolingRequestOutput,
+    RequestOutput,
+    ScoringRequestOutput,
+)
+from jllm.pooling_params import PoolingParams
 from jllm.sampling_params import RequestOutputKind, SamplingParams
 from jllm.transformers_utils.config import get_diff_sampling_param
 from jllm.v1.metrics.reader import Metric, get_metrics_snapshot
@@ -78,6 +86,11 @@ class LLM:
         sampling_params: SamplingParams | Sequence[SamplingParams] | None = None,
         use_tqdm: bool | Callable[..., tqdm] = True,
     ) -> list[RequestOutput]:
+        if self.llm_engine.model_config.runner_type != "generate":
+            raise ValueError(
+                "LLM.generate() is only supported for generative models. Try passing `--runner generate` "
+                "to use the model as a generative model."
+            )
         prompts = self._as_prompt_list(prompts)
         if sampling_params is None:
             sampling_params = self.get_default_sampling_params()
@@ -99,7 +112,7 @@ class LLM:
             return [prompts]  # one prompt of token ids
         return prompts
 
-    def _add_requests(self, prompts: list, params_list: list[SamplingParams]) -> list[str]:
+    def _add_requests(self, prompts: list, params_list: list[SamplingParams | PoolingParams]) -> list[str]:
         added: list[str] = []
         try:
             for prompt, params in zip(prompts, params_list):
@@ -115,7 +128,7 @@ class LLM:
             raise
         return added
 
-    def _run_engine(self, request_ids: list[str], use_tqdm) -> list[RequestOutput]:
+    def _run_engine(self, request_ids: list[str], use_tqdm) -> list[RequestOutput | PoolingRequestOutput]:
         engine = self.llm_engine
         bar = None
         if use_tqdm:
@@ -138,7 +151,8 @@ class LLM:
                     finished[output.request_id] = output
                     if bar is not None:
                         prompt_tokens += len(output.prompt_token_ids or ())
-                        output_tokens += sum(len(o.token_ids) for o in output.outputs)
+                        if isinstance(output, RequestOutput):
+                            output_tokens += sum(len(o.token_ids) for o in output.outputs)
                         elapsed = bar.format_dict["elapsed"] or 1e-9
                         bar.postfix = (
                             f"est. speed input: {prompt_tokens / elapsed:.2f} toks/s, "
@@ -152,6 +166,170 @@ class LLM:
             if bar is not None:
                 bar.close()
         return [finished[r] for r in request_ids]
+
+    # ----- pooling ----------------------------------------------------------------
+
+    @property
+    def supported_tasks(self) -> tuple[str, ...]:
+        return self.llm_engine.model_config.supported_tasks
+
+    def encode(
+        self,
+        prompts,
+        pooling_params: PoolingParams | Sequence[PoolingParams] | None = None,
+        *,
+        truncate_prompt_tokens: int | None = None,
+        use_tqdm: bool | Callable[..., tqdm] = True,
+        pooling_task: str | None = None,
+    ) -> list[PoolingRequestOutput]:
+        """The pooled hidden states of each prompt for `pooling_task` ("embed", "classify",
+        "token_embed", "token_classify"), in prompt order."""
+        if pooling_task is None:
+            raise ValueError(
+                "pooling_task required for `LLM.encode`\n"
+                "Please use one of the more specific methods or set the pooling_task when using `LLM.encode`:\n"
+                '  - For embeddings, use `LLM.embed(...)` or `pooling_task="embed"`.\n'
+                '  - For classification logits, use `LLM.classify(...)` or `pooling_task="classify"`.\n'
+                "  - For similarity scores, use `LLM.score(...)`.\n"
+                '  - For rewards, use `LLM.reward(...)` or `pooling_task="token_classify"`\n'
+                '  - For token classification, use `pooling_task="token_classify"`\n'
+                '  - For multi-vector retrieval, use `pooling_task="token_embed"`'
+            )
+        if self.llm_engine.model_config.runner_type != "pooling":
+            raise ValueError(
+                "LLM.encode() is only supported for pooling models. Try passing `--runner pooling` to use the "
+                "model as a pooling model."
+            )
+        if pooling_task != "score" and pooling_task not in self.supported_tasks:
+            raise ValueError(f"pooling_task must be one of {self.supported_tasks}.")
+        prompts = self._as_prompt_list(prompts)
+        if pooling_params is None:
+            pooling_params = PoolingParams()
+        if isinstance(pooling_params, Sequence):
+            if len(pooling_params) != len(prompts):
+                raise ValueError("The lengths of prompts and pooling_params must be the same.")
+            params_list = [p.clone() for p in pooling_params]
+        else:
+            params_list = [pooling_params.clone() for _ in prompts]
+        for params in params_list:
+            if params.task is None:
+                params.task = pooling_task
+            elif params.task != pooling_task:
+                raise ValueError(f"You cannot overwrite {params.task=!r} with {pooling_task=!r}!")
+            if truncate_prompt_tokens is not None:
+                params.truncate_prompt_tokens = truncate_prompt_tokens
+        return self._run_engine(self._add_requests(prompts, params_list), use_tqdm)
+
+    def embed(
+        self,
+        prompts,
+        *,
+        truncate_prompt_tokens: int | None = None,
+        use_tqdm: bool | Callable[..., tqdm] = True,
+        pooling_params: PoolingParams | Sequence[PoolingParams] | None = None,
+    ) -> list[EmbeddingRequestOutput]:
+        """One embedding vector per prompt."""
+        if "embed" not in self.supported_tasks:
+            raise ValueError(
+                "Embedding API is not supported by this model. Try converting the model using `--convert embed`."
+            )
+        items = self.encode(
+            prompts,
+            pooling_params,
+            truncate_prompt_tokens=truncate_prompt_tokens,
+            use_tqdm=use_tqdm,
+            pooling_task="embed",
+        )
+        return [EmbeddingRequestOutput.from_base(item) for item in items]
+
+    def classify(
+        self,
+        prompts,
+        *,
+        truncate_prompt_tokens: int | None = None,
+        use_tqdm: bool | Callable[..., tqdm] = True,
+        pooling_params: PoolingParams | Sequence[PoolingParams] | None = None,
+    ) -> list[ClassificationRequestOutput]:
+        """Class probabilities per prompt."""
+        if "classify" not in self.supported_tasks:
+            raise ValueError(
+                "Classification API is not supported by this model. Try converting the model using "
+                "`--convert classify`."
+            )
+        items = self.encode(
+            prompts,
+            pooling_params,
+            truncate_prompt_tokens=truncate_prompt_tokens,
+            use_tqdm=use_tqdm,
+            pooling_task="classify",
+        )
+        return [ClassificationRequestOutput.from_base(item) for item in items]
+
+    def reward(
+        self,
+        prompts,
+        /,
+        *,
+        truncate_prompt_tokens: int | None = None,
+        use_tqdm: bool | Callable[..., tqdm] = True,
+        pooling_params: PoolingParams | Sequence[PoolingParams] | None = None,
+    ) -> list[PoolingRequestOutput]:
+        """Per-token rewards of each prompt (`outputs.data` [tokens, labels])."""
+        return self.encode(
+            prompts,
+            pooling_params,
+            truncate_prompt_tokens=truncate_prompt_tokens,
+            use_tqdm=use_tqdm,
+            pooling_task="token_classify",
+        )
+
+    def score(
+        self,
+        data_1,
+        data_2,
+        /,
+        *,
+        truncate_prompt_tokens: int | None = None,
+        use_tqdm: bool | Callable[..., tqdm] = True,
+        pooling_params: PoolingParams | None = None,
+    ) -> list[ScoringRequestOutput]:
+        """Similarity scores of the pairs (data_1[i], data_2[i]): 1 to 1, 1 to N (data_1
+        repeated) or N to N. A cross-encoder scores each pair in one pass; an embedding
+        model gives the cosine similarity of the two embeddings."""
+        model_config = self.llm_engine.model_config
+        if model_config.runner_type != "pooling":
+            raise ValueError(
+                "LLM.score() is only supported for pooling models. Try passing `--runner pooling` to use the "
+                "model as a pooling model."
+            )
+        if all(t not in self.supported_tasks for t in ("embed", "classify")):
+            raise ValueError(
+                "Score API is not supported by this model. Try converting the model using "
+                "`--convert embed` or `--convert classify`."
+            )
+        if model_config.is_cross_encoder and model_config.num_labels != 1:
+            raise ValueError("Score API is only enabled for num_labels == 1.")
+        data_1, data_2 = validate_score_input(data_1, data_2)
+        tokenizer = self.get_tokenizer()
+        if not model_config.is_cross_encoder:
+            embeds = self.encode(
+                data_1 + data_2,
+                pooling_params,
+                truncate_prompt_tokens=truncate_prompt_tokens,
+                use_tqdm=use_tqdm,
+                pooling_task="embed",
+            )
+            pad = getattr(tokenizer, "pad_token_id", None)
+            scores = cosine_scores(embeds[: len(data_1)], embeds[len(data_1) :], pad)
+            return [ScoringRequestOutput.from_base(item) for item in scores]
+        if tokenizer is None:
+            raise ValueError("LLM.score() on a cross-encoder needs a tokenizer.")
+        truncate = truncate_prompt_tokens
+        if truncate == -1:
+            truncate = model_config.max_model_len
+        prompts = [cross_encoder_prompt(tokenizer, t1, t2, truncate) for t1, t2 in zip(data_1, data_2)]
+        items = self.encode(prompts, pooling_params, use_tqdm=use_tqdm, pooling_task="score")
+        return [ScoringRequestOutput.from_base(item) for item in items]
 
     # ----- chat -------------------------------------------------------------------
 

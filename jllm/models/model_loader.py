@@ -29,8 +29,9 @@ def param_shapes(model, spec, constants: dict) -> dict:
     cache = jax.eval_shape(lambda: allocate_kv_cache(spec.num_key_value_heads, 1, 1, spec.head_dim, 1, model.dtype))
     caches = [cache] * spec.num_hidden_layers
     i32 = jax.ShapeDtypeStruct((t,), jnp.int32)
+    # max_seq_len: encoders attend without a cache whatever the caches passed, at that width.
     md = AttentionMetadata(
-        i32, i32, jax.ShapeDtypeStruct((1, 1), jnp.int32), i32, jax.ShapeDtypeStruct((2,), jnp.int32)
+        i32, i32, jax.ShapeDtypeStruct((1, 1), jnp.int32), i32, jax.ShapeDtypeStruct((2,), jnp.int32), max_seq_len=t
     )
     consts = {k: jax.ShapeDtypeStruct(v.shape, v.dtype) for k, v in constants.items()}
     return jax.eval_shape(lambda *args: model.init(jax.random.PRNGKey(0), *args), caches, i32, md, consts, i32)

@@ -1,0 +1,260 @@
+"""The BERT encoder family (BERT, XLM-RoBERTa) as a Flax module: embeddings, classifiers,
+cross-encoder scores.
+
+BERT and XLM-R share the architecture: word + absolute position + token type embeddings
+and a LayerNorm, then post-LN layers (attention, then the MLP, each added to its input
+before its LayerNorm). `EncoderSpec.roberta` carries their two differences: XLM-R's
+positions count from past its padding index (HF's create_position_ids_from_input_ids),
+and its classifier is RobertaClassificationHead (dense, tanh, out_proj) where BERT's is
+its pooler (dense, tanh) then a linear `classifier`. Attention is bidirectional within
+each sequence and keeps no KV cache. The module contract is jllm/models/interface.py's.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from jllm.layers.attention import AttentionBackend, attention
+from jllm.layers.attention_metadata import AttentionMetadata
+from jllm.layers.norm import LayerNorm
+from jllm.models.interface import ModelFamily, ModelHead, ModelShape
+
+# Einsum axis letters (tpu-inference's): T tokens, D model dim, N heads, H head dim,
+# F ffn dim, S sequences, L labels.
+
+_ROBERTA_TYPES = ("roberta", "xlm-roberta")
+
+
+@dataclasses.dataclass(frozen=True)
+class EncoderSpec(ModelShape):
+    max_position_embeddings: int
+    type_vocab_size: int
+    layer_norm_eps: float
+    hidden_act: str = "gelu"
+    # XLM-R / RoBERTa: positions start past pad_token_id, and the RoBERTa classifier head.
+    roberta: bool = False
+    pad_token_id: int = 0
+    head: ModelHead = ModelHead.EMBED
+    # Outputs of the classify head.
+    num_labels: int = 0
+
+
+def _dense(module: nn.Module, name: str, shape: tuple[int, ...], dtype) -> jax.Array:
+    return module.param(name, nn.initializers.lecun_normal(), shape, dtype)
+
+
+def _bias(module: nn.Module, name: str, shape: tuple[int, ...], dtype) -> jax.Array:
+    return module.param(name, nn.initializers.zeros, shape, dtype)
+
+
+def _activation(name: str):
+    # HF's "gelu" is the exact (erf) GELU; "gelu_new" / "gelu_pytorch_tanh" the tanh form.
+    if name == "gelu":
+        return lambda x: jax.nn.gelu(x, approximate=False)
+    if name in ("gelu_new", "gelu_pytorch_tanh"):
+        return lambda x: jax.nn.gelu(x, approximate=True)
+    if name == "relu":
+        return jax.nn.relu
+    raise ValueError(
+        f"hidden_act {name!r} is not supported; supported: 'gelu', 'gelu_new', 'gelu_pytorch_tanh', 'relu'."
+    )
+
+
+def roberta_positions(input_ids: jax.Array, positions: jax.Array, pad_token_id: int) -> jax.Array:
+    """HF's create_position_ids_from_input_ids on the flat token axis: a sequence's
+    non-padding tokens count from pad_token_id + 1, and padding tokens sit at pad_token_id.
+    positions [T] is each token's index within its sequence, so t - positions[t] is where
+    the sequence starts."""
+    real = (input_ids != pad_token_id).astype(jnp.int32)
+    counted = jnp.cumsum(real)
+    start = jnp.arange(input_ids.shape[0], dtype=jnp.int32) - positions
+    before = counted[start] - real[start]
+    return jnp.where(real == 1, pad_token_id + counted - before, pad_token_id)
+
+
+class BertEmbedding(nn.Module):
+    spec: EncoderSpec
+    dtype: jnp.dtype
+
+    @nn.compact
+    def __call__(self, input_ids, positions, token_type_ids):
+        s = self.spec
+        D = s.hidden_size
+        init = nn.initializers.normal(0.02)
+        words = self.param("word_embeddings", init, (s.vocab_size, D), self.dtype)
+        table = self.param("position_embeddings", init, (s.max_position_embeddings, D), self.dtype)
+        types = self.param("token_type_embeddings", init, (s.type_vocab_size, D), self.dtype)
+        if s.roberta:
+            positions = roberta_positions(input_ids, positions, s.pad_token_id)
+        x = words[input_ids] + types[token_type_ids] + table[positions]
+        return LayerNorm(D, s.layer_norm_eps, self.dtype, name="LayerNorm")(x)
+
+
+class BertAttention(nn.Module):
+    spec: EncoderSpec
+    dtype: jnp.dtype
+    backend: AttentionBackend
+
+    @nn.compact
+    def __call__(self, x, md: AttentionMetadata):
+        s = self.spec
+        N, H, D = s.num_attention_heads, s.head_dim, s.hidden_size
+        dt = self.dtype
+        q = jnp.einsum("TD,DNH->TNH", x, _dense(self, "query", (D, N, H), dt)) + _bias(self, "query_bias", (N, H), dt)
+        k = jnp.einsum("TD,DNH->TNH", x, _dense(self, "key", (D, N, H), dt)) + _bias(self, "key_bias", (N, H), dt)
+        v = jnp.einsum("TD,DNH->TNH", x, _dense(self, "value", (D, N, H), dt)) + _bias(self, "value_bias", (N, H), dt)
+        out, _ = attention(q, k, v, None, md, scale=H**-0.5, backend=self.backend, causal=False)
+        o = jnp.einsum("TNH,NHD->TD", out, _dense(self, "dense", (N, H, D), dt)) + _bias(self, "dense_bias", (D,), dt)
+        return LayerNorm(D, s.layer_norm_eps, dt, name="LayerNorm")(o + x)
+
+
+class BertLayer(nn.Module):
+    spec: EncoderSpec
+    dtype: jnp.dtype
+    backend: AttentionBackend
+
+    @nn.compact
+    def __call__(self, x, md: AttentionMetadata):
+        s = self.spec
+        D, F = s.hidden_size, s.intermediate_size
+        dt = self.dtype
+        x = BertAttention(s, dt, self.backend, name="attention")(x, md)
+        h = jnp.einsum("TD,DF->TF", x, _dense(self, "intermediate", (D, F), dt)) + _bias(
+            self, "intermediate_bias", (F,), dt
+        )
+        h = _activation(s.hidden_act)(h)
+        h = jnp.einsum("TF,FD->TD", h, _dense(self, "output", (F, D), dt)) + _bias(self, "output_bias", (D,), dt)
+        return LayerNorm(D, s.layer_norm_eps, dt, name="output_LayerNorm")(h + x)
+
+
+class BertModel(nn.Module):
+    """The encoder and its head: none (embeddings), or a sequence classifier."""
+
+    spec: EncoderSpec
+    dtype: jnp.dtype
+    backend: AttentionBackend = AttentionBackend.REFERENCE
+
+    def setup(self):
+        s = self.spec
+        D, dt = s.hidden_size, self.dtype
+        self.embeddings = BertEmbedding(s, dt, name="embeddings")
+        self.layers = [BertLayer(s, dt, self.backend, name=f"layers_{i}") for i in range(s.num_hidden_layers)]
+        if s.head == ModelHead.CLASSIFY:
+            # BERT's pooler dense or RoBERTa's classifier.dense: both [D, D] then tanh.
+            self.head_dense = _dense(self, "head_dense", (D, D), dt)
+            self.head_dense_bias = _bias(self, "head_dense_bias", (D,), dt)
+            self.classifier = _dense(self, "classifier", (D, s.num_labels), dt)
+            self.classifier_bias = _bias(self, "classifier_bias", (s.num_labels,), dt)
+
+    def __call__(self, kv_caches, input_ids, md: AttentionMetadata, constants, token_type_ids=None):
+        """kv_caches: None per layer (an encoder keeps no cache), returned as they came;
+        token_type_ids [T] (segment of each token), or None / [0] for all zeros.
+
+        Returns (kv_caches, final hidden states [T, D])."""
+        if token_type_ids is None or token_type_ids.shape[0] != input_ids.shape[0]:
+            token_type_ids = jnp.zeros_like(input_ids)
+        x = self.embeddings(input_ids, md.positions, token_type_ids)
+        for layer in self.layers:
+            x = layer(x, md)
+        return kv_caches, x
+
+    def pool_head(self, pooled):
+        """pooled [S, D] -> float32 [S, out]: the embedding itself, or the classifier's logits."""
+        if self.spec.head != ModelHead.CLASSIFY:
+            return pooled.astype(jnp.float32)
+        h = jnp.tanh(pooled @ self.head_dense + self.head_dense_bias)
+        logits = jnp.einsum("SD,DL->SL", h, self.classifier, preferred_element_type=jnp.float32)
+        return logits + self.classifier_bias.astype(jnp.float32)
+
+
+def build_spec(cfg, head: ModelHead) -> EncoderSpec:
+    roberta = getattr(cfg, "model_type", "bert") in _ROBERTA_TYPES
+    if head not in (ModelHead.EMBED, ModelHead.CLASSIFY):
+        raise ValueError(f"The BERT family has no {head.value!r} head.")
+    return EncoderSpec(
+        vocab_size=cfg.vocab_size,
+        hidden_size=cfg.hidden_size,
+        intermediate_size=cfg.intermediate_size,
+        num_hidden_layers=cfg.num_hidden_layers,
+        num_attention_heads=cfg.num_attention_heads,
+        num_key_value_heads=cfg.num_attention_heads,
+        head_dim=cfg.hidden_size // cfg.num_attention_heads,
+        max_position_embeddings=cfg.max_position_embeddings,
+        type_vocab_size=cfg.type_vocab_size,
+        layer_norm_eps=cfg.layer_norm_eps,
+        hidden_act=getattr(cfg, "hidden_act", "gelu"),
+        roberta=roberta,
+        pad_token_id=int(getattr(cfg, "pad_token_id", None) or 0),
+        head=head,
+        num_labels=int(getattr(cfg, "num_labels", 0) or 0) if head == ModelHead.CLASSIFY else 0,
+    )
+
+
+def _linear(hf: str, weight: tuple[str, ...], bias: tuple[str, ...], heads: tuple[int, int] | None = None) -> dict:
+    """An HF nn.Linear ([out, in] weight, [out] bias) onto an [in, out] weight, or with
+    `heads` (N, H) onto [in, N, H] and an [N, H] bias."""
+    if heads is None:
+        return {hf + ".weight": (weight, np.transpose), hf + ".bias": (bias, None)}
+    return {
+        hf + ".weight": (weight, lambda w: w.T.reshape(w.shape[1], *heads)),
+        hf + ".bias": (bias, lambda b: b.reshape(heads)),
+    }
+
+
+def _layer_norm(hf: str, path: tuple[str, ...]) -> dict:
+    return {hf + ".weight": (path + ("weight",), None), hf + ".bias": (path + ("bias",), None)}
+
+
+def hf_name_map(spec: EncoderSpec) -> dict[str, tuple[tuple[str, ...], callable]]:
+    """HF tensor name -> (param path, host-side transform or None). Names carry the task
+    model's prefix (`bert.` / `roberta.`); a base model saved without it loads too
+    (models/weights.py retries a name without its first component)."""
+    N, H, D = spec.num_attention_heads, spec.head_dim, spec.hidden_size
+    base = "roberta." if spec.roberta else "bert."
+    emb = base + "embeddings."
+    m = {
+        emb + "word_embeddings.weight": (("embeddings", "word_embeddings"), None),
+        emb + "position_embeddings.weight": (("embeddings", "position_embeddings"), None),
+        emb + "token_type_embeddings.weight": (("embeddings", "token_type_embeddings"), None),
+        **_layer_norm(emb + "LayerNorm", ("embeddings", "LayerNorm")),
+    }
+    for i in range(spec.num_hidden_layers):
+        pre, layer = f"{base}encoder.layer.{i}.", (f"layers_{i}",)
+        at = layer + ("attention",)
+        for name in ("query", "key", "value"):
+            m.update(_linear(pre + f"attention.self.{name}", at + (name,), at + (f"{name}_bias",), (N, H)))
+        m[pre + "attention.output.dense.weight"] = (at + ("dense",), lambda w: w.T.reshape(N, H, D))
+        m[pre + "attention.output.dense.bias"] = (at + ("dense_bias",), None)
+        m.update(_layer_norm(pre + "attention.output.LayerNorm", at + ("LayerNorm",)))
+        m.update(_linear(pre + "intermediate.dense", layer + ("intermediate",), layer + ("intermediate_bias",)))
+        m.update(_linear(pre + "output.dense", layer + ("output",), layer + ("output_bias",)))
+        m.update(_layer_norm(pre + "output.LayerNorm", layer + ("output_LayerNorm",)))
+    if spec.head == ModelHead.CLASSIFY:
+        dense, out = (
+            ("classifier.dense", "classifier.out_proj") if spec.roberta else (base + "pooler.dense", "classifier")
+        )
+        m.update(_linear(dense, ("head_dense",), ("head_dense_bias",)))
+        m.update(_linear(out, ("classifier",), ("classifier_bias",)))
+    return m
+
+
+def max_positions(hf_config) -> int | None:
+    """XLM-R's position table holds pad_token_id + 1 unused rows before the first position."""
+    if getattr(hf_config, "model_type", "bert") in _ROBERTA_TYPES:
+        return hf_config.max_position_embeddings - int(hf_config.pad_token_id) - 1
+    return None
+
+
+FAMILY = ModelFamily(
+    module=BertModel,
+    build_spec=build_spec,
+    hf_name_map=hf_name_map,
+    is_encoder=True,
+    default_pooling_type="CLS",
+    max_positions=max_positions,
+)
