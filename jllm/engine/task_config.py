@@ -74,7 +74,7 @@ def resolve_model_task(
         logger.info("This model supports multiple tasks: %s. Defaulting to '%s'.", _set_repr(legacy), default)
 
     if runner == "auto":
-        pools = not generative or is_sentence_transformers_folder(model_path)
+        pools = not generative or convert not in ("auto", "none") or is_sentence_transformers_folder(model_path)
         runner = "pooling" if pools else "generate"
         logger.info(
             "Resolved `--runner auto` to `--runner %s`. Pass the value explicitly to silence this message.", runner
@@ -126,7 +126,10 @@ def resolve_model_task(
 def _pooler_config(family: ModelFamily, model_path: str, reward: bool, user: PoolerConfig | None) -> PoolerConfig:
     """vLLM's order: the architecture's default, then the sentence-transformers folder's
     own pooling, then what the user passed."""
-    values = {"pooling_type": "ALL" if reward else family.default_pooling_type, "normalize": None}
+    values = {"pooling_type": family.default_pooling_type}
+    if reward:
+        # A reward model's outputs are its raw per-token rewards, as its HF code returns them.
+        values.update(pooling_type="ALL", use_activation=False)
     values.update(get_pooling_config(model_path) or {})
     if user is not None:
         values.update({k: v for k, v in dataclasses.asdict(user).items() if v is not None})

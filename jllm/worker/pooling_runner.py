@@ -43,35 +43,20 @@ class PoolingInputs:
     token_type_ids: jax.Array  # [T] i32, or [0] for models without token types
 
 
-@dataclasses.dataclass(frozen=True)
-class PoolingStepShape:
-    num_tokens: int
-    num_seqs: int
-    max_seq_len: int
-    token_outputs: bool
-
-
 def _pool_step(
-    model,
-    num_layers: int,
-    params,
-    constants,
-    packed: jax.Array,
-    *,
-    layout: PackedLayout,
-    pooling_type: str,
-    token_outputs: bool,
+    model, num_layers: int, params, constants, packed: jax.Array, *, layout: PackedLayout, pooling_type: str
 ):
-    """Returns (per-sequence outputs [S, out] or None for "ALL" pooling, every token's
-    outputs [T, out] or None), float32."""
+    """Returns (per-sequence outputs [S, out], or None for "ALL" pooling; every token's
+    outputs [T, out]), float32. The per-token outputs cost one small head over the hidden
+    states and stay on the device unless a request asked for them, so one program serves
+    both kinds of request."""
     inputs: PoolingInputs = unpack(packed, layout)
     _, hidden = model.apply(
         params, [None] * num_layers, inputs.input_ids, inputs.attn, constants, inputs.token_type_ids
     )
     head = functools.partial(model.apply, params, method=type(model).pool_head)
     per_seq = None if pooling_type == "ALL" else head(pool(hidden, inputs.attn.query_start_loc, pooling_type))
-    per_token = head(hidden) if token_outputs or pooling_type == "ALL" else None
-    return per_seq, per_token
+    return per_seq, head(hidden)
 
 
 class PoolingModelRunner:
@@ -103,7 +88,7 @@ class PoolingModelRunner:
         self.kv_caches = None
         self._step = jax.jit(
             functools.partial(_pool_step, model, spec.num_hidden_layers),
-            static_argnames=("layout", "pooling_type", "token_outputs"),
+            static_argnames=("layout", "pooling_type"),
         )
 
     @property
@@ -129,10 +114,8 @@ class PoolingModelRunner:
                 raise RuntimeError(f"Pooling request {new.req_id} was not scheduled whole.")
         lengths = np.fromiter((len(new.prompt_token_ids) for new in reqs), np.int32, len(reqs))
         token_outputs = any(new.pooling_task in TOKEN_TASKS for new in reqs)
-        shape, inputs = self._inputs(
-            [new.prompt_token_ids for new in reqs], [new.token_type_ids for new in reqs], lengths, token_outputs
-        )
-        per_seq, per_token = self._run(shape, inputs)
+        inputs = self._inputs([new.prompt_token_ids for new in reqs], [new.token_type_ids for new in reqs], lengths)
+        per_seq, per_token = self._run(inputs, token_outputs)
         req_ids = [new.req_id for new in reqs]
         ends = np.cumsum(lengths)
         outputs = {}
@@ -143,7 +126,7 @@ class PoolingModelRunner:
                 outputs[new.req_id] = per_seq[i]
         return ModelRunnerOutput(req_ids, {r: i for i, r in enumerate(req_ids)}, {}, pooler_output=outputs)
 
-    def _inputs(self, prompts, token_types, lengths: np.ndarray, token_outputs: bool, T: int | None = None):
+    def _inputs(self, prompts, token_types, lengths: np.ndarray, T: int | None = None) -> PoolingInputs:
         """The step's arrays, in the smallest token bucket that holds them (or bucket T)."""
         n, total = len(prompts), int(lengths.sum())
         T = T or pick_bucket(self.token_buckets, total)
@@ -171,27 +154,25 @@ class PoolingModelRunner:
             query_start_loc=starts,
             max_seq_len=L,
         )
-        return PoolingStepShape(T, S, L, token_outputs), PoolingInputs(input_ids, attn, types)
+        return PoolingInputs(input_ids, attn, types)
 
-    def _run(self, shape: PoolingStepShape, inputs: PoolingInputs):
+    def _run(self, inputs: PoolingInputs, token_outputs: bool):
+        """The step's outputs on the host: per sequence, and per token where asked for."""
         packed, layout = pack(inputs)
         per_seq, per_token = self._step(
-            self.params,
-            self.constants,
-            packed,
-            layout=layout,
-            pooling_type=self.pooling_type,
-            token_outputs=shape.token_outputs,
+            self.params, self.constants, packed, layout=layout, pooling_type=self.pooling_type
         )
-        return jax.device_get((per_seq, per_token))
+        if per_seq is None or token_outputs:
+            return jax.device_get((per_seq, per_token))
+        return jax.device_get(per_seq), None
 
     def warmup(self) -> float:
-        """Compiles the step for every (token bucket, length bucket) a request can reach,
-        without token outputs (those compile on first use); returns seconds."""
+        """Compiles the step for every (token bucket, length bucket) a request can reach;
+        returns seconds."""
         start = time.perf_counter()
         for T in self.token_buckets:
             for L in self.length_buckets:
                 if L > T:
                     break
-                self._run(*self._inputs([np.zeros(L, np.int32)], [None], np.asarray([L], np.int32), False, T=T))
+                self._run(self._inputs([np.zeros(L, np.int32)], [None], np.asarray([L], np.int32), T=T), False)
         return time.perf_counter() - start
