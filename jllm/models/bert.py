@@ -19,6 +19,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jllm.layers.activation import get_act_fn
 from jllm.layers.attention import AttentionBackend, attention
 from jllm.layers.attention_metadata import AttentionMetadata
 from jllm.layers.norm import LayerNorm
@@ -50,19 +51,6 @@ def _dense(module: nn.Module, name: str, shape: tuple[int, ...], dtype) -> jax.A
 
 def _bias(module: nn.Module, name: str, shape: tuple[int, ...], dtype) -> jax.Array:
     return module.param(name, nn.initializers.zeros, shape, dtype)
-
-
-def _activation(name: str):
-    # HF's "gelu" is the exact (erf) GELU; "gelu_new" / "gelu_pytorch_tanh" the tanh form.
-    if name == "gelu":
-        return lambda x: jax.nn.gelu(x, approximate=False)
-    if name in ("gelu_new", "gelu_pytorch_tanh"):
-        return lambda x: jax.nn.gelu(x, approximate=True)
-    if name == "relu":
-        return jax.nn.relu
-    raise ValueError(
-        f"hidden_act {name!r} is not supported; supported: 'gelu', 'gelu_new', 'gelu_pytorch_tanh', 'relu'."
-    )
 
 
 def roberta_positions(input_ids: jax.Array, positions: jax.Array, pad_token_id: int) -> jax.Array:
@@ -124,10 +112,8 @@ class BertLayer(nn.Module):
         D, F = s.hidden_size, s.intermediate_size
         dt = self.dtype
         x = BertAttention(s, dt, self.backend, name="attention")(x, md)
-        h = jnp.einsum("TD,DF->TF", x, _dense(self, "intermediate", (D, F), dt)) + _bias(
-            self, "intermediate_bias", (F,), dt
-        )
-        h = _activation(s.hidden_act)(h)
+        h = jnp.einsum("TD,DF->TF", x, _dense(self, "intermediate", (D, F), dt))
+        h = get_act_fn(s.hidden_act)(h + _bias(self, "intermediate_bias", (F,), dt))
         h = jnp.einsum("TF,FD->TD", h, _dense(self, "output", (F, D), dt)) + _bias(self, "output_bias", (D,), dt)
         return LayerNorm(D, s.layer_norm_eps, dt, name="output_LayerNorm")(h + x)
 
@@ -173,7 +159,6 @@ class BertModel(nn.Module):
 
 
 def build_spec(cfg, head: ModelHead) -> EncoderSpec:
-    roberta = getattr(cfg, "model_type", "bert") in _ROBERTA_TYPES
     if head not in (ModelHead.EMBED, ModelHead.CLASSIFY):
         raise ValueError(f"The BERT family has no {head.value!r} head.")
     return EncoderSpec(
@@ -188,7 +173,7 @@ def build_spec(cfg, head: ModelHead) -> EncoderSpec:
         type_vocab_size=cfg.type_vocab_size,
         layer_norm_eps=cfg.layer_norm_eps,
         hidden_act=getattr(cfg, "hidden_act", "gelu"),
-        roberta=roberta,
+        roberta=getattr(cfg, "model_type", "bert") in _ROBERTA_TYPES,
         pad_token_id=int(getattr(cfg, "pad_token_id", None) or 0),
         head=head,
         num_labels=int(getattr(cfg, "num_labels", 0) or 0) if head == ModelHead.CLASSIFY else 0,
