@@ -120,5 +120,5 @@ def make_sentence_transformers_folder(folder: str, pooling: str, normalize: bool
 
 def load_hf_encoder(folder: str):
     config = json.load(open(os.path.join(folder, "config.json")))
-    model = ARCHITECTURES[config["architectures"][0]].from_pretrained(folder, torch_dtype=torch.float32)
+    model = ARCHITECTURES[config["architectures"][0]].from_pretrained(folder, dtype=torch.float32)
     return model.eval()
