@@ -211,13 +211,13 @@ class LLM:
             params_list = [p.clone() for p in pooling_params]
         else:
             params_list = [pooling_params.clone() for _ in prompts]
-        for params in params_list:
-            if params.task is None:
-                params.task = pooling_task
-            elif params.task != pooling_task:
-                raise ValueError(f"You cannot overwrite {params.task=!r} with {pooling_task=!r}!")
+        for param in params_list:
+            if param.task is None:
+                param.task = pooling_task
+            elif param.task != pooling_task:
+                raise ValueError(f"You cannot overwrite {param.task=!r} with {pooling_task=!r}!")
             if truncate_prompt_tokens is not None:
-                params.truncate_prompt_tokens = truncate_prompt_tokens
+                param.truncate_prompt_tokens = truncate_prompt_tokens
         return self._run_engine(self._add_requests(prompts, params_list), use_tqdm)
 
     def embed(
