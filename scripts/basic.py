@@ -1,20 +1,17 @@
-"""vLLM's basic example: four classic prompts, temperature 0.8, top_p 0.95."""
+"""vLLM's basic example: four classic prompts, temperature 0.8, top_p 0.95:
+`python scripts/basic.py [--model M] [engine flags]` (the default model without --model)."""
 
 from __future__ import annotations
 
-import os
-import sys
+from example_args import PROMPTS, engine_kwargs
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
-from jllm import LLM, SamplingParams  # noqa: E402
-from scripts.generate import DEFAULT_PROMPTS as prompts  # noqa: E402
+from jllm import LLM, SamplingParams
 
 
-def main() -> None:
+def main(argv=None) -> None:
     sampling_params = SamplingParams(temperature=0.8, top_p=0.95)
-    llm = LLM(model=sys.argv[1] if len(sys.argv) > 1 else None)
-    outputs = llm.generate(prompts, sampling_params)
+    llm = LLM(**engine_kwargs(__doc__, argv))
+    outputs = llm.generate(PROMPTS, sampling_params)
     print("\nGenerated Outputs:\n" + "-" * 60)
     for output in outputs:
         print(f"Prompt:    {output.prompt!r}")
