@@ -23,7 +23,8 @@ from dataclasses import dataclass
 from jllm.engine.arg_utils import EngineArgs
 from jllm.engine.llm_engine import LLMEngine
 from jllm.engine.stats import IterationStats, LoggingStatLogger, RequestStatsTracker, SchedulerStats, StatLogger
-from jllm.outputs import RequestOutput
+from jllm.outputs import PoolingRequestOutput, RequestOutput
+from jllm.pooling_params import PoolingParams
 from jllm.sampling_params import RequestOutputKind, SamplingParams
 
 logger = logging.getLogger(__name__)
@@ -34,7 +35,8 @@ class EngineDeadError(RuntimeError):
 
 
 class RequestStream:
-    """One request's outputs on its event loop; items are RequestOutputs or an exception."""
+    """One request's outputs on its event loop; items are RequestOutputs (a pooling
+    request's one PoolingRequestOutput) or an exception."""
 
     def __init__(self, request_id: str, loop: asyncio.AbstractEventLoop) -> None:
         self.request_id = request_id
@@ -59,7 +61,7 @@ class RequestStream:
 class _PendingAdd:
     request_id: str
     prompt: object
-    params: SamplingParams
+    params: SamplingParams | PoolingParams
     output_kind: RequestOutputKind
     arrival_time: float
     stream: RequestStream
@@ -79,9 +81,9 @@ class _OutputAccumulator:
         self.kind = kind
         self.whole: RequestOutput | None = None
 
-    def convert(self, output: RequestOutput) -> RequestOutput | None:
-        if self.kind == RequestOutputKind.DELTA:
-            return output
+    def convert(self, output: RequestOutput | PoolingRequestOutput) -> RequestOutput | PoolingRequestOutput | None:
+        if self.kind == RequestOutputKind.DELTA or isinstance(output, PoolingRequestOutput):
+            return output  # a pooling request's output comes once, whole
         if self.whole is None:
             self.whole = output
         else:
@@ -175,6 +177,10 @@ class AsyncLLMEngine:
         return self.engine.generation_config
 
     @property
+    def hf_config(self):
+        return self.engine.parts.hf_config
+
+    @property
     def errored(self) -> bool:
         """The loop died of an error (a shutdown is not one)."""
         return self._errored
@@ -204,38 +210,55 @@ class AsyncLLMEngine:
     # ----- requests -------------------------------------------------------------------
 
     async def add_request(
-        self, request_id: str, prompt, params: SamplingParams, arrival_time: float | None = None
+        self, request_id: str, prompt, params: SamplingParams | PoolingParams, arrival_time: float | None = None
     ) -> RequestStream:
         """Queue a request and wait until the engine has accepted it.
 
         Raises what `LLMEngine.add_request` raises (ValueError for a bad prompt or
         parameters), or EngineDeadError.
         """
+        [stream] = await self.add_requests([(request_id, prompt, params)], arrival_time)
+        return stream
+
+    async def add_requests(
+        self, requests: list[tuple[str, object, SamplingParams | PoolingParams]], arrival_time: float | None = None
+    ) -> list[RequestStream]:
+        """Queue (request_id, prompt, params) requests together, so that the engine thread
+        takes them in one go (into the same step, where they fit), and wait until it has
+        accepted each. All are accepted or none stays: the first refusal is raised and
+        the others are aborted."""
         self.check_health()
         loop = asyncio.get_running_loop()
-        engine_params = params.clone()
-        engine_params.output_kind = RequestOutputKind.DELTA
-        pending = _PendingAdd(
-            request_id,
-            prompt,
-            engine_params,
-            params.output_kind,
-            arrival_time if arrival_time is not None else time.time(),
-            RequestStream(request_id, loop),
-            loop.create_future(),
-        )
+        arrival = arrival_time if arrival_time is not None else time.time()
+        pendings = []
+        for request_id, prompt, params in requests:
+            engine_params = params.clone()
+            engine_params.output_kind = RequestOutputKind.DELTA
+            stream = RequestStream(request_id, loop)
+            pendings.append(
+                _PendingAdd(
+                    request_id, prompt, engine_params, params.output_kind, arrival, stream, loop.create_future()
+                )
+            )
         with self._lock:
             if self._dead is not None:
                 raise self._dead
-            self._pending_adds.append(pending)
+            self._pending_adds.extend(pendings)
         self._wakeup.set()
         try:
-            await pending.accepted
+            results = await asyncio.gather(*(p.accepted for p in pendings), return_exceptions=True)
         except asyncio.CancelledError:
-            pending.cancelled = True
-            self.abort(request_id)  # in case the engine took it in meanwhile
+            for pending in pendings:
+                pending.cancelled = True
+                self.abort(pending.request_id)  # in case the engine took it in meanwhile
             raise
-        return pending.stream
+        errors = [r for r in results if isinstance(r, BaseException)]
+        if errors:
+            for pending, result in zip(pendings, results):
+                if not isinstance(result, BaseException):
+                    self.abort(pending.request_id)
+            raise errors[0]
+        return [p.stream for p in pendings]
 
     async def generate(
         self, prompt, sampling_params: SamplingParams, request_id: str, arrival_time: float | None = None
@@ -244,6 +267,16 @@ class AsyncLLMEngine:
         `sampling_params.output_kind` names. Closing or cancelling the generator before
         the request finishes aborts it, which frees its KV pages."""
         stream = await self.add_request(request_id, prompt, sampling_params, arrival_time)
+        async for _, output in self.stream_outputs([stream]):
+            yield output
+
+    async def encode(
+        self, prompt, pooling_params: PoolingParams, request_id: str, arrival_time: float | None = None
+    ) -> AsyncGenerator[PoolingRequestOutput, None]:
+        """The pooled output of one prompt (vLLM's EngineClient.encode): a pooling request
+        runs in one step, so this yields once, its final PoolingRequestOutput. Closing or
+        cancelling the generator before then aborts the request."""
+        stream = await self.add_request(request_id, prompt, pooling_params, arrival_time)
         async for _, output in self.stream_outputs([stream]):
             yield output
 
@@ -325,7 +358,10 @@ class AsyncLLMEngine:
                 self._call_soon(loop, _resolve, add.accepted, e)
                 continue
             self._streams[add.request_id] = (add.stream, _OutputAccumulator(add.output_kind))
-            self._stats.add(add.request_id, add.arrival_time, add.params.n, add.params.max_tokens)
+            if isinstance(add.params, SamplingParams):
+                self._stats.add(add.request_id, add.arrival_time, add.params.n, add.params.max_tokens)
+            else:
+                self._stats.add(add.request_id, add.arrival_time)
             self._call_soon(loop, _resolve, add.accepted, None)
         with self._lock:
             self._num_adding = 0
@@ -347,7 +383,7 @@ class AsyncLLMEngine:
         for request_id in known:
             del self._streams[request_id]
 
-    def _process_outputs(self, outputs: list[RequestOutput]) -> None:
+    def _process_outputs(self, outputs: list[RequestOutput | PoolingRequestOutput]) -> None:
         iteration = self._stats.record_outputs(outputs, time.time())
         by_loop: dict[asyncio.AbstractEventLoop, list] = defaultdict(list)
         for output in outputs:

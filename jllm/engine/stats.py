@@ -15,7 +15,7 @@ import time
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Protocol
 
-from jllm.outputs import RequestOutput
+from jllm.outputs import PoolingRequestOutput, RequestOutput
 
 if TYPE_CHECKING:
     from jllm.engine.request import Request
@@ -92,12 +92,15 @@ class RequestStatsTracker:
     def add(self, request_id: str, arrival_time: float, n: int = 1, max_tokens: int | None = None) -> None:
         self._requests[request_id] = _RequestTimes(arrival_time, n, max_tokens)
 
-    def record_outputs(self, outputs: list[RequestOutput], now: float) -> IterationStats:
+    def record_outputs(self, outputs: list[RequestOutput | PoolingRequestOutput], now: float) -> IterationStats:
         """`outputs` are DELTA outputs: each completion carries only its new tokens."""
         stats = IterationStats(has_outputs=bool(outputs))
         for output in outputs:
             times = self._requests.get(output.request_id)
             if times is None:
+                continue
+            if isinstance(output, PoolingRequestOutput):
+                self._record_pooled(output, times, now, stats)
                 continue
             new_tokens = 0
             for completion in output.outputs:
@@ -120,6 +123,18 @@ class RequestStatsTracker:
                 reason = next((c.finish_reason for c in output.outputs if c.finish_reason), "stop")
                 stats.finished_requests.append(self._finish(output.request_id, reason, now, output))
         return stats
+
+    def _record_pooled(
+        self, output: PoolingRequestOutput, times: _RequestTimes, now: float, stats: IterationStats
+    ) -> None:
+        """A pooling request ends in the step that reads its prompt; vLLM counts its prompt
+        tokens and a time to first token then, and no generation tokens."""
+        times.num_prompt_tokens = len(output.prompt_token_ids or ())
+        times.first_token_time = times.last_token_time = now
+        stats.num_prompt_tokens += times.num_prompt_tokens
+        stats.time_to_first_tokens.append(now - times.arrival_time)
+        reason = "error" if output.error is not None else "stop"
+        stats.finished_requests.append(self._finish(output.request_id, reason, now, output))
 
     def record_sampled(self, sampled: list[Request], outputs: list[RequestOutput], now: float) -> IterationStats:
         """The same numbers from inside `LLMEngine.step`, whatever kind of outputs its requests
@@ -157,9 +172,13 @@ class RequestStatsTracker:
             return None
         return self._finish(request_id, "abort", now, None)
 
-    def _finish(self, request_id: str, reason: str, now: float, output: RequestOutput | None) -> FinishedRequestStats:
+    def _finish(
+        self, request_id: str, reason: str, now: float, output: RequestOutput | PoolingRequestOutput | None
+    ) -> FinishedRequestStats:
         times = self._requests.pop(request_id)
-        scheduled = output.metrics.first_scheduled_time if output is not None and output.metrics else None
+        # A PoolingRequestOutput has no metrics (nor has vLLM's).
+        metrics = output.metrics if isinstance(output, RequestOutput) else None
+        scheduled = metrics.first_scheduled_time if metrics is not None else None
         first, last = times.first_token_time, times.last_token_time
         decode_time = last - first if first is not None else None
         num_tokens = times.num_generation_tokens

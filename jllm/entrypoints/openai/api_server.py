@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import functools
 import logging
 import os
 import socket
@@ -48,12 +49,23 @@ from jllm.entrypoints.openai.protocol import (
     GenerateRequest,
     TokenizeRequest,
 )
+from jllm.entrypoints.openai.protocol_pooling import (
+    ClassificationRequest,
+    EmbeddingRequest,
+    PoolingRequest,
+    RerankRequest,
+    ScoreRequest,
+)
 from jllm.entrypoints.openai.request_logger import RequestLogger
 from jllm.entrypoints.openai.serving_chat import OpenAIServingChat
+from jllm.entrypoints.openai.serving_classification import ServingClassification
 from jllm.entrypoints.openai.serving_completion import OpenAIServingCompletion
+from jllm.entrypoints.openai.serving_embedding import OpenAIServingEmbedding
 from jllm.entrypoints.openai.serving_engine import ResponseOptions
 from jllm.entrypoints.openai.serving_generate import ServingGenerate
 from jllm.entrypoints.openai.serving_models import OpenAIServingModels
+from jllm.entrypoints.openai.serving_pooling import OpenAIServingPooling
+from jllm.entrypoints.openai.serving_score import ServingScores
 from jllm.entrypoints.openai.serving_tokenization import OpenAIServingTokenization
 from jllm.utils.argparse_utils import FlexibleArgumentParser
 
@@ -63,8 +75,54 @@ logger = logging.getLogger("jllm.entrypoints.openai.api_server")
 TIMEOUT_KEEP_ALIVE = 5
 # Seconds open requests get to finish once the server is told to exit.
 TIMEOUT_GRACEFUL_SHUTDOWN = 10
-# The generation routes that --enable-server-load-tracking counts (vLLM's load_aware_call).
-LOAD_TRACKED_PATHS = frozenset({"/v1/completions", "/v1/chat/completions", "/generate", "/invocations"})
+# The routes that --enable-server-load-tracking counts (vLLM's load_aware_call).
+LOAD_TRACKED_PATHS = frozenset(
+    {
+        "/v1/completions",
+        "/v1/chat/completions",
+        "/generate",
+        "/invocations",
+        "/v1/embeddings",
+        "/pooling",
+        "/classify",
+        "/score",
+        "/v1/score",
+        "/rerank",
+        "/v1/rerank",
+        "/v2/rerank",
+    }
+)
+
+
+def served_apis(model_config) -> frozenset[str]:
+    """The APIs the model's task can serve, by the names vLLM's refusals give them: a
+    generative model completes and chats; a pooling model pools, embeds or classifies as
+    its tasks say, and scores (and reranks) when it embeds or is a one-label cross-encoder."""
+    if model_config.runner_type == "generate":
+        return frozenset({"Completions API", "Chat Completions API"})
+    tasks = model_config.supported_tasks
+    apis = {"Pooling API"}
+    if "embed" in tasks:
+        apis.add("Embeddings API")
+    if "classify" in tasks:
+        apis.add("Classification API")
+    if "embed" in tasks or (model_config.is_cross_encoder and model_config.num_labels == 1):
+        apis |= {"Score API", "Rerank (Score) API"}
+    return frozenset(apis)
+
+
+def require_api(raw_request: Request, api: str) -> None:
+    """vLLM's 400 for a route the model's task cannot serve."""
+    if api not in raw_request.app.state.served_apis:
+        raise OpenAIServingError(f"The model does not support {api}")
+
+
+@functools.cache
+def warn_rerank_v1() -> None:
+    logger.warning(
+        "To indicate that the rerank API is not part of the standard OpenAI API, we have located it at "
+        "`/rerank`. Please update your client accordingly. (Note: Conforms to JinaAI rerank API)"
+    )
 
 
 async def validate_json_request(raw_request: Request) -> None:
@@ -156,12 +214,14 @@ def build_app(args: argparse.Namespace) -> FastAPI:
     @app.post("/v1/completions", dependencies=json_body)
     @with_cancellation
     async def create_completion(request: CompletionRequest, raw_request: Request):
+        require_api(raw_request, "Completions API")
         response = await raw_request.app.state.openai_serving_completion.create_completion(request, raw_request)
         return add_load_report(response, raw_request)
 
     @app.post("/v1/chat/completions", dependencies=json_body)
     @with_cancellation
     async def create_chat_completion(request: ChatCompletionRequest, raw_request: Request):
+        require_api(raw_request, "Chat Completions API")
         response = await raw_request.app.state.openai_serving_chat.create_chat_completion(request, raw_request)
         return add_load_report(response, raw_request)
 
@@ -169,6 +229,67 @@ def build_app(args: argparse.Namespace) -> FastAPI:
     @with_cancellation
     async def generate(request: GenerateRequest, raw_request: Request):
         return await raw_request.app.state.serving_generate.generate(request)
+
+    @app.post("/v1/embeddings", dependencies=json_body)
+    @with_cancellation
+    async def create_embedding(request: EmbeddingRequest, raw_request: Request):
+        require_api(raw_request, "Embeddings API")
+        response = await raw_request.app.state.openai_serving_embedding.create_embedding(request, raw_request)
+        return JSONResponse(response.model_dump())
+
+    @app.post("/pooling", dependencies=json_body)
+    @with_cancellation
+    async def create_pooling(request: PoolingRequest, raw_request: Request):
+        require_api(raw_request, "Pooling API")
+        response = await raw_request.app.state.openai_serving_pooling.create_pooling(request, raw_request)
+        return JSONResponse(response.model_dump())
+
+    @app.post("/classify", dependencies=json_body)
+    @with_cancellation
+    async def create_classify(request: ClassificationRequest, raw_request: Request):
+        require_api(raw_request, "Classification API")
+        response = await raw_request.app.state.openai_serving_classification.create_classify(request, raw_request)
+        return JSONResponse(response.model_dump())
+
+    async def score(request: ScoreRequest, raw_request: Request) -> JSONResponse:
+        require_api(raw_request, "Score API")
+        response = await raw_request.app.state.openai_serving_scores.create_score(request, raw_request)
+        return JSONResponse(response.model_dump())
+
+    @app.post("/score", dependencies=json_body)
+    @with_cancellation
+    async def create_score(request: ScoreRequest, raw_request: Request):
+        return await score(request, raw_request)
+
+    @app.post("/v1/score", dependencies=json_body)
+    @with_cancellation
+    async def create_score_v1(request: ScoreRequest, raw_request: Request):
+        logger.warning(
+            "To indicate that Score API is not part of standard OpenAI API, we have moved it to `/score`. "
+            "Please update your client accordingly."
+        )
+        return await score(request, raw_request)
+
+    async def rerank(request: RerankRequest, raw_request: Request) -> JSONResponse:
+        require_api(raw_request, "Rerank (Score) API")
+        response = await raw_request.app.state.openai_serving_scores.do_rerank(request, raw_request)
+        return JSONResponse(response.model_dump())
+
+    @app.post("/rerank", dependencies=json_body)
+    @with_cancellation
+    async def do_rerank(request: RerankRequest, raw_request: Request):
+        return await rerank(request, raw_request)
+
+    @app.post("/v1/rerank", dependencies=json_body)
+    @with_cancellation
+    async def do_rerank_v1(request: RerankRequest, raw_request: Request):
+        warn_rerank_v1()
+        return await rerank(request, raw_request)
+
+    @app.post("/v2/rerank", dependencies=json_body)
+    @with_cancellation
+    async def do_rerank_v2(request: RerankRequest, raw_request: Request):
+        return await rerank(request, raw_request)
 
     # SageMaker's one route: the first request type the body validates as, in vLLM's order.
     invocation_types = ((ChatCompletionRequest, create_chat_completion), (CompletionRequest, create_completion))
@@ -229,6 +350,12 @@ def init_app_state(engine: AsyncLLMEngine, state, args: argparse.Namespace) -> N
     state.openai_serving_chat = serving_chat
     state.openai_serving_tokenization = OpenAIServingTokenization(serving_chat)
     state.serving_generate = ServingGenerate(engine, models, request_logger, executor, options)
+    state.served_apis = served_apis(engine.model_config)
+    pooling_args = (engine, models, request_logger, executor, serving_chat)
+    state.openai_serving_embedding = OpenAIServingEmbedding(*pooling_args)
+    state.openai_serving_pooling = OpenAIServingPooling(*pooling_args)
+    state.openai_serving_classification = ServingClassification(*pooling_args)
+    state.openai_serving_scores = ServingScores(*pooling_args)
     state.metrics_registry = CollectorRegistry()
     engine.add_stat_logger(
         PrometheusStatLogger(state.metrics_registry, models.model_name, max_model_len, engine.cache_config)
