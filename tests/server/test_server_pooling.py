@@ -510,3 +510,10 @@ def test_a_client_that_leaves_aborts_its_requests(embed_server):
     embed_server.wait_idle()
     assert metric(embed_server, "vllm:request_success_total", finished_reason="abort") - aborts == len(TEXTS)
     assert ok(embed_server, "/v1/embeddings", {"input": TEXTS[0]})["data"]
+
+
+def test_models_list_shows_what_each_model_serves(embed_server, rerank_server):
+    embed_card = httpx.get(f"{embed_server.base_url}/v1/models").json()["data"][0]
+    rerank_card = httpx.get(f"{rerank_server.base_url}/v1/models").json()["data"][0]
+    assert embed_card["supported_tasks"] == ["embed", "token_embed"]
+    assert rerank_card["supported_tasks"] == ["classify", "token_classify"]

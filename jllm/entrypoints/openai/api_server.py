@@ -325,7 +325,9 @@ def init_app_state(engine: AsyncLLMEngine, state, args: argparse.Namespace) -> N
     """Serving objects, metrics registry and tokenizer thread of one server; the app
     owns `engine` from here on and shuts it down with itself."""
     max_model_len = engine.model_config.max_model_len
-    models = OpenAIServingModels([args.served_model_name or args.model], args.model, max_model_len)
+    models = OpenAIServingModels(
+        [args.served_model_name or args.model], args.model, max_model_len, engine.model_config.supported_tasks
+    )
     request_logger = RequestLogger(args.max_log_len) if args.enable_log_requests else None
     executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="jllm-tokenizer")
     options = ResponseOptions(

@@ -129,6 +129,9 @@ class ModelCard(OpenAIBaseModel):
     parent: str | None = None
     max_model_len: int | None = None
     permission: list[ModelPermission] = Field(default_factory=list)
+    # jllm's addition (vLLM's card has none): what the model serves, "generate" or its
+    # pooling tasks ("embed", "token_embed", "classify", "token_classify").
+    supported_tasks: list[str] | None = None
 
 
 class ModelList(OpenAIBaseModel):

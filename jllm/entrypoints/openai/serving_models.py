@@ -10,12 +10,19 @@ from jllm.entrypoints.openai.protocol import ModelCard, ModelList, ModelPermissi
 
 
 class OpenAIServingModels:
-    def __init__(self, served_model_names: list[str], model_path: str, max_model_len: int) -> None:
+    def __init__(
+        self,
+        served_model_names: list[str],
+        model_path: str,
+        max_model_len: int,
+        supported_tasks: tuple[str, ...] = ("generate",),
+    ) -> None:
         if not served_model_names:
             raise ValueError("At least one served model name is needed.")
         self.served_model_names = list(served_model_names)
         self.model_path = model_path
         self.max_model_len = max_model_len
+        self.supported_tasks = list(supported_tasks)
 
     @property
     def model_name(self) -> str:
@@ -34,6 +41,7 @@ class OpenAIServingModels:
                     id=name,
                     root=self.model_path,
                     max_model_len=self.max_model_len,
+                    supported_tasks=self.supported_tasks,
                     permission=[ModelPermission(id=f"modelperm-{uuid.uuid4().hex}")],
                 )
                 for name in self.served_model_names
