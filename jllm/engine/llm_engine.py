@@ -185,7 +185,10 @@ class LLMEngine:
             return []
         now = time.time()
         if result.pooler_output:
-            return self._pooling.finish(result.pooler_output, now)
+            pooled = self._pooling.finish(result.pooler_output, now)
+            if self.stats_recorder is not None:
+                self.stats_recorder.record_pooled(pooled, now)
+            return [output for _, output in pooled]
         for sample_id, error in result.failed.items():
             self._fail(sample_id, error, failed)
         self._record_prompt_logprobs(result, failed)

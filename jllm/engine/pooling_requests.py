@@ -77,8 +77,8 @@ class PoolingRequests:
         self.scheduler.abort_requests(request_id)
         return True
 
-    def finish(self, pooler_output: dict, now: float) -> list[PoolingRequestOutput]:
-        """The outputs of the requests this step pooled; they are done."""
+    def finish(self, pooler_output: dict, now: float) -> list[tuple[Request, PoolingRequestOutput]]:
+        """The requests this step pooled, with their outputs; they are done."""
         outputs = []
         for request_id, data in pooler_output.items():
             state = self._states.pop(request_id, None)
@@ -87,15 +87,14 @@ class PoolingRequests:
             request = state.request
             request.first_token_time = request.last_token_time = request.finished_time = now
             self.scheduler.finish_requests(request_id, RequestStatus.FINISHED_STOPPED)
-            outputs.append(
-                PoolingRequestOutput(
-                    request_id,
-                    PoolingOutput(postprocess(data, state.params, state.activation)),
-                    request.prompt_token_ids,
-                    finished=True,
-                    num_cached_tokens=max(request.num_cached_tokens, 0),
-                )
+            output = PoolingRequestOutput(
+                request_id,
+                PoolingOutput(postprocess(data, state.params, state.activation)),
+                request.prompt_token_ids,
+                finished=True,
+                num_cached_tokens=max(request.num_cached_tokens, 0),
             )
+            outputs.append((request, output))
         return outputs
 
     def fail(self, request_id: str, error: BaseException) -> PoolingRequestOutput | None:

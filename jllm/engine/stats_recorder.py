@@ -10,7 +10,7 @@ import time
 from jllm.core.scheduler import Scheduler
 from jllm.engine.request import Request
 from jllm.engine.stats import IterationStats, RequestStatsTracker, SchedulerStats, StatLogger
-from jllm.outputs import RequestOutput
+from jllm.outputs import PoolingRequestOutput, RequestOutput
 
 logger = logging.getLogger(__name__)
 
@@ -37,6 +37,12 @@ class EngineStatsRecorder:
     def record_step(self, sampled: list[Request], outputs: list[RequestOutput], now: float) -> None:
         """`sampled`: the sample Requests that got a token this step; `outputs`: the step's."""
         self._record(self._tracker.record_sampled(sampled, outputs, now))
+
+    def record_pooled(self, pooled: list[tuple[Request, PoolingRequestOutput]], now: float) -> None:
+        """A step's finished pooling requests: their prompt tokens, time to first output and success."""
+        for request, _ in pooled:
+            self._tracker.add(request.request_id, request.arrival_time)
+        self._record(self._tracker.record_outputs([output for _, output in pooled], now))
 
     def record_abort(self, request_id: str) -> None:
         finished = self._tracker.record_abort(request_id, time.time())

@@ -152,3 +152,14 @@ def test_reader_turns_position_counters_into_a_vector_and_skips_the_rest():
     assert get_metrics_snapshot(registry) == [
         Vector("vllm:spec_decode_num_accepted_tokens_per_pos", {"engine": "0"}, [5, 0, 1])
     ]
+
+
+def test_pooling_requests_count_their_prompt_tokens_and_successes(tiny_llama_path):
+    args = {**ENGINE_ARGS, "max_num_batched_tokens": ENGINE_ARGS["max_model_len"]}
+    llm = LLM(tiny_llama_path, runner="pooling", disable_log_stats=False, **args)
+    outputs = llm.embed(PROMPTS, use_tqdm=False)
+    metrics = llm.get_metrics()
+    assert _one(metrics, "vllm:prompt_tokens").value == sum(len(o.prompt_token_ids) for o in outputs)
+    assert _one(metrics, "vllm:generation_tokens").value == 0
+    assert _one(metrics, "vllm:request_success", finished_reason="stop").value == len(PROMPTS)
+    assert _one(metrics, "vllm:e2e_request_latency_seconds").count == len(PROMPTS)
