@@ -22,7 +22,7 @@ from dataclasses import dataclass
 
 from jllm.engine.arg_utils import EngineArgs
 from jllm.engine.llm_engine import LLMEngine
-from jllm.engine.stats import IterationStats, LoggingStatLogger, RequestStatsTracker, SchedulerStats, StatLogger
+from jllm.engine.stats import IterationStats, LoggingStatLogger, RequestStatsTracker, StatLogger, scheduler_stats
 from jllm.outputs import PoolingRequestOutput, RequestOutput
 from jllm.pooling_params import PoolingParams
 from jllm.sampling_params import RequestOutputKind, SamplingParams
@@ -412,17 +412,7 @@ class AsyncLLMEngine:
     def _record_stats(self, iteration: IterationStats) -> None:
         if not self._stat_loggers:
             return
-        scheduler = self.engine.scheduler
-        prefix = scheduler.block_manager.prefix_cache_stats
-        running, waiting = scheduler.get_request_counts()
-        stats = SchedulerStats(
-            num_running_reqs=running,
-            num_waiting_reqs=waiting,
-            kv_cache_usage=scheduler.block_manager.usage,
-            num_preemptions=scheduler.num_preemptions,
-            prefix_cache_queries=prefix.queries,
-            prefix_cache_hits=prefix.hits,
-        )
+        stats = scheduler_stats(self.engine.scheduler)
         for stat_logger in tuple(self._stat_loggers):
             try:
                 stat_logger.record(stats, iteration)

@@ -18,6 +18,7 @@ from typing import TYPE_CHECKING, Protocol
 from jllm.outputs import PoolingRequestOutput, RequestOutput
 
 if TYPE_CHECKING:
+    from jllm.core.scheduler import Scheduler
     from jllm.engine.request import Request
 
 logger = logging.getLogger("jllm")
@@ -36,6 +37,20 @@ class SchedulerStats:
     num_preemptions: int = 0
     prefix_cache_queries: int = 0
     prefix_cache_hits: int = 0
+
+
+def scheduler_stats(scheduler: Scheduler) -> SchedulerStats:
+    """The scheduler's queues and KV pool now."""
+    running, waiting = scheduler.get_request_counts()
+    prefix = scheduler.block_manager.prefix_cache_stats
+    return SchedulerStats(
+        num_running_reqs=running,
+        num_waiting_reqs=waiting,
+        kv_cache_usage=scheduler.block_manager.usage,
+        num_preemptions=scheduler.num_preemptions,
+        prefix_cache_queries=prefix.queries,
+        prefix_cache_hits=prefix.hits,
+    )
 
 
 @dataclass

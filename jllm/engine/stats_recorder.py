@@ -9,23 +9,10 @@ import time
 
 from jllm.core.scheduler import Scheduler
 from jllm.engine.request import Request
-from jllm.engine.stats import IterationStats, RequestStatsTracker, SchedulerStats, StatLogger
+from jllm.engine.stats import IterationStats, RequestStatsTracker, StatLogger, scheduler_stats
 from jllm.outputs import PoolingRequestOutput, RequestOutput
 
 logger = logging.getLogger(__name__)
-
-
-def scheduler_stats(scheduler: Scheduler) -> SchedulerStats:
-    running, waiting = scheduler.get_request_counts()
-    prefix = scheduler.block_manager.prefix_cache_stats
-    return SchedulerStats(
-        num_running_reqs=running,
-        num_waiting_reqs=waiting,
-        kv_cache_usage=scheduler.block_manager.usage,
-        num_preemptions=scheduler.num_preemptions,
-        prefix_cache_queries=prefix.queries,
-        prefix_cache_hits=prefix.hits,
-    )
 
 
 class EngineStatsRecorder:
