@@ -29,6 +29,7 @@ _ACTIVATIONS: dict[str, Callable[[jax.Array], jax.Array]] = {
     "gelu_new": _gelu_tanh,
     "gelu_fast": _gelu_tanh,
     "gelu_pytorch_tanh": _gelu_tanh,
+    "gelu_tanh": _gelu_tanh,
     "quick_gelu": _quick_gelu,
     "silu": jax.nn.silu,
     "swish": jax.nn.silu,

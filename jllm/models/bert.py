@@ -19,6 +19,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jllm.layers.params import bias_param, weight_param
 from jllm.layers.activation import get_act_fn
 from jllm.layers.attention import AttentionBackend, attention
 from jllm.layers.attention_metadata import AttentionMetadata
@@ -43,14 +44,6 @@ class EncoderSpec(ModelShape):
     head: ModelHead = ModelHead.EMBED
     # Outputs of the classify head.
     num_labels: int = 0
-
-
-def _dense(module: nn.Module, name: str, shape: tuple[int, ...], dtype) -> jax.Array:
-    return module.param(name, nn.initializers.lecun_normal(), shape, dtype)
-
-
-def _bias(module: nn.Module, name: str, shape: tuple[int, ...], dtype) -> jax.Array:
-    return module.param(name, nn.initializers.zeros, shape, dtype)
 
 
 def roberta_positions(input_ids: jax.Array, positions: jax.Array, pad_token_id: int) -> jax.Array:
@@ -93,11 +86,19 @@ class BertAttention(nn.Module):
         s = self.spec
         N, H, D = s.num_attention_heads, s.head_dim, s.hidden_size
         dt = self.dtype
-        q = jnp.einsum("TD,DNH->TNH", x, _dense(self, "query", (D, N, H), dt)) + _bias(self, "query_bias", (N, H), dt)
-        k = jnp.einsum("TD,DNH->TNH", x, _dense(self, "key", (D, N, H), dt)) + _bias(self, "key_bias", (N, H), dt)
-        v = jnp.einsum("TD,DNH->TNH", x, _dense(self, "value", (D, N, H), dt)) + _bias(self, "value_bias", (N, H), dt)
+        q = jnp.einsum("TD,DNH->TNH", x, weight_param(self, "query", (D, N, H), dt)) + bias_param(
+            self, "query_bias", (N, H), dt
+        )
+        k = jnp.einsum("TD,DNH->TNH", x, weight_param(self, "key", (D, N, H), dt)) + bias_param(
+            self, "key_bias", (N, H), dt
+        )
+        v = jnp.einsum("TD,DNH->TNH", x, weight_param(self, "value", (D, N, H), dt)) + bias_param(
+            self, "value_bias", (N, H), dt
+        )
         out, _ = attention(q, k, v, None, md, scale=H**-0.5, backend=self.backend, causal=False)
-        o = jnp.einsum("TNH,NHD->TD", out, _dense(self, "dense", (N, H, D), dt)) + _bias(self, "dense_bias", (D,), dt)
+        o = jnp.einsum("TNH,NHD->TD", out, weight_param(self, "dense", (N, H, D), dt)) + bias_param(
+            self, "dense_bias", (D,), dt
+        )
         return LayerNorm(D, s.layer_norm_eps, dt, name="LayerNorm")(o + x)
 
 
@@ -112,9 +113,11 @@ class BertLayer(nn.Module):
         D, F = s.hidden_size, s.intermediate_size
         dt = self.dtype
         x = BertAttention(s, dt, self.backend, name="attention")(x, md)
-        h = jnp.einsum("TD,DF->TF", x, _dense(self, "intermediate", (D, F), dt))
-        h = get_act_fn(s.hidden_act)(h + _bias(self, "intermediate_bias", (F,), dt))
-        h = jnp.einsum("TF,FD->TD", h, _dense(self, "output", (F, D), dt)) + _bias(self, "output_bias", (D,), dt)
+        h = jnp.einsum("TD,DF->TF", x, weight_param(self, "intermediate", (D, F), dt))
+        h = get_act_fn(s.hidden_act)(h + bias_param(self, "intermediate_bias", (F,), dt))
+        h = jnp.einsum("TF,FD->TD", h, weight_param(self, "output", (F, D), dt)) + bias_param(
+            self, "output_bias", (D,), dt
+        )
         return LayerNorm(D, s.layer_norm_eps, dt, name="output_LayerNorm")(h + x)
 
 
@@ -132,10 +135,10 @@ class BertModel(nn.Module):
         self.layers = [BertLayer(s, dt, self.backend, name=f"layers_{i}") for i in range(s.num_hidden_layers)]
         if s.head == ModelHead.CLASSIFY:
             # BERT's pooler dense or RoBERTa's classifier.dense: both [D, D] then tanh.
-            self.head_dense = _dense(self, "head_dense", (D, D), dt)
-            self.head_dense_bias = _bias(self, "head_dense_bias", (D,), dt)
-            self.classifier = _dense(self, "classifier", (D, s.num_labels), dt)
-            self.classifier_bias = _bias(self, "classifier_bias", (s.num_labels,), dt)
+            self.head_dense = weight_param(self, "head_dense", (D, D), dt)
+            self.head_dense_bias = bias_param(self, "head_dense_bias", (D,), dt)
+            self.classifier = weight_param(self, "classifier", (D, s.num_labels), dt)
+            self.classifier_bias = bias_param(self, "classifier_bias", (s.num_labels,), dt)
 
     def __call__(self, kv_caches, input_ids, md: AttentionMetadata, constants, token_type_ids=None):
         """kv_caches: None per layer (an encoder keeps no cache), returned as they came;

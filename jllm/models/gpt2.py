@@ -14,6 +14,7 @@ import flax.linen as nn
 import jax.numpy as jnp
 import numpy as np
 
+from jllm.layers.params import bias_param, weight_param
 from jllm.layers.activation import get_act_fn
 from jllm.layers.attention import AttentionBackend, KVCache, attention
 from jllm.layers.attention_metadata import AttentionMetadata
@@ -42,14 +43,6 @@ class GPT2Spec(ModelShape):
         return scale
 
 
-def _dense(module: nn.Module, name: str, shape: tuple[int, ...], dtype):
-    return module.param(name, nn.initializers.lecun_normal(), shape, dtype)
-
-
-def _bias(module: nn.Module, name: str, shape: tuple[int, ...], dtype):
-    return module.param(name, nn.initializers.zeros, shape, dtype)
-
-
 class GPT2Attention(nn.Module):
     spec: GPT2Spec
     dtype: jnp.dtype
@@ -60,11 +53,11 @@ class GPT2Attention(nn.Module):
     def __call__(self, x, cache: KVCache | None, md: AttentionMetadata):
         s = self.spec
         N, H, D = s.num_attention_heads, s.head_dim, s.hidden_size
-        qkv = jnp.einsum("TD,DCNH->CTNH", x, _dense(self, "c_attn", (D, 3, N, H), self.dtype))
-        qkv = qkv + _bias(self, "c_attn_bias", (3, N, H), self.dtype)[:, None]
+        qkv = jnp.einsum("TD,DCNH->CTNH", x, weight_param(self, "c_attn", (D, 3, N, H), self.dtype))
+        qkv = qkv + bias_param(self, "c_attn_bias", (3, N, H), self.dtype)[:, None]
         out, cache = attention(qkv[0], qkv[1], qkv[2], cache, md, scale=self.scale, backend=self.backend, causal=True)
-        o = jnp.einsum("TNH,NHD->TD", out, _dense(self, "c_proj", (N, H, D), self.dtype))
-        return o + _bias(self, "c_proj_bias", (D,), self.dtype), cache
+        o = jnp.einsum("TNH,NHD->TD", out, weight_param(self, "c_proj", (N, H, D), self.dtype))
+        return o + bias_param(self, "c_proj_bias", (D,), self.dtype), cache
 
 
 class GPT2MLP(nn.Module):
@@ -75,11 +68,13 @@ class GPT2MLP(nn.Module):
     def __call__(self, x):
         s = self.spec
         D, F = s.hidden_size, s.intermediate_size
-        h = jnp.einsum("TD,DF->TF", x, _dense(self, "c_fc", (D, F), self.dtype)) + _bias(
+        h = jnp.einsum("TD,DF->TF", x, weight_param(self, "c_fc", (D, F), self.dtype)) + bias_param(
             self, "c_fc_bias", (F,), self.dtype
         )
-        h = jnp.einsum("TF,FD->TD", get_act_fn(s.activation_function)(h), _dense(self, "c_proj", (F, D), self.dtype))
-        return h + _bias(self, "c_proj_bias", (D,), self.dtype)
+        h = jnp.einsum(
+            "TF,FD->TD", get_act_fn(s.activation_function)(h), weight_param(self, "c_proj", (F, D), self.dtype)
+        )
+        return h + bias_param(self, "c_proj_bias", (D,), self.dtype)
 
 
 class GPT2Block(nn.Module):

@@ -20,6 +20,8 @@ import jax.numpy as jnp
 
 import numpy as np
 
+from jllm.layers.activation import get_act_fn
+from jllm.layers.params import weight_param
 from jllm.layers.attention import AttentionBackend, KVCache, attention
 from jllm.layers.attention_metadata import AttentionMetadata
 from jllm.layers.norm import RMSNorm
@@ -45,20 +47,6 @@ class DecoderSpec(ModelShape):
     num_labels: int = 0
 
 
-def _dense(module: nn.Module, name: str, shape: tuple[int, ...], dtype) -> jax.Array:
-    return module.param(name, nn.initializers.lecun_normal(), shape, dtype)
-
-
-def _activation(name: str):
-    if name == "silu":
-        return jax.nn.silu
-    if name in ("gelu_pytorch_tanh", "gelu_tanh"):
-        return lambda x: jax.nn.gelu(x, approximate=True)
-    if name == "gelu":
-        return lambda x: jax.nn.gelu(x, approximate=False)
-    raise ValueError(f"hidden_act {name!r} is not supported; supported: 'silu', 'gelu', 'gelu_pytorch_tanh'.")
-
-
 class Attention(nn.Module):
     spec: DecoderSpec
     dtype: jnp.dtype
@@ -68,9 +56,9 @@ class Attention(nn.Module):
     def __call__(self, x, cos_sin, cache: KVCache | None, md: AttentionMetadata):
         s = self.spec
         N, K, H, D = s.num_attention_heads, s.num_key_value_heads, s.head_dim, s.hidden_size
-        q = jnp.einsum("TD,DNH->TNH", x, _dense(self, "q_proj", (D, N, H), self.dtype))
-        k = jnp.einsum("TD,DKH->TKH", x, _dense(self, "k_proj", (D, K, H), self.dtype))
-        v = jnp.einsum("TD,DKH->TKH", x, _dense(self, "v_proj", (D, K, H), self.dtype))
+        q = jnp.einsum("TD,DNH->TNH", x, weight_param(self, "q_proj", (D, N, H), self.dtype))
+        k = jnp.einsum("TD,DKH->TKH", x, weight_param(self, "k_proj", (D, K, H), self.dtype))
+        v = jnp.einsum("TD,DKH->TKH", x, weight_param(self, "v_proj", (D, K, H), self.dtype))
         if s.qkv_bias:
             q = q + self.param("q_bias", nn.initializers.zeros, (N, H), self.dtype)
             k = k + self.param("k_bias", nn.initializers.zeros, (K, H), self.dtype)
@@ -83,7 +71,7 @@ class Attention(nn.Module):
         out, cache = attention(
             q, k, v, cache, md, scale=H**-0.5, backend=self.backend, causal=True, sliding_window=s.sliding_window
         )
-        o = jnp.einsum("TNH,NHD->TD", out, _dense(self, "o_proj", (N, H, D), self.dtype))
+        o = jnp.einsum("TNH,NHD->TD", out, weight_param(self, "o_proj", (N, H, D), self.dtype))
         if s.o_bias:
             o = o + self.param("o_bias", nn.initializers.zeros, (D,), self.dtype)
         return o, cache
@@ -97,13 +85,13 @@ class MLP(nn.Module):
     def __call__(self, x):
         s = self.spec
         D, F = s.hidden_size, s.intermediate_size
-        gate = jnp.einsum("TD,DF->TF", x, _dense(self, "gate_proj", (D, F), self.dtype))
-        up = jnp.einsum("TD,DF->TF", x, _dense(self, "up_proj", (D, F), self.dtype))
+        gate = jnp.einsum("TD,DF->TF", x, weight_param(self, "gate_proj", (D, F), self.dtype))
+        up = jnp.einsum("TD,DF->TF", x, weight_param(self, "up_proj", (D, F), self.dtype))
         if s.mlp_bias:
             gate = gate + self.param("gate_bias", nn.initializers.zeros, (F,), self.dtype)
             up = up + self.param("up_bias", nn.initializers.zeros, (F,), self.dtype)
         out = jnp.einsum(
-            "TF,FD->TD", _activation(s.hidden_act)(gate) * up, _dense(self, "down_proj", (F, D), self.dtype)
+            "TF,FD->TD", get_act_fn(s.hidden_act)(gate) * up, weight_param(self, "down_proj", (F, D), self.dtype)
         )
         if s.mlp_bias:
             out = out + self.param("down_bias", nn.initializers.zeros, (D,), self.dtype)
@@ -144,12 +132,12 @@ class LlamaForCausalLM(nn.Module):
                 "lm_head", nn.initializers.normal(0.02), (s.hidden_size, s.vocab_size), self.dtype
             )
         elif s.head == ModelHead.CLASSIFY:
-            self.score = _dense(self, "score", (s.hidden_size, s.num_labels), self.dtype)
+            self.score = weight_param(self, "score", (s.hidden_size, s.num_labels), self.dtype)
         elif s.head == ModelHead.REWARD:
             D = s.hidden_size
-            self.score_0 = _dense(self, "score_0", (D, D), self.dtype)
+            self.score_0 = weight_param(self, "score_0", (D, D), self.dtype)
             self.score_0_bias = self.param("score_0_bias", nn.initializers.zeros, (D,), self.dtype)
-            self.score_2 = _dense(self, "score_2", (D, s.num_labels), self.dtype)
+            self.score_2 = weight_param(self, "score_2", (D, s.num_labels), self.dtype)
             self.score_2_bias = self.param("score_2_bias", nn.initializers.zeros, (s.num_labels,), self.dtype)
 
     def __call__(self, kv_caches, input_ids, md: AttentionMetadata, constants, token_type_ids=None):

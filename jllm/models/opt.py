@@ -15,6 +15,7 @@ import flax.linen as nn
 import jax.numpy as jnp
 import numpy as np
 
+from jllm.layers.params import bias_param, weight_param
 from jllm.layers.activation import get_act_fn
 from jllm.layers.attention import AttentionBackend, KVCache, attention
 from jllm.layers.attention_metadata import AttentionMetadata
@@ -47,14 +48,6 @@ class OPTSpec(ModelShape):
         return self.word_embed_proj_dim != self.hidden_size
 
 
-def _dense(module: nn.Module, name: str, shape: tuple[int, ...], dtype):
-    return module.param(name, nn.initializers.lecun_normal(), shape, dtype)
-
-
-def _bias(module: nn.Module, name: str, shape: tuple[int, ...], dtype):
-    return module.param(name, nn.initializers.zeros, shape, dtype)
-
-
 class OPTAttention(nn.Module):
     spec: OPTSpec
     dtype: jnp.dtype
@@ -64,18 +57,18 @@ class OPTAttention(nn.Module):
     def __call__(self, x, cache: KVCache | None, md: AttentionMetadata):
         s = self.spec
         N, H, D = s.num_attention_heads, s.head_dim, s.hidden_size
-        q = jnp.einsum("TD,DNH->TNH", x, _dense(self, "q_proj", (D, N, H), self.dtype))
-        k = jnp.einsum("TD,DNH->TNH", x, _dense(self, "k_proj", (D, N, H), self.dtype))
-        v = jnp.einsum("TD,DNH->TNH", x, _dense(self, "v_proj", (D, N, H), self.dtype))
+        q = jnp.einsum("TD,DNH->TNH", x, weight_param(self, "q_proj", (D, N, H), self.dtype))
+        k = jnp.einsum("TD,DNH->TNH", x, weight_param(self, "k_proj", (D, N, H), self.dtype))
+        v = jnp.einsum("TD,DNH->TNH", x, weight_param(self, "v_proj", (D, N, H), self.dtype))
         if s.enable_bias:
-            q = q + _bias(self, "q_bias", (N, H), self.dtype)
-            k = k + _bias(self, "k_bias", (N, H), self.dtype)
-            v = v + _bias(self, "v_bias", (N, H), self.dtype)
+            q = q + bias_param(self, "q_bias", (N, H), self.dtype)
+            k = k + bias_param(self, "k_bias", (N, H), self.dtype)
+            v = v + bias_param(self, "v_bias", (N, H), self.dtype)
         # HF scales q (bias included) before the product; the same scores, scaled inside.
         out, cache = attention(q, k, v, cache, md, scale=H**-0.5, backend=self.backend, causal=True)
-        o = jnp.einsum("TNH,NHD->TD", out, _dense(self, "out_proj", (N, H, D), self.dtype))
+        o = jnp.einsum("TNH,NHD->TD", out, weight_param(self, "out_proj", (N, H, D), self.dtype))
         if s.enable_bias:
-            o = o + _bias(self, "out_bias", (D,), self.dtype)
+            o = o + bias_param(self, "out_bias", (D,), self.dtype)
         return o, cache
 
 
@@ -97,12 +90,12 @@ class OPTDecoderLayer(nn.Module):
         if not pre_ln:
             x = attn_norm(x)
 
-        h = jnp.einsum("TD,DF->TF", mlp_norm(x) if pre_ln else x, _dense(self, "fc1", (D, F), self.dtype))
+        h = jnp.einsum("TD,DF->TF", mlp_norm(x) if pre_ln else x, weight_param(self, "fc1", (D, F), self.dtype))
         if s.enable_bias:
-            h = h + _bias(self, "fc1_bias", (F,), self.dtype)
-        h = jnp.einsum("TF,FD->TD", get_act_fn(s.activation_function)(h), _dense(self, "fc2", (F, D), self.dtype))
+            h = h + bias_param(self, "fc1_bias", (F,), self.dtype)
+        h = jnp.einsum("TF,FD->TD", get_act_fn(s.activation_function)(h), weight_param(self, "fc2", (F, D), self.dtype))
         if s.enable_bias:
-            h = h + _bias(self, "fc2_bias", (D,), self.dtype)
+            h = h + bias_param(self, "fc2_bias", (D,), self.dtype)
         x = x + h
         if not pre_ln:
             x = mlp_norm(x)
@@ -123,8 +116,8 @@ class OPTForCausalLM(nn.Module):
             "embed_positions", init, (s.max_position_embeddings + POSITION_OFFSET, D), self.dtype
         )
         if s.projects_embeddings:
-            self.project_in = _dense(self, "project_in", (W, D), self.dtype)
-            self.project_out = _dense(self, "project_out", (D, W), self.dtype)
+            self.project_in = weight_param(self, "project_in", (W, D), self.dtype)
+            self.project_out = weight_param(self, "project_out", (D, W), self.dtype)
         self.layers = [
             OPTDecoderLayer(s, self.dtype, self.backend, name=f"layers_{i}") for i in range(s.num_hidden_layers)
         ]
