@@ -98,8 +98,14 @@ class PoolingModelRunner:
     def kv_cache_alive(self) -> bool:
         return True  # nothing is donated: a failed step loses no state
 
-    def num_seqs_for(self, num_tokens: int) -> int:
-        return min(num_tokens, self.max_num_seqs)
+    def seq_buckets(self, num_tokens: int, max_seq_len: int) -> tuple[int, ...]:
+        """The sequence rows a step of token bucket T and length bucket L may have: as many
+        as T tokens can be sequences, or, where the sequences are long enough to fill the
+        bucket (T / L of them, as uniform lengths give), that few, so that attention's
+        [rows, L] layout is not mostly padding."""
+        full = min(num_tokens, self.max_num_seqs)
+        fitted = min(full, 1 << (-(-num_tokens // max_seq_len) - 1).bit_length())
+        return (fitted, full) if fitted < full else (full,)
 
     def execute_model(self, so: SchedulerOutput) -> ModelRunnerOutput:
         if so.scheduled_cached_reqs.req_ids:
@@ -130,8 +136,8 @@ class PoolingModelRunner:
         """The step's arrays, in the smallest token bucket that holds them (or bucket T)."""
         n, total = len(prompts), int(lengths.sum())
         T = T or pick_bucket(self.token_buckets, total)
-        S = self.num_seqs_for(T)
         L = pick_bucket(self.length_buckets, int(lengths.max()))
+        S = pick_bucket(self.seq_buckets(T, L), n)
         starts = np.zeros(S + 1, np.int32)
         np.cumsum(lengths, out=starts[1 : n + 1])
         starts[n + 1 :] = total
@@ -166,13 +172,25 @@ class PoolingModelRunner:
             return jax.device_get((per_seq, per_token))
         return jax.device_get(per_seq), None
 
+    def step_shapes(self) -> list[tuple[int, int, int]]:
+        """Every (tokens, sequences, length) bucket a step can have."""
+        return [
+            (T, S, L) for T in self.token_buckets for L in self.length_buckets if L <= T for S in self.seq_buckets(T, L)
+        ]
+
     def warmup(self) -> float:
-        """Compiles the step for every (token bucket, length bucket) a request can reach;
-        returns seconds."""
+        """Compiles the step for every shape a request can reach; returns seconds."""
         start = time.perf_counter()
-        for T in self.token_buckets:
-            for L in self.length_buckets:
-                if L > T:
-                    break
-                self._run(self._inputs([np.zeros(L, np.int32)], [None], np.asarray([L], np.int32), T=T), False)
+        for T, S, L in self.step_shapes():
+            # The fewest tokens that make such a step: one sequence just long enough for
+            # length bucket L, and single tokens up to more rows than the smaller bucket.
+            i = self.length_buckets.index(L)
+            longest = self.length_buckets[i - 1] + 1 if i else 1
+            fewer = self.seq_buckets(T, L)[0]
+            lengths = np.asarray([longest] + [1] * (fewer if S > fewer else 0), np.int32)
+            if lengths.sum() > T:
+                continue  # no step of T tokens has that many sequences with one that long
+            self._run(
+                self._inputs([np.zeros(n, np.int32) for n in lengths], [None] * len(lengths), lengths, T=T), False
+            )
         return time.perf_counter() - start

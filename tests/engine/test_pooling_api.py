@@ -173,9 +173,11 @@ def test_no_recompilation_after_warm_up(tiny_llama_path):
     )
     runner = llm.llm_engine.runner
     compiled = runner.num_compiled_steps
-    assert compiled == sum(1 for t in runner.token_buckets for n in runner.length_buckets if n <= t)
+    assert compiled <= len(runner.step_shapes())
     rng = np.random.default_rng(1)
     for size in (1, 3, 9, 20):
         llm.embed(_texts(size, rng), truncate_prompt_tokens=-1, use_tqdm=False)
+    # Many short texts beside a long one: the most sequence rows a step of that length has.
+    llm.embed(["a"] * 30 + [" ".join(["word"] * 30)], use_tqdm=False)
     llm.encode(_texts(3, rng), pooling_task="token_embed", truncate_prompt_tokens=-1, use_tqdm=False)
     assert runner.num_compiled_steps == compiled
