@@ -72,7 +72,11 @@ class PoolingParams:
         return _VALID_PARAMETERS[self.task]
 
     def clone(self) -> PoolingParams:
-        return copy.deepcopy(self)
+        # Every field is immutable but extra_kwargs: a shallow copy (cloned per request, so
+        # deepcopy's cost would show at thousands of requests).
+        clone = copy.copy(self)
+        clone.extra_kwargs = copy.deepcopy(self.extra_kwargs)
+        return clone
 
     def verify(self, task: str, model_config=None) -> None:
         """Fixes the task and fills what is unset from the model's pooler config, with

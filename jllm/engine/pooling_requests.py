@@ -34,6 +34,7 @@ class PoolingRequests:
         self.vocab_size = vocab_size
         self.scheduler = scheduler
         self._states: dict[str, _PoolingState] = {}
+        self._activations: dict[str, str] = {}
         # The tasks a request may name: the model's, and "score" for a cross-encoder.
         self.tasks = model_config.supported_tasks + (("score",) if model_config.is_cross_encoder else ())
 
@@ -67,7 +68,10 @@ class PoolingRequests:
             pooling_task=params.task,
             token_type_ids=token_types,
         )
-        activation = classifier_activation(self.hf_config, model_config.num_labels, params.task)
+        activation = self._activations.get(params.task)
+        if activation is None:  # per task, once: HF config attribute reads are slow
+            activation = classifier_activation(self.hf_config, model_config.num_labels, params.task)
+            self._activations[params.task] = activation
         self._states[request_id] = _PoolingState(request, params, activation)
         self.scheduler.add_request(request)
 
@@ -86,7 +90,6 @@ class PoolingRequests:
                 continue  # aborted while the step ran
             request = state.request
             request.first_token_time = request.last_token_time = request.finished_time = now
-            self.scheduler.finish_requests(request_id, RequestStatus.FINISHED_STOPPED)
             output = PoolingRequestOutput(
                 request_id,
                 PoolingOutput(postprocess(data, state.params, state.activation)),
@@ -95,6 +98,8 @@ class PoolingRequests:
                 num_cached_tokens=max(request.num_cached_tokens, 0),
             )
             outputs.append((request, output))
+        # One call: each rebuilds the scheduler's queues.
+        self.scheduler.finish_requests([request.request_id for request, _ in outputs], RequestStatus.FINISHED_STOPPED)
         return outputs
 
     def fail(self, request_id: str, error: BaseException) -> PoolingRequestOutput | None:
