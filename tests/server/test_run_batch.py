@@ -1,7 +1,8 @@
 """`jllm run-batch` as a user runs it (a subprocess): OpenAI batch lines in, one vLLM
 BatchRequestOutput line per request out, in input order; per-request errors as vLLM writes
 them; a bad line fails the whole run; input and output over HTTP; /metrics on its own port.
-The greedy completion is checked against HF transformers on the same weights."""
+The greedy completion is checked against HF transformers on the same weights, and a pooling
+model's embeddings and scores against the offline LLM's."""
 
 from __future__ import annotations
 
@@ -13,10 +14,12 @@ import threading
 import urllib.request
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
+import numpy as np
 import pytest
 from hf_models import hf_greedy, load_hf_model
 from openai_server import engine_flags, free_port
 from prometheus_client.parser import text_string_to_metric_families
+from tiny_model import ENGINE_ARGS
 
 # Slow tier: each case runs jllm run-batch in a fresh process.
 pytestmark = pytest.mark.slow
@@ -35,6 +38,8 @@ BATCH = {
     "bad-url": ("/bad_url", {"messages": CHAT_MESSAGES}),
     "stream": ("/v1/completions", {"prompt": "Hi", "stream": True}),
     "bad-temperature": ("/v1/completions", {"prompt": "Hi", "temperature": 3}),
+    "embeddings": ("/v1/embeddings", {"input": "Hi"}),
+    "score": ("/v1/score", {"text_1": "Hi", "text_2": "Hello"}),
 }
 
 
@@ -43,10 +48,15 @@ def batch_line(custom_id: str, url: str, body: dict) -> str:
 
 
 def run_batch(
-    input_file: str, output_file: str, model: str, *extra: str, module: str = "jllm.entrypoints.cli run-batch"
+    input_file: str,
+    output_file: str,
+    model: str,
+    *extra: str,
+    module: str = "jllm.entrypoints.cli run-batch",
+    engine_args: dict = ENGINE_ARGS,
 ) -> subprocess.CompletedProcess:
     cmd = [sys.executable, "-m", *module.split(), "-i", input_file, "-o", output_file, "--model", model]
-    cmd += [*extra, *engine_flags()]
+    cmd += [*extra, *engine_flags(engine_args)]
     return subprocess.run(cmd, check=False, capture_output=True, text=True, timeout=300)
 
 
@@ -188,11 +198,14 @@ def test_handler_errors_carry_vllms_error_response(batch_run):
 
 def test_runner_errors_are_plain_strings(batch_run):
     rows = rows_by_id(batch_run[0])
-    assert (
-        rows["bad-url"]["error"] == "URL /bad_url was used. Supported endpoints: /v1/chat/completions, /v1/completions."
+    assert rows["bad-url"]["error"] == (
+        "URL /bad_url was used. Supported endpoints: /v1/chat/completions, /v1/completions, /v1/embeddings, "
+        "/score, /rerank."
     )
     assert rows["stream"]["error"] == "Request must not be sent in stream mode"
-    for custom_id in ("bad-url", "stream"):
+    assert rows["embeddings"]["error"] == "The model does not support Embeddings API"
+    assert rows["score"]["error"] == "The model does not support Scores API"
+    for custom_id in ("bad-url", "stream", "embeddings", "score"):
         assert rows[custom_id]["response"]["status_code"] == 400 and rows[custom_id]["response"]["body"] is None
 
 
@@ -256,3 +269,82 @@ def test_output_tmp_dir_stages_the_file_and_a_failed_put_is_retried(tmp_path, mo
         server.close()
     assert server.uploads["/out.jsonl"].decode() == (output.model_dump_json() + "\n") * 2
     assert os.listdir(tmp_path) == []  # the staged file is gone
+
+
+# ----- a pooling model ----------------------------------------------------------------------
+
+# Pooling requests run whole in one step, so a step holds max_model_len tokens at least.
+POOLING_ENGINE_ARGS = dict(
+    max_model_len=128,
+    max_num_batched_tokens=256,
+    max_num_seqs=16,
+    compilation_config={"token_buckets": [32, 128]},
+    seed=0,
+)
+TEXTS = ["The capital of France is", "Once upon a time", "JAX compiles numpy programs"]
+QUERY = "What is the capital of France?"
+DOCUMENTS = ["Paris is the capital of France.", "The sea is deep.", "France is in Europe."]
+POOLING_BATCH = {
+    "embed-texts": ("/v1/embeddings", {"input": TEXTS}),
+    "score": ("/score", {"text_1": QUERY, "text_2": DOCUMENTS}),
+    "chat": ("/v1/chat/completions", {"messages": CHAT_MESSAGES}),
+    "embed-one": ("/v1/embeddings", {"input": TEXTS[0], "encoding_format": "float"}),
+    "score-v1": ("/v1/score", {"queries": DOCUMENTS[:2], "documents": DOCUMENTS[1:]}),
+    "completion": ("/v1/completions", {"prompt": "Hi"}),
+}
+
+
+@pytest.fixture(scope="module")
+def pooling_rows(tmp_path_factory, tiny_llama_path) -> dict[str, dict]:
+    """POOLING_BATCH through `jllm run-batch --runner pooling` (the tiny Llama as a
+    last-token embedder) from and to local files."""
+    folder = tmp_path_factory.mktemp("pooling_batch")
+    lines = [batch_line(custom_id, url, body) for custom_id, (url, body) in POOLING_BATCH.items()]
+    (folder / "in.jsonl").write_text("\n".join(lines) + "\n")
+    done = run_batch(
+        str(folder / "in.jsonl"),
+        str(folder / "out.jsonl"),
+        tiny_llama_path,
+        "--runner",
+        "pooling",
+        engine_args=POOLING_ENGINE_ARGS,
+    )
+    assert done.returncode == 0, done.stderr
+    rows = [json.loads(line) for line in (folder / "out.jsonl").read_text().splitlines()]
+    assert [row["custom_id"] for row in rows] == list(POOLING_BATCH)
+    return rows_by_id(rows)
+
+
+@pytest.fixture(scope="module")
+def pooling_llm(tiny_llama_path):
+    from jllm import LLM
+
+    return LLM(tiny_llama_path, runner="pooling", **POOLING_ENGINE_ARGS)
+
+
+def served_body(row: dict) -> dict:
+    assert row["error"] is None and row["response"]["status_code"] == 200, row
+    return row["response"]["body"]
+
+
+def test_batch_embeddings_and_scores_equal_offline_embed_and_score(pooling_rows, pooling_llm, tiny_llama_path):
+    for custom_id, texts in (("embed-texts", TEXTS), ("embed-one", TEXTS[:1])):
+        body = served_body(pooling_rows[custom_id])
+        assert body["object"] == "list" and body["model"] == tiny_llama_path and body["id"].startswith("embd-")
+        expected = [o.outputs.embedding for o in pooling_llm.embed(texts, use_tqdm=False)]
+        assert [d["index"] for d in body["data"]] == list(range(len(texts)))
+        for data, reference in zip(body["data"], expected):
+            assert data["object"] == "embedding"
+            np.testing.assert_allclose(data["embedding"], reference, rtol=0, atol=1e-6)
+    for custom_id, (data_1, data_2) in (("score", (QUERY, DOCUMENTS)), ("score-v1", (DOCUMENTS[:2], DOCUMENTS[1:]))):
+        body = served_body(pooling_rows[custom_id])
+        assert body["object"] == "list" and body["id"].startswith("score-")
+        expected = [o.outputs.score for o in pooling_llm.score(data_1, data_2, use_tqdm=False)]
+        assert [d["score"] for d in body["data"]] == pytest.approx(expected, abs=1e-6)
+
+
+def test_batch_generation_lines_on_a_pooling_model_get_vllms_errors(pooling_rows):
+    for custom_id, api in (("chat", "Chat Completions API"), ("completion", "Completions API")):
+        row = pooling_rows[custom_id]
+        assert row["error"] == f"The model does not support {api}"
+        assert row["response"]["status_code"] == 400 and row["response"]["body"] is None

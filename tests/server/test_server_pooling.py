@@ -2,13 +2,15 @@
 client too), /pooling, /classify, /score, /rerank; values equal the offline LLM's on the
 same model and HF transformers' own; vLLM's refusals for routes a model's task cannot serve
 and for bad inputs, after which the server goes on serving; a list input is one engine
-step's batch, and a client that leaves aborts it."""
+step's batch, and a client that leaves aborts it. SageMaker's /invocations and run-batch's
+lines reach the same handlers."""
 
 from __future__ import annotations
 
 import argparse
 import asyncio
 import base64
+import json
 import threading
 import time
 
@@ -21,6 +23,7 @@ from transformers import AutoTokenizer, LlamaForCausalLM, Qwen2Config, Qwen2ForS
 
 from hf_models import _TINY_DIMS, randomize_weights
 from jllm import LLM, PoolingParams
+from jllm.entrypoints.openai.protocol_pooling import ScoreRequest
 from openai_server import InProcessServer, engine_flags, server_args
 
 # Pooling requests run whole in one step, so a step holds max_model_len tokens at least.
@@ -517,3 +520,115 @@ def test_models_list_shows_what_each_model_serves(embed_server, rerank_server):
     rerank_card = httpx.get(f"{rerank_server.base_url}/v1/models").json()["data"][0]
     assert embed_card["supported_tasks"] == ["embed", "token_embed"]
     assert rerank_card["supported_tasks"] == ["classify", "token_classify"]
+
+
+# ----- /invocations --------------------------------------------------------------------------
+
+
+def without_id_and_created(body: dict) -> dict:
+    return {k: v for k, v in body.items() if k not in ("id", "created")}
+
+
+@pytest.mark.parametrize(
+    "server_name, path, body",
+    [
+        ("embed_server", "/v1/embeddings", {"input": TEXTS[:2]}),
+        ("embed_server", "/v1/embeddings", {"messages": [{"role": "user", "content": "Embed this conversation."}]}),
+        ("embed_server", "/score", {"text_1": QUERY, "text_2": DOCUMENTS}),
+        ("rerank_server", "/score", {"queries": QUERY, "documents": DOCUMENTS[:2]}),
+        ("rerank_server", "/rerank", {"query": QUERY, "documents": DOCUMENTS, "top_n": 2}),
+        ("classify_server", "/classify", {"input": TEXTS[:2]}),
+    ],
+    ids=["embeddings", "chat-style-embeddings", "cosine-score", "cross-encoder-score", "rerank", "classify"],
+)
+def test_invocations_answer_as_the_dedicated_route(request, server_name, path, body):
+    """vLLM's dispatch: the first request type, among those the model serves, that the body
+    validates as (embeddings, classify, rerank, score, pooling after generation's)."""
+    server = request.getfixturevalue(server_name)
+    direct, invoked = ok(server, path, body), ok(server, "/invocations", body)
+    assert invoked["id"].split("-")[0] == direct["id"].split("-")[0]
+    assert without_id_and_created(invoked) == without_id_and_created(direct)
+
+
+def test_invocations_refusal_names_the_types_the_model_serves(embed_server):
+    """A completion body on an embedding model: no served type reads it; unions are named
+    as str() gives them, as vLLM names them."""
+    module = "jllm.entrypoints.openai.protocol_pooling"
+    expected = [
+        f"{module}.EmbeddingCompletionRequest | {module}.EmbeddingChatRequest",
+        "RerankRequest",
+        "ScoreRequest",
+        f"{module}.PoolingCompletionRequest | {module}.PoolingChatRequest",
+    ]
+    assert_refused(
+        post(embed_server, "/invocations", {"prompt": "hi", "max_tokens": 4}),
+        f"Cannot find suitable handler for request. Expected one of: {expected}",
+    )
+
+
+# ----- run-batch lines -----------------------------------------------------------------------
+
+# custom_id -> url and body of each line, for the cross-encoder; run-batch routes /score and
+# /rerank by the url's end, as vLLM's does.
+RERANK_BATCH = {
+    "score": ("/score", {"text_1": QUERY, "text_2": DOCUMENTS}),
+    "score-v1": ("/v1/score", {"queries": DOCUMENTS[:2], "documents": DOCUMENTS[2:]}),
+    "embeddings": ("/v1/embeddings", {"input": "hi"}),
+    "rerank": ("/rerank", {"query": QUERY, "documents": DOCUMENTS, "top_n": 2}),
+    "rerank-v1": ("/v1/rerank", {"query": QUERY, "documents": DOCUMENTS}),
+    "rerank-v2": ("/v2/rerank", {"query": QUERY, "documents": DOCUMENTS}),
+    "chat": ("/v1/chat/completions", {"messages": [{"role": "user", "content": "hi"}]}),
+    "classify": ("/classify", {"input": "hi"}),
+}
+
+
+@pytest.fixture(scope="module")
+def rerank_batch_rows(rerank_server, tmp_path_factory) -> dict[str, dict]:
+    """RERANK_BATCH through run-batch's parse, run and write, on the server's own handlers."""
+    from jllm.entrypoints.openai import run_batch
+
+    lines = [
+        json.dumps({"custom_id": custom_id, "method": "POST", "url": url, "body": body})
+        for custom_id, (url, body) in RERANK_BATCH.items()
+    ]
+    requests = run_batch.parse_batch("\n".join(lines), "batch.jsonl")
+    outputs = asyncio.run(run_batch.run_requests(rerank_server.app.state, requests))
+    path = tmp_path_factory.mktemp("batch") / "out.jsonl"
+    run_batch.write_file(str(path), outputs, None)
+    rows = [json.loads(line) for line in path.read_text().splitlines()]
+    assert [row["custom_id"] for row in rows] == list(RERANK_BATCH)
+    return {row["custom_id"]: row for row in rows}
+
+
+def batch_body(row: dict) -> dict:
+    assert row["error"] is None and row["response"]["status_code"] == 200, row
+    return row["response"]["body"]
+
+
+def test_batch_score_lines_equal_offline_score(rerank_batch_rows, rerank_llm):
+    for custom_id in ("score", "score-v1"):
+        url, body = RERANK_BATCH[custom_id]
+        data_1, data_2 = ScoreRequest.model_validate(body).sides()
+        expected = [o.outputs.score for o in rerank_llm.score(data_1, data_2, use_tqdm=False)]
+        served = batch_body(rerank_batch_rows[custom_id])
+        assert served["object"] == "list" and served["model"] == RERANK_MODEL and served["id"].startswith("score-")
+        assert [d["score"] for d in served["data"]] == pytest.approx(expected, abs=1e-6)
+
+
+def test_batch_rerank_lines_equal_the_rerank_route(rerank_batch_rows, rerank_server):
+    for custom_id in ("rerank", "rerank-v1", "rerank-v2"):
+        direct = ok(rerank_server, "/rerank", RERANK_BATCH[custom_id][1])
+        assert without_id_and_created(batch_body(rerank_batch_rows[custom_id])) == without_id_and_created(direct)
+
+
+def test_batch_lines_the_model_cannot_serve_get_vllms_errors(rerank_batch_rows):
+    refusals = {
+        "embeddings": "The model does not support Embeddings API",
+        "chat": "The model does not support Chat Completions API",
+        "classify": "URL /classify was used. Supported endpoints: /v1/chat/completions, /v1/completions, "
+        "/v1/embeddings, /score, /rerank.",
+    }
+    for custom_id, message in refusals.items():
+        row = rerank_batch_rows[custom_id]
+        assert row["error"] == message
+        assert row["response"]["status_code"] == 400 and row["response"]["body"] is None

@@ -15,15 +15,17 @@ import functools
 import logging
 import os
 import socket
+from collections.abc import Awaitable, Callable
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager
 from http import HTTPStatus
+from typing import NamedTuple
 
 from fastapi import Depends, FastAPI, HTTPException, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
-from pydantic import ValidationError
+from pydantic import TypeAdapter, ValidationError
 
 from jllm import __version__
 from jllm.engine.arg_utils import EngineArgs
@@ -123,6 +125,22 @@ def warn_rerank_v1() -> None:
         "To indicate that the rerank API is not part of the standard OpenAI API, we have located it at "
         "`/rerank`. Please update your client accordingly. (Note: Conforms to JinaAI rerank API)"
     )
+
+
+class InvocationType(NamedTuple):
+    """A body /invocations may hold: its validator (a union has no model_validate), its name
+    as vLLM's refusal gives it (a class's name; str() of a union), the API the model must
+    serve for it, and the route that serves it."""
+
+    validator: TypeAdapter
+    name: str
+    api: str
+    endpoint: Callable[..., Awaitable]
+
+    @classmethod
+    def of(cls, request_type, api: str, endpoint: Callable[..., Awaitable]) -> InvocationType:
+        name = request_type.__name__ if isinstance(request_type, type) else str(request_type)
+        return cls(TypeAdapter(request_type), name, api, endpoint)
 
 
 async def validate_json_request(raw_request: Request) -> None:
@@ -291,8 +309,18 @@ def build_app(args: argparse.Namespace) -> FastAPI:
     async def do_rerank_v2(request: RerankRequest, raw_request: Request):
         return await rerank(request, raw_request)
 
-    # SageMaker's one route: the first request type the body validates as, in vLLM's order.
-    invocation_types = ((ChatCompletionRequest, create_chat_completion), (CompletionRequest, create_completion))
+    # SageMaker's one route: the body goes to the first request type it validates as, among
+    # those the model's task serves, in vLLM's order (vLLM's INVOCATION_TYPES: generation's,
+    # then pooling's).
+    invocation_types = [
+        InvocationType.of(ChatCompletionRequest, "Chat Completions API", create_chat_completion),
+        InvocationType.of(CompletionRequest, "Completions API", create_completion),
+        InvocationType.of(EmbeddingRequest, "Embeddings API", create_embedding),
+        InvocationType.of(ClassificationRequest, "Classification API", create_classify),
+        InvocationType.of(RerankRequest, "Rerank (Score) API", do_rerank),
+        InvocationType.of(ScoreRequest, "Score API", create_score),
+        InvocationType.of(PoolingRequest, "Pooling API", create_pooling),
+    ]
 
     @app.post("/invocations", dependencies=json_body)
     async def invocations(raw_request: Request):
@@ -300,13 +328,14 @@ def build_app(args: argparse.Namespace) -> FastAPI:
             body = await raw_request.json()
         except (ValueError, RecursionError) as e:  # RecursionError: nested deeper than json can read
             raise HTTPException(HTTPStatus.BAD_REQUEST, detail=f"JSON decode error: {e}") from e
-        for request_type, endpoint in invocation_types:
+        served = [t for t in invocation_types if t.api in raw_request.app.state.served_apis]
+        for invocation_type in served:
             try:
-                request = request_type.model_validate(body)
+                request = invocation_type.validator.validate_python(body)
             except ValidationError:
                 continue
-            return await endpoint(request=request, raw_request=raw_request)
-        names = [request_type.__name__ for request_type, _ in invocation_types]
+            return await invocation_type.endpoint(request=request, raw_request=raw_request)
+        names = [t.name for t in served]
         raise OpenAIServingError(f"Cannot find suitable handler for request. Expected one of: {names}")
 
     # Starlette runs the last added outermost. Size limit, then the key: a request without

@@ -1,5 +1,6 @@
-"""`jllm run-batch` (vLLM's run_batch): run a file of requests in OpenAI's batch format through
-the server's own handlers and write one result line per request, in input order.
+"""`jllm run-batch` (vLLM's run_batch): run a file of requests in OpenAI's batch format (chat
+completions, completions, embeddings, score, rerank) through the server's own handlers and
+write one result line per request, in input order.
 
     python -m jllm.entrypoints.openai.run_batch -i requests.jsonl -o results.jsonl --model MODEL
 
@@ -22,7 +23,7 @@ from http import HTTPStatus
 from operator import attrgetter
 from typing import Any, NamedTuple
 
-from pydantic import ValidationError, ValidationInfo, field_validator
+from pydantic import BaseModel, TypeAdapter, ValidationError, ValidationInfo, field_validator
 from tqdm import tqdm
 
 from jllm.engine.arg_utils import EngineArgs
@@ -40,6 +41,7 @@ from jllm.entrypoints.openai.protocol import (
     OpenAIBaseModel,
     OpenAIRequestModel,
 )
+from jllm.entrypoints.openai.protocol_pooling import EmbeddingRequest, RerankRequest, ScoreRequest
 from jllm.entrypoints.openai.serving_engine import random_uuid
 from jllm.utils.argparse_utils import FlexibleArgumentParser
 
@@ -52,19 +54,47 @@ HTTP_TIMEOUT_S = 1000
 
 
 class BatchEndpoint(NamedTuple):
-    request_model: type[OpenAIBaseModel]
+    # Validates the body as the request model, or union of them (OpenAI's or the chat-style
+    # embeddings body).
+    request_adapter: TypeAdapter
     # The app state -> its handler, called as `await handler(request, None)` as a route calls it.
     handler: Callable[[Any], Callable]
+    # The API as the server's served_apis names it, and as run-batch's refusal names it
+    # (vLLM's run_batch says "Scores API" and "Rerank API" where its server says otherwise).
+    served_api: str
+    unserved_error: str
 
 
-# The urls a batch line may name (exact match). vLLM's run-batch has no /v1/completions; jllm
-# serves it. /v1/embeddings joins when pooling models land.
-BATCH_ENDPOINTS = {
-    "/v1/chat/completions": BatchEndpoint(
-        ChatCompletionRequest, attrgetter("openai_serving_chat.create_chat_completion")
-    ),
-    "/v1/completions": BatchEndpoint(CompletionRequest, attrgetter("openai_serving_completion.create_completion")),
-}
+def _endpoint(request_type: Any, handler: str, served_api: str, refusal_api: str | None = None) -> BatchEndpoint:
+    return BatchEndpoint(
+        TypeAdapter(request_type),
+        attrgetter(handler),
+        served_api,
+        f"The model does not support {refusal_api or served_api}",
+    )
+
+
+# vLLM's run-batch has no /v1/completions; jllm serves it.
+CHAT = _endpoint(ChatCompletionRequest, "openai_serving_chat.create_chat_completion", "Chat Completions API")
+COMPLETIONS = _endpoint(CompletionRequest, "openai_serving_completion.create_completion", "Completions API")
+EMBEDDINGS = _endpoint(EmbeddingRequest, "openai_serving_embedding.create_embedding", "Embeddings API")
+SCORE = _endpoint(ScoreRequest, "openai_serving_scores.create_score", "Score API", "Scores API")
+RERANK = _endpoint(RerankRequest, "openai_serving_scores.do_rerank", "Rerank (Score) API", "Rerank API")
+EXACT_URLS = {"/v1/chat/completions": CHAT, "/v1/completions": COMPLETIONS, "/v1/embeddings": EMBEDDINGS}
+SUPPORTED_URLS = "/v1/chat/completions, /v1/completions, /v1/embeddings, /score, /rerank"
+
+
+def batch_endpoint(url: str) -> BatchEndpoint | None:
+    """The endpoint a line's url names, by vLLM's rule: chat, completions and embeddings by
+    their exact url, score and rerank by the url's end (/score, /v1/score; /rerank,
+    /v1/rerank, /v2/rerank)."""
+    if url in EXACT_URLS:
+        return EXACT_URLS[url]
+    if url.endswith("/score"):
+        return SCORE
+    if url.endswith("/rerank"):
+        return RERANK
+    return None
 
 
 class BatchRequestInput(OpenAIRequestModel):
@@ -79,8 +109,8 @@ class BatchRequestInput(OpenAIRequestModel):
     @field_validator("body", mode="plain")
     @classmethod
     def validate_body(cls, value: Any, info: ValidationInfo) -> Any:
-        endpoint = BATCH_ENDPOINTS.get(info.data.get("url"))
-        return value if endpoint is None else endpoint.request_model.model_validate(value)
+        endpoint = batch_endpoint(info.data.get("url", ""))
+        return value if endpoint is None else endpoint.request_adapter.validate_python(value)
 
 
 class BatchResponseData(OpenAIBaseModel):
@@ -245,21 +275,27 @@ async def run_request(handler: Callable, request: BatchRequestInput, progress: t
         return make_error_request_output(request, error.model_dump(), error.error.code)
     finally:
         progress.update(1)
+    # Generation handlers answer with a JSONResponse, pooling ones with the response model.
+    if isinstance(response, BaseModel):
+        status_code, body = HTTPStatus.OK.value, response.model_dump()
+    else:
+        status_code, body = response.status_code, json.loads(response.body)
     return BatchRequestOutput(
         id=f"vllm-{random_uuid()}",
         custom_id=request.custom_id,
-        response=BatchResponseData(
-            status_code=response.status_code, request_id=f"vllm-batch-{random_uuid()}", body=json.loads(response.body)
-        ),
+        response=BatchResponseData(status_code=status_code, request_id=f"vllm-batch-{random_uuid()}", body=body),
         error=None,
     )
 
 
-def refusal(request: BatchRequestInput) -> str | None:
+def refusal(request: BatchRequestInput, served_apis: frozenset[str]) -> str | None:
     """Why the runner answers this request itself, without a handler; None if it does not."""
-    if request.url not in BATCH_ENDPOINTS:
-        return f"URL {request.url} was used. Supported endpoints: {', '.join(BATCH_ENDPOINTS)}."
-    if request.body.stream:
+    endpoint = batch_endpoint(request.url)
+    if endpoint is None:
+        return f"URL {request.url} was used. Supported endpoints: {SUPPORTED_URLS}."
+    if endpoint.served_api not in served_apis:
+        return endpoint.unserved_error
+    if getattr(request.body, "stream", False):
         return "Request must not be sent in stream mode"
     return None
 
@@ -269,7 +305,7 @@ async def run_requests(state, requests: list[BatchRequestInput]) -> list[BatchRe
     outputs: list[BatchRequestOutput | None] = [None] * len(requests)
     runnable = []
     for index, request in enumerate(requests):
-        error = refusal(request)
+        error = refusal(request, state.served_apis)
         if error is None:
             runnable.append(index)
         else:
@@ -283,7 +319,7 @@ async def run_requests(state, requests: list[BatchRequestInput]) -> list[BatchRe
         bar_format="{desc}: {percentage:3.0f}% Completed | {n_fmt}/{total_fmt} [{elapsed}<{remaining}, {rate_fmt}]\n",
     ) as progress:
         results = await asyncio.gather(
-            *(run_request(BATCH_ENDPOINTS[requests[i].url].handler(state), requests[i], progress) for i in runnable)
+            *(run_request(batch_endpoint(requests[i].url).handler(state), requests[i], progress) for i in runnable)
         )
     for index, output in zip(runnable, results):
         outputs[index] = output
