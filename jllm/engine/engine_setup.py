@@ -7,6 +7,7 @@ and the buckets compiled.
 
 from __future__ import annotations
 
+import gc
 import logging
 import time
 from dataclasses import dataclass
@@ -95,6 +96,11 @@ def build_engine_parts(args: EngineArgs) -> EngineParts:
     if not configs.compilation_config.enforce_eager:
         warm_up(runner, configs)
     eos = _eos_token_id(configs.hf_config, tokenizer, generation_config)
+    # As vLLM does after start-up: the objects alive now (JAX, transformers, the model's
+    # host copies) live as long as the engine, and the collector's full passes over them
+    # took most of the host time of admitting thousands of requests (BUILD_NOTES.md).
+    gc.collect()
+    gc.freeze()
     return EngineParts(
         configs.model_config,
         configs.scheduler_config,
