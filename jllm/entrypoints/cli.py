@@ -28,8 +28,8 @@ def main(argv: list[str] | None = None) -> None:
         "run-batch",
         help="Run batch prompts and write results to file.",
         usage="jllm run-batch -i INPUT_FILE -o OUTPUT_FILE --model MODEL [options]",
-        description="Run a file of OpenAI batch requests (/v1/completions, /v1/chat/completions) and write "
-        "one result line per request.",
+        description="Run a file of OpenAI batch requests (/v1/completions, /v1/chat/completions, /v1/embeddings, "
+        "/score, /rerank) and write one result line per request.",
     )
     run_batch.make_arg_parser(batch)
     args = parser.parse_args(argv)
