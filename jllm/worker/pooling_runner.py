@@ -83,7 +83,12 @@ class PoolingModelRunner:
         self.pooling_type = pooler_config.pooling_type
         self.uses_token_types = uses_token_types
         # The attention layout's length buckets: up to the longest prompt a step can hold.
-        self.length_buckets = pow2_buckets(min(16, max_model_len), min(max_model_len, token_buckets[-1]))
+        longest = min(max_model_len, token_buckets[-1])
+        # Every token bucket is a length bucket too, so a step's length bucket never
+        # exceeds its token bucket (custom token buckets need not be powers of two).
+        self.length_buckets = tuple(
+            sorted(set(pow2_buckets(min(16, longest), longest)) | {t for t in token_buckets if t <= longest})
+        )
         self.constants = {name: jnp.asarray(table) for name, table in constants.items()}
         self.kv_caches = None
         self._step = jax.jit(

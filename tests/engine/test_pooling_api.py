@@ -168,7 +168,7 @@ def test_no_recompilation_after_warm_up(tiny_llama_path):
         runner="pooling",
         enforce_eager=False,
         max_num_batched_tokens=64,
-        compilation_config={"token_buckets": [16, 32]},
+        compilation_config={"token_buckets": [16, 48]},  # 48: not a power of two
         **{**ENGINE, "max_model_len": 64},
     )
     runner = llm.llm_engine.runner
@@ -179,5 +179,7 @@ def test_no_recompilation_after_warm_up(tiny_llama_path):
         llm.embed(_texts(size, rng), truncate_prompt_tokens=-1, use_tqdm=False)
     # Many short texts beside a long one: the most sequence rows a step of that length has.
     llm.embed(["a"] * 30 + [" ".join(["word"] * 30)], use_tqdm=False)
+    # Alone in the 48-token bucket, a 41-token text has length bucket 48, not 64.
+    llm.embed([" ".join(["word"] * 40)], use_tqdm=False)
     llm.encode(_texts(3, rng), pooling_task="token_embed", truncate_prompt_tokens=-1, use_tqdm=False)
     assert runner.num_compiled_steps == compiled
