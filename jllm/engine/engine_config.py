@@ -32,7 +32,8 @@ def resolve_dtype(requested: str, hf_config, is_gguf: bool) -> str:
     GGUF weights are dequantized to float32 and follow the same rule."""
     if requested != "auto":
         return _DTYPE_NAMES[requested]
-    config_dtype = None if is_gguf else (getattr(hf_config, "dtype", None) or getattr(hf_config, "torch_dtype", None))
+    # transformers 5 reads a config.json's torch_dtype into `dtype` (and warns on the old name).
+    config_dtype = None if is_gguf else getattr(hf_config, "dtype", None)
     name = str(config_dtype).replace("torch.", "") if config_dtype is not None else "float32"
     name = _DTYPE_NAMES.get(name, "float32")
     if name == "float32" and on_accelerator():
