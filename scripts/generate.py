@@ -13,14 +13,9 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from jllm import LLM, EngineArgs, SamplingParams  # noqa: E402
+from example_args import PROMPTS  # noqa: E402
 
-DEFAULT_PROMPTS = [
-    "Hello, my name is",
-    "The president of the United States is",
-    "The capital of France is",
-    "The future of AI is",
-]
+from jllm import LLM, EngineArgs, SamplingParams  # noqa: E402
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -42,7 +37,7 @@ def main(argv=None) -> None:
     params = SamplingParams(
         max_tokens=args.max_tokens, temperature=args.temperature, top_p=args.top_p, top_k=args.top_k
     )
-    outputs = llm.generate(args.prompt or DEFAULT_PROMPTS, params)
+    outputs = llm.generate(args.prompt or PROMPTS, params)
     print("-" * 60)
     for out in outputs:
         print(f"Prompt: {out.prompt!r}\nOutput: {out.outputs[0].text!r}\n" + "-" * 60)

@@ -22,7 +22,7 @@ from dataclasses import dataclass
 
 from jllm.engine.arg_utils import EngineArgs
 from jllm.engine.llm_engine import LLMEngine
-from jllm.engine.stats import IterationStats, LoggingStatLogger, RequestStatsTracker, StatLogger, scheduler_stats
+from jllm.engine.stats import IterationStats, LoggingStatLogger, RequestStatsTracker, StatLogger, record_stats
 from jllm.outputs import PoolingRequestOutput, RequestOutput
 from jllm.pooling_params import PoolingParams
 from jllm.sampling_params import RequestOutputKind, SamplingParams
@@ -410,14 +410,7 @@ class AsyncLLMEngine:
             self._call_soon(loop, _deliver, items)
 
     def _record_stats(self, iteration: IterationStats) -> None:
-        if not self._stat_loggers:
-            return
-        stats = scheduler_stats(self.engine.scheduler)
-        for stat_logger in tuple(self._stat_loggers):
-            try:
-                stat_logger.record(stats, iteration)
-            except Exception:  # noqa: BLE001 - statistics must never stop the engine
-                logger.exception("Stat logger %r failed.", stat_logger)
+        record_stats(self._stat_loggers, self.engine.scheduler, iteration)
 
     def _fail_all(self, error: EngineDeadError) -> None:
         with self._lock:

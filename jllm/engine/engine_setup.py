@@ -74,7 +74,7 @@ class _Configs:
 
     @property
     def pooling(self) -> bool:
-        return self.task.runner_type == "pooling"
+        return self.task.pooling
 
 
 def build_engine_parts(args: EngineArgs) -> EngineParts:
@@ -176,9 +176,8 @@ def create_configs(args: EngineArgs) -> _Configs:
     )
     # A pooling request runs whole in one step and keeps nothing afterwards: no chunking,
     # nothing to share through the prefix cache (vLLM's settings for pooling models).
-    pooling = task.runner_type == "pooling"
     scheduler_config = scheduler_config_from(
-        args, max_model_len, chunked_prefill=not pooling and args.enable_chunked_prefill
+        args, max_model_len, chunked_prefill=not task.pooling and args.enable_chunked_prefill
     )
     compilation_config = compilation_config_from(args, scheduler_config)
     enable_compilation_cache(compilation_config.cache_dir)
@@ -278,7 +277,6 @@ def create_runner(configs: _Configs, cache_config: CacheConfig, model, params, c
             params=params,
             spec=spec,
             constants=constants,
-            block_size=block_size,
             max_model_len=configs.model_config.max_model_len,
             max_num_seqs=configs.scheduler_config.max_num_seqs,
             token_buckets=configs.compilation_config.token_buckets,

@@ -53,6 +53,19 @@ def scheduler_stats(scheduler: Scheduler) -> SchedulerStats:
     )
 
 
+def record_stats(stat_loggers, scheduler: Scheduler, iteration: IterationStats) -> None:
+    """Feeds every stat logger the scheduler's state now and `iteration`; a logger that
+    raises is logged and skipped: statistics never stop the engine."""
+    if not stat_loggers:
+        return
+    stats = scheduler_stats(scheduler)
+    for stat_logger in tuple(stat_loggers):
+        try:
+            stat_logger.record(stats, iteration)
+        except Exception:  # noqa: BLE001 - statistics must never stop the engine
+            logger.exception("Stat logger %r failed.", stat_logger)
+
+
 @dataclass
 class FinishedRequestStats:
     finish_reason: str

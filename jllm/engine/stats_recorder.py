@@ -4,15 +4,12 @@ streams). An engine holds a recorder only when asked, so without one statistics 
 
 from __future__ import annotations
 
-import logging
 import time
 
 from jllm.core.scheduler import Scheduler
 from jllm.engine.request import Request
-from jllm.engine.stats import IterationStats, RequestStatsTracker, StatLogger, scheduler_stats
+from jllm.engine.stats import IterationStats, RequestStatsTracker, StatLogger, record_stats
 from jllm.outputs import PoolingRequestOutput, RequestOutput
-
-logger = logging.getLogger(__name__)
 
 
 class EngineStatsRecorder:
@@ -37,9 +34,4 @@ class EngineStatsRecorder:
             self._record(IterationStats(finished_requests=[finished]))
 
     def _record(self, iteration: IterationStats) -> None:
-        stats = scheduler_stats(self.scheduler)
-        for stat_logger in self.stat_loggers:
-            try:
-                stat_logger.record(stats, iteration)
-            except Exception:  # noqa: BLE001 - statistics must never stop the engine
-                logger.exception("Stat logger %r failed.", stat_logger)
+        record_stats(self.stat_loggers, self.scheduler, iteration)

@@ -44,6 +44,10 @@ class ModelTask:
     is_cross_encoder: bool
     num_labels: int
 
+    @property
+    def pooling(self) -> bool:
+        return self.runner_type == "pooling"
+
 
 def resolve_model_task(
     *,

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import logging
 import time
 
 import jax
@@ -28,8 +27,6 @@ from jllm.layers.pooler import pool
 from jllm.worker.buckets import pick_bucket, pow2_buckets
 from jllm.worker.model_runner import ModelRunnerOutput
 from jllm.worker.packing import PackedLayout, pack, unpack
-
-logger = logging.getLogger(__name__)
 
 # Pooling tasks whose output is one vector per token rather than per sequence.
 TOKEN_TASKS = frozenset({"token_embed", "token_classify"})
@@ -67,7 +64,6 @@ class PoolingModelRunner:
         params,
         spec,
         constants: dict,
-        block_size: int,
         max_model_len: int,
         max_num_seqs: int,
         token_buckets: tuple[int, ...],
@@ -76,8 +72,6 @@ class PoolingModelRunner:
     ):
         self.model = model
         self.params = params
-        self.spec = spec
-        self.block_size = block_size
         self.max_num_seqs = max_num_seqs
         self.token_buckets = token_buckets
         self.pooling_type = pooler_config.pooling_type
@@ -90,7 +84,6 @@ class PoolingModelRunner:
             sorted(set(pow2_buckets(min(16, longest), longest)) | {t for t in token_buckets if t <= longest})
         )
         self.constants = {name: jnp.asarray(table) for name, table in constants.items()}
-        self.kv_caches = None
         self._step = jax.jit(
             functools.partial(_pool_step, model, spec.num_hidden_layers),
             static_argnames=("layout", "pooling_type"),
