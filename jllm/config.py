@@ -48,6 +48,22 @@ class CacheConfig:
     prefix_caching_hash_algo: str = "sha256"
 
 
+@dataclass(frozen=True)
+class ParallelConfig:
+    # Devices one engine's weights and KV pages are split over (one mesh axis).
+    tensor_parallel_size: int = 1
+    # Engine replicas, each on its own tensor_parallel_size devices.
+    data_parallel_size: int = 1
+    # Which replica this engine is: its devices are the rank-th group of jax.devices().
+    data_parallel_rank: int = 0
+
+    def __post_init__(self) -> None:
+        if not 0 <= self.data_parallel_rank < self.data_parallel_size:
+            raise ValueError(
+                f"data_parallel_rank must be in [0, {self.data_parallel_size}), got {self.data_parallel_rank}."
+            )
+
+
 POOLING_TYPES = ("CLS", "MEAN", "LAST", "ALL")
 # vLLM's runner, convert and (older) task choices: jllm/engine/task_config.py resolves them.
 RUNNER_TYPES = ("auto", "generate", "pooling")

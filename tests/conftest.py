@@ -1,9 +1,16 @@
 """Shared pytest fixtures."""
 
-import numpy as np
-import pytest
+import os
 
-from jllm.models.loader.default_model import get_default_model_path
+# Eight virtual CPU devices for the tensor- and data-parallel tests (jax reads the flag
+# when its CPU client starts, so before anything imports jax). Single-device code sees
+# device 0 as before.
+os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8").strip()
+
+import numpy as np  # noqa: E402
+import pytest  # noqa: E402
+
+from jllm.models.loader.default_model import get_default_model_path  # noqa: E402
 
 
 @pytest.fixture(scope="session")

@@ -57,10 +57,15 @@ _HELP = {
     "pooler_config": "JSON dict overriding the pooler: pooling_type (CLS, MEAN, LAST, ALL), normalize, dimensions, "
     "use_activation.",
     "override_pooler_config": "The older name of pooler_config.",
-    "tensor_parallel_size": "Devices for tensor parallelism; jllm runs on one for now.",
-    "pipeline_parallel_size": "Pipeline stages; jllm runs one for now.",
-    "data_parallel_size": "Engine replicas; jllm runs one for now.",
-    "distributed_executor_backend": "vLLM's executor for several devices; none is needed on one.",
+    "tensor_parallel_size": "Devices each model's weights and KV pages are split over (heads, ffn columns, "
+    "vocabulary).",
+    "pipeline_parallel_size": "Pipeline stages; not supported yet (1 only).",
+    "data_parallel_size": "Engine replicas, each on its own tensor_parallel_size devices; requests are spread "
+    "over them.",
+    "data_parallel_rank": "Which replica this engine is (its devices are the rank-th group); set by jllm itself "
+    "when it starts data_parallel_size replicas.",
+    "distributed_executor_backend": "vLLM's executor for several devices. jllm drives every local device from "
+    "one process ('mp' and 'uni' are accepted as that) and other hosts through jax.distributed.",
     "quantization": "Quantization method of the weights; none is supported yet.",
     "kv_cache_dtype": "KV cache dtype; 'auto' (the model's dtype) only, for now.",
     "swap_space": "GiB of CPU swap per GPU. As in vLLM's V1 engine, preemption recomputes and never swaps, "
@@ -76,10 +81,14 @@ _HELP = {
 # vLLM arguments jllm takes so that vLLM's programs run, but honours only at the values
 # listed: anything else is refused by name (never a TypeError, never ignored).
 _ONLY_AT = {
-    "tensor_parallel_size": ((1,), "jllm runs a model on one device for now; tensor parallelism is not supported yet"),
-    "pipeline_parallel_size": ((1,), "jllm runs a model as one pipeline stage for now"),
-    "data_parallel_size": ((1,), "jllm runs one engine replica for now"),
-    "distributed_executor_backend": ((None, "uni"), "jllm runs in one process on one device for now"),
+    "pipeline_parallel_size": (
+        (1,),
+        "pipeline parallelism is not supported yet; use tensor_parallel_size to split a model over devices",
+    ),
+    "distributed_executor_backend": (
+        (None, "uni", "mp"),
+        "jllm drives the local devices from one process and other hosts through jax.distributed, never Ray",
+    ),
     "quantization": ((None,), "quantized checkpoints are not supported yet"),
     "kv_cache_dtype": (("auto",), "the KV cache is kept in the model's dtype for now"),
     "cpu_offload_gb": ((0,), "weights are not offloaded to the CPU"),
@@ -130,6 +139,7 @@ class EngineArgs:
     tensor_parallel_size: int = 1
     pipeline_parallel_size: int = 1
     data_parallel_size: int = 1
+    data_parallel_rank: int | None = None
     distributed_executor_backend: str | None = None
     quantization: str | None = None
     kv_cache_dtype: str = "auto"
@@ -183,6 +193,13 @@ class EngineArgs:
             value = getattr(self, name)
             if value not in allowed:
                 raise ValueError(f"{name}={value!r} is not supported: {reason} (allowed: {list(allowed)}).")
+        for name in ("tensor_parallel_size", "data_parallel_size"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be a positive integer, got {getattr(self, name)}.")
+        if self.data_parallel_rank is not None and not 0 <= self.data_parallel_rank < self.data_parallel_size:
+            raise ValueError(
+                f"data_parallel_rank must be in [0, {self.data_parallel_size}), got {self.data_parallel_rank}."
+            )
         if self.max_seq_len_to_capture <= 0:
             raise ValueError(f"max_seq_len_to_capture must be positive, got {self.max_seq_len_to_capture}.")
         for name, allowed in (("runner", RUNNER_TYPES), ("convert", CONVERT_TYPES), ("task", TASKS)):

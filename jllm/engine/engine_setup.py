@@ -15,7 +15,10 @@ from dataclasses import dataclass
 import jax
 import jax.numpy as jnp
 
-from jllm.config import CacheConfig, CompilationConfig, ModelConfig, SchedulerConfig
+from jax.sharding import Mesh
+
+from jllm.config import CacheConfig, CompilationConfig, ModelConfig, ParallelConfig, SchedulerConfig
+from jllm.distributed.mesh import make_mesh, num_kv_cache_heads, verify_tensor_parallel
 from jllm.engine.arg_utils import EngineArgs
 from jllm.engine.engine_config import (
     compilation_config_from,
@@ -43,6 +46,7 @@ class EngineParts:
     scheduler_config: SchedulerConfig
     cache_config: CacheConfig
     compilation_config: CompilationConfig
+    parallel_config: ParallelConfig
     hf_config: object
     spec: ModelShape
     tokenizer: object | None
@@ -58,11 +62,14 @@ class _Configs:
     model_config: ModelConfig
     scheduler_config: SchedulerConfig
     compilation_config: CompilationConfig
+    parallel_config: ParallelConfig
     hf_config: object
     family: ModelFamily
     task: ModelTask
     spec: ModelShape
     backend: AttentionBackend
+    # This replica's devices, the tensor-parallel axis.
+    mesh: Mesh
 
     @property
     def dtype(self):
@@ -106,6 +113,7 @@ def build_engine_parts(args: EngineArgs) -> EngineParts:
         configs.scheduler_config,
         cache_config,
         configs.compilation_config,
+        configs.parallel_config,
         configs.hf_config,
         configs.spec,
         tokenizer,
@@ -141,6 +149,13 @@ def create_configs(args: EngineArgs) -> _Configs:
         pooler_config=args.resolved_pooler_config(),
     )
     spec = family.build_spec(hf_config, task.head)
+    parallel_config = ParallelConfig(
+        tensor_parallel_size=args.tensor_parallel_size,
+        data_parallel_size=args.data_parallel_size,
+        data_parallel_rank=args.data_parallel_rank or 0,
+    )
+    verify_tensor_parallel(spec.num_attention_heads, spec.num_key_value_heads, args.tensor_parallel_size)
+    mesh = make_mesh(parallel_config)
     dtype = resolve_dtype(args.dtype, hf_config, model_path.endswith(".gguf"))
     max_model_len = resolve_max_model_len(args.max_model_len, hf_config, _max_positions(family, hf_config, model_path))
     backend = (
@@ -181,7 +196,18 @@ def create_configs(args: EngineArgs) -> _Configs:
     )
     compilation_config = compilation_config_from(args, scheduler_config)
     enable_compilation_cache(compilation_config.cache_dir)
-    return _Configs(model_config, scheduler_config, compilation_config, hf_config, family, task, spec, backend)
+    return _Configs(
+        model_config,
+        scheduler_config,
+        compilation_config,
+        parallel_config,
+        hf_config,
+        family,
+        task,
+        spec,
+        backend,
+        mesh,
+    )
 
 
 def _max_positions(family: ModelFamily, hf_config, model_path: str) -> int | None:
@@ -221,10 +247,18 @@ def load_model(args: EngineArgs, configs: _Configs):
     from jllm.models.model_loader import load_checkpoint
 
     family = configs.family
-    model = family.module(configs.spec, configs.dtype, configs.backend)
+    model = family.module(configs.spec, configs.dtype, configs.backend, mesh=configs.mesh)
     constants = family.constants(configs.spec, configs.hf_config, configs.model_config.max_model_len)
     params = load_checkpoint(
-        family, model, configs.spec, constants, configs.model_config.model, args.load_format, configs.dtype, args.seed
+        family,
+        model,
+        configs.spec,
+        constants,
+        configs.model_config.model,
+        args.load_format,
+        configs.dtype,
+        args.seed,
+        configs.mesh,
     )
     return model, params, constants
 
@@ -258,6 +292,7 @@ def plan_kv_cache(args: EngineArgs, configs: _Configs) -> CacheConfig:
         kv_cache_memory_bytes=args.kv_cache_memory_bytes,
         num_gpu_blocks_override=args.num_gpu_blocks_override,
         activation_bytes=activation_bytes(configs.spec, configs.scheduler_config, configs.dtype, prefix_gather_tokens),
+        mesh=configs.mesh,
     )
     return CacheConfig(
         block_size=block_size,
@@ -282,16 +317,19 @@ def create_runner(configs: _Configs, cache_config: CacheConfig, model, params, c
             token_buckets=configs.compilation_config.token_buckets,
             pooler_config=configs.model_config.pooler_config,
             uses_token_types=configs.family.is_encoder,
+            mesh=configs.mesh,
         )
+    mesh = configs.mesh
     kv_caches = allocate_kv_caches(
-        spec, cache_config.num_gpu_blocks, block_size, configs.dtype, configs.scheduler_config.max_num_seqs
+        spec, cache_config.num_gpu_blocks, block_size, configs.dtype, configs.scheduler_config.max_num_seqs, mesh
     )
     logger.info(
-        "KV cache: %d pages of %d tokens (%d tokens, %.2f GiB).",
+        "KV cache: %d pages of %d tokens (%d tokens, %.2f GiB per device over %d).",
         cache_config.num_gpu_blocks,
         block_size,
         cache_config.num_gpu_blocks * block_size,
-        sum(c.k.nbytes + c.v.nbytes for c in kv_caches) / (1 << 30),
+        sum(c.k.nbytes + c.v.nbytes for c in kv_caches) / mesh.size / (1 << 30),
+        mesh.size,
     )
     return ModelRunner(
         model=model,
@@ -306,6 +344,8 @@ def create_runner(configs: _Configs, cache_config: CacheConfig, model, params, c
         max_num_seqs=configs.scheduler_config.max_num_seqs,
         decode_kernel=configs.backend == AttentionBackend.PALLAS,
         fresh_prefill_min_tokens=configs.fresh_prefill_min_tokens,
+        mesh=mesh,
+        num_queries_per_kv=spec.num_attention_heads // num_kv_cache_heads(spec.num_key_value_heads, mesh),
     )
 
 

@@ -21,6 +21,10 @@ import jax.numpy as jnp
 from jax._src.cudnn.fused_attention_stablehlo import MaskType
 from jax._src.cudnn.fused_attention_stablehlo import dot_product_attention as cudnn_dot_product_attention
 
+from jax.sharding import Mesh
+from jax.sharding import PartitionSpec as P
+
+from jllm.distributed.mesh import TP_AXIS
 from jllm.layers.attention_metadata import AttentionMetadata
 from pallas_kernels import (
     new_decode_tickets,
@@ -72,15 +76,35 @@ def attention(
     backend: AttentionBackend,
     causal: bool = True,
     sliding_window: int | None = None,
+    mesh: Mesh | None = None,
 ):
     """One layer's attention: over the paged cache (written first) where the layer keeps
     one, else each sequence over its own tokens in this step (pooling steps keep no cache;
-    encoders are not causal). Returns (output [T, N, H], the updated cache or None)."""
-    if cache is None:
-        return packed_self_attention(q, k, v, md, scale=scale, causal=causal, sliding_window=sliding_window), None
-    if not causal:
+    encoders are not causal). Returns (output [T, N, H], the updated cache or None).
+
+    With a mesh, q/k/v and the cache are split by head over it and each device runs the
+    kernels on its own heads (`shard_map`): attention needs no communication."""
+    if cache is not None and not causal:
         raise ValueError("Bidirectional attention keeps no KV cache: pass cache=None.")
-    return paged_attention(q, k, v, cache, md, scale=scale, backend=backend, sliding_window=sliding_window)
+
+    def local(q, k, v, cache, md):
+        if cache is None:
+            return packed_self_attention(q, k, v, md, scale=scale, causal=causal, sliding_window=sliding_window), None
+        return paged_attention(q, k, v, cache, md, scale=scale, backend=backend, sliding_window=sliding_window)
+
+    if mesh is None:
+        return local(q, k, v, cache, md)
+    heads = P(None, TP_AXIS, None)
+    pages = P(TP_AXIS)
+    cache_spec = P() if cache is None else KVCache(pages, pages, pages)
+    # check_vma=False: the Pallas kernels' outputs carry no varying-axis annotation.
+    return jax.shard_map(
+        local,
+        mesh=mesh,
+        in_specs=(heads, heads, heads, cache_spec, P()),
+        out_specs=(heads, cache_spec),
+        check_vma=False,
+    )(q, k, v, cache, md)
 
 
 def packed_self_attention(q, k, v, md: AttentionMetadata, *, scale: float, causal: bool, sliding_window=None):

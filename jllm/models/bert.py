@@ -15,6 +15,7 @@ from __future__ import annotations
 import dataclasses
 
 import flax.linen as nn
+from jax.sharding import Mesh
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -127,6 +128,8 @@ class BertModel(nn.Module):
     spec: EncoderSpec
     dtype: jnp.dtype
     backend: AttentionBackend = AttentionBackend.REFERENCE
+    # The tensor-parallel mesh (None: one device).
+    mesh: Mesh | None = None
 
     def setup(self):
         s = self.spec

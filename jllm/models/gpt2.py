@@ -11,6 +11,7 @@ from __future__ import annotations
 import dataclasses
 
 import flax.linen as nn
+from jax.sharding import Mesh
 import jax.numpy as jnp
 import numpy as np
 
@@ -98,6 +99,8 @@ class GPT2LMHeadModel(nn.Module):
     spec: GPT2Spec
     dtype: jnp.dtype
     backend: AttentionBackend = AttentionBackend.REFERENCE
+    # The tensor-parallel mesh (None: one device).
+    mesh: Mesh | None = None
 
     def setup(self):
         s = self.spec

@@ -20,12 +20,16 @@ import jax.numpy as jnp
 
 import numpy as np
 
+from jax.sharding import Mesh
+
+from jllm.distributed.mesh import num_kv_cache_heads, tp_axis_if_divisible
 from jllm.layers.activation import get_act_fn
-from jllm.layers.params import weight_param
 from jllm.layers.attention import AttentionBackend, KVCache, attention
 from jllm.layers.attention_metadata import AttentionMetadata
 from jllm.layers.norm import RMSNorm
+from jllm.layers.params import bias_param, embedding_param, weight_param
 from jllm.layers.rotary import apply_rotary, cos_sin_cache, rope_parameters
+from jllm.layers.vocab_parallel_embedding import embed_tokens
 from jllm.models.interface import ModelFamily, ModelHead, ModelShape
 
 # Einsum axis letters (tpu-inference's): T tokens, D model dim, N q heads,
@@ -48,53 +52,75 @@ class DecoderSpec(ModelShape):
 
 
 class Attention(nn.Module):
+    """Split by heads over the mesh (q/k/v by output heads, o_proj by input heads: one
+    all-reduce after o_proj). With fewer kv heads than devices, k/v are computed whole on
+    every device and each kv head repeated onto the devices whose query heads read it."""
+
     spec: DecoderSpec
     dtype: jnp.dtype
     backend: AttentionBackend
+    mesh: Mesh | None = None
 
     @nn.compact
     def __call__(self, x, cos_sin, cache: KVCache | None, md: AttentionMetadata):
         s = self.spec
         N, K, H, D = s.num_attention_heads, s.num_key_value_heads, s.head_dim, s.hidden_size
-        q = jnp.einsum("TD,DNH->TNH", x, weight_param(self, "q_proj", (D, N, H), self.dtype))
-        k = jnp.einsum("TD,DKH->TKH", x, weight_param(self, "k_proj", (D, K, H), self.dtype))
-        v = jnp.einsum("TD,DKH->TKH", x, weight_param(self, "v_proj", (D, K, H), self.dtype))
+        tp = tp_axis_if_divisible(self.mesh, N)
+        kv = tp_axis_if_divisible(self.mesh, K)
+        q = jnp.einsum("TD,DNH->TNH", x, weight_param(self, "q_proj", (D, N, H), self.dtype, (None, tp, None)))
+        k = jnp.einsum("TD,DKH->TKH", x, weight_param(self, "k_proj", (D, K, H), self.dtype, (None, kv, None)))
+        v = jnp.einsum("TD,DKH->TKH", x, weight_param(self, "v_proj", (D, K, H), self.dtype, (None, kv, None)))
         if s.qkv_bias:
-            q = q + self.param("q_bias", nn.initializers.zeros, (N, H), self.dtype)
-            k = k + self.param("k_bias", nn.initializers.zeros, (K, H), self.dtype)
-            v = v + self.param("v_bias", nn.initializers.zeros, (K, H), self.dtype)
+            q = q + bias_param(self, "q_bias", (N, H), self.dtype, (tp, None))
+            k = k + bias_param(self, "k_bias", (K, H), self.dtype, (kv, None))
+            v = v + bias_param(self, "v_bias", (K, H), self.dtype, (kv, None))
         if s.qk_norm:
             q = RMSNorm(H, s.rms_norm_eps, self.dtype, name="q_norm")(q)
             k = RMSNorm(H, s.rms_norm_eps, self.dtype, name="k_norm")(k)
         q = apply_rotary(q, cos_sin)
         k = apply_rotary(k, cos_sin)
+        replicas = num_kv_cache_heads(K, self.mesh) // K
+        if replicas > 1:
+            k, v = jnp.repeat(k, replicas, axis=1), jnp.repeat(v, replicas, axis=1)
         out, cache = attention(
-            q, k, v, cache, md, scale=H**-0.5, backend=self.backend, causal=True, sliding_window=s.sliding_window
+            q,
+            k,
+            v,
+            cache,
+            md,
+            scale=H**-0.5,
+            backend=self.backend,
+            causal=True,
+            sliding_window=s.sliding_window,
+            mesh=self.mesh,
         )
-        o = jnp.einsum("TNH,NHD->TD", out, weight_param(self, "o_proj", (N, H, D), self.dtype))
+        o = jnp.einsum("TNH,NHD->TD", out, weight_param(self, "o_proj", (N, H, D), self.dtype, (tp, None, None)))
         if s.o_bias:
-            o = o + self.param("o_bias", nn.initializers.zeros, (D,), self.dtype)
+            o = o + bias_param(self, "o_bias", (D,), self.dtype)
         return o, cache
 
 
 class MLP(nn.Module):
+    """Split over the mesh by ffn columns (gate/up) and rows (down): one all-reduce."""
+
     spec: DecoderSpec
     dtype: jnp.dtype
+    mesh: Mesh | None = None
 
     @nn.compact
     def __call__(self, x):
         s = self.spec
         D, F = s.hidden_size, s.intermediate_size
-        gate = jnp.einsum("TD,DF->TF", x, weight_param(self, "gate_proj", (D, F), self.dtype))
-        up = jnp.einsum("TD,DF->TF", x, weight_param(self, "up_proj", (D, F), self.dtype))
+        tp = tp_axis_if_divisible(self.mesh, F)
+        gate = jnp.einsum("TD,DF->TF", x, weight_param(self, "gate_proj", (D, F), self.dtype, (None, tp)))
+        up = jnp.einsum("TD,DF->TF", x, weight_param(self, "up_proj", (D, F), self.dtype, (None, tp)))
         if s.mlp_bias:
-            gate = gate + self.param("gate_bias", nn.initializers.zeros, (F,), self.dtype)
-            up = up + self.param("up_bias", nn.initializers.zeros, (F,), self.dtype)
-        out = jnp.einsum(
-            "TF,FD->TD", get_act_fn(s.hidden_act)(gate) * up, weight_param(self, "down_proj", (F, D), self.dtype)
-        )
+            gate = gate + bias_param(self, "gate_bias", (F,), self.dtype, (tp,))
+            up = up + bias_param(self, "up_bias", (F,), self.dtype, (tp,))
+        down = weight_param(self, "down_proj", (F, D), self.dtype, (tp, None))
+        out = jnp.einsum("TF,FD->TD", get_act_fn(s.hidden_act)(gate) * up, down)
         if s.mlp_bias:
-            out = out + self.param("down_bias", nn.initializers.zeros, (D,), self.dtype)
+            out = out + bias_param(self, "down_bias", (D,), self.dtype)
         return out
 
 
@@ -102,35 +128,39 @@ class DecoderLayer(nn.Module):
     spec: DecoderSpec
     dtype: jnp.dtype
     backend: AttentionBackend
+    mesh: Mesh | None = None
 
     @nn.compact
     def __call__(self, x, cos_sin, cache: KVCache, md):
         s = self.spec
         h = RMSNorm(s.hidden_size, s.rms_norm_eps, self.dtype, name="input_layernorm")(x)
-        h, cache = Attention(s, self.dtype, self.backend, name="self_attn")(h, cos_sin, cache, md)
+        h, cache = Attention(s, self.dtype, self.backend, self.mesh, name="self_attn")(h, cos_sin, cache, md)
         x = x + h
         h = RMSNorm(s.hidden_size, s.rms_norm_eps, self.dtype, name="post_attention_layernorm")(x)
-        return x + MLP(s, self.dtype, name="mlp")(h), cache
+        return x + MLP(s, self.dtype, self.mesh, name="mlp")(h), cache
 
 
 class LlamaForCausalLM(nn.Module):
     spec: DecoderSpec
     dtype: jnp.dtype
     backend: AttentionBackend = AttentionBackend.REFERENCE
+    # The tensor-parallel mesh the parameters are split over (None: one device).
+    mesh: Mesh | None = None
 
     def setup(self):
         s = self.spec
-        self.embed_tokens = self.param(
-            "embed_tokens", nn.initializers.normal(0.02), (s.vocab_size, s.hidden_size), self.dtype
+        # Vocabulary-parallel embedding and LM head: the logits come out split by vocabulary
+        # and the runner gathers them whole for sampling.
+        vocab = tp_axis_if_divisible(self.mesh, s.vocab_size)
+        self.embed_tokens = embedding_param(
+            self, "embed_tokens", (s.vocab_size, s.hidden_size), self.dtype, (vocab, None)
         )
         self.layers = [
-            DecoderLayer(s, self.dtype, self.backend, name=f"layers_{i}") for i in range(s.num_hidden_layers)
+            DecoderLayer(s, self.dtype, self.backend, self.mesh, name=f"layers_{i}") for i in range(s.num_hidden_layers)
         ]
         self.norm = RMSNorm(s.hidden_size, s.rms_norm_eps, self.dtype, name="norm")
         if s.head == ModelHead.LM and not s.tie_word_embeddings:
-            self.lm_head = self.param(
-                "lm_head", nn.initializers.normal(0.02), (s.hidden_size, s.vocab_size), self.dtype
-            )
+            self.lm_head = embedding_param(self, "lm_head", (s.hidden_size, s.vocab_size), self.dtype, (None, vocab))
         elif s.head == ModelHead.CLASSIFY:
             self.score = weight_param(self, "score", (s.hidden_size, s.num_labels), self.dtype)
         elif s.head == ModelHead.REWARD:
@@ -147,7 +177,7 @@ class LlamaForCausalLM(nn.Module):
         Returns (new kv_caches, final hidden states [T, D]).
         """
         cos_sin = constants["cos_sin"][md.positions]
-        x = self.embed_tokens[input_ids]
+        x = embed_tokens(self.embed_tokens, input_ids, self.mesh)
         new_caches = []
         for layer, cache in zip(self.layers, kv_caches):
             x, cache = layer(x, cos_sin, cache, md)

@@ -3,10 +3,13 @@ checkpoint (GGUF, safetensors) or draw dummy weights, and place them on the devi
 
 from __future__ import annotations
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
+from jax.sharding import Mesh, NamedSharding
+from jax.sharding import PartitionSpec as P
+from tqdm import tqdm
 
-from jllm.layers.attention import allocate_kv_cache
 from jllm.layers.attention_metadata import AttentionMetadata
 from jllm.models.interface import ModelFamily
 from jllm.models.weights import params_from_hf
@@ -23,40 +26,66 @@ def resolve_model_source(model: str | None, revision: str | None = None) -> str:
     return resolve_model_path(model, revision)
 
 
-def param_shapes(model, spec, constants: dict) -> dict:
-    """The parameter tree's shapes and dtypes, without allocating anything."""
-    t = 1
-    cache = jax.eval_shape(lambda: allocate_kv_cache(spec.num_key_value_heads, 1, 1, spec.head_dim, 1, model.dtype))
-    caches = [cache] * spec.num_hidden_layers
-    i32 = jax.ShapeDtypeStruct((t,), jnp.int32)
-    # max_seq_len: encoders attend without a cache whatever the caches passed, at that width.
+def param_shapes(model, spec, constants: dict) -> tuple[dict, dict]:
+    """The parameter tree's shapes and dtypes, and each parameter's PartitionSpec over the
+    tensor-parallel mesh (as the family annotated it), without allocating anything."""
+    i32 = jax.ShapeDtypeStruct((1,), jnp.int32)
+    # No caches: every family then attends within the step (layers.attention), which needs
+    # only max_seq_len; the parameters are the same.
     md = AttentionMetadata(
-        i32, i32, jax.ShapeDtypeStruct((1, 1), jnp.int32), i32, jax.ShapeDtypeStruct((2,), jnp.int32), max_seq_len=t
+        i32, i32, jax.ShapeDtypeStruct((1, 1), jnp.int32), i32, jax.ShapeDtypeStruct((2,), jnp.int32), max_seq_len=1
     )
     consts = {k: jax.ShapeDtypeStruct(v.shape, v.dtype) for k, v in constants.items()}
-    return jax.eval_shape(lambda *args: model.init(jax.random.PRNGKey(0), *args), caches, i32, md, consts, i32)
+    caches = [None] * spec.num_hidden_layers
+    boxed = jax.eval_shape(lambda *args: model.init(jax.random.PRNGKey(0), *args), caches, i32, md, consts, i32)
+    return nn.meta.unbox(boxed), nn.get_partition_spec(boxed)
 
 
-def dummy_params(shapes, seed: int) -> dict:
-    """vLLM's dummy weights: uniform in [-1e-3, 1e-3], norm scales at 1, drawn on the device."""
+def param_shardings(mesh: Mesh, specs) -> dict:
+    return jax.tree.map(lambda spec: NamedSharding(mesh, spec), specs, is_leaf=lambda x: isinstance(x, P))
+
+
+def dummy_params(shapes, shardings, seed: int) -> dict:
+    """vLLM's dummy weights: uniform in [-1e-3, 1e-3], norm scales at 1, each drawn on the
+    devices that hold it."""
     leaves, treedef = jax.tree_util.tree_flatten_with_path(shapes)
-    key = jax.random.PRNGKey(seed)
-    out = []
-    for i, (path, leaf) in enumerate(leaves):
-        name = str(path[-1].key)
-        if name in ("weight", "scale"):  # RMSNorm / LayerNorm scales
-            out.append(jnp.ones(leaf.shape, leaf.dtype))
-        else:
-            out.append(jax.random.uniform(jax.random.fold_in(key, i), leaf.shape, leaf.dtype, -1e-3, 1e-3))
-    return jax.tree_util.tree_unflatten(treedef, out)
+
+    def draw():
+        key = jax.random.PRNGKey(seed)
+        out = []
+        for i, (path, leaf) in enumerate(leaves):
+            name = str(path[-1].key)
+            if name in ("weight", "scale"):  # RMSNorm / LayerNorm scales
+                out.append(jnp.ones(leaf.shape, leaf.dtype))
+            else:
+                out.append(jax.random.uniform(jax.random.fold_in(key, i), leaf.shape, leaf.dtype, -1e-3, 1e-3))
+        return jax.tree_util.tree_unflatten(treedef, out)
+
+    return jax.jit(draw, out_shardings=shardings)()
+
+
+def place_params(host_params: dict, shardings: dict) -> dict:
+    """Each host tensor straight into its shards, one device slice at a time: a weight is
+    never whole on one device unless its sharding says so."""
+    leaves, treedef = jax.tree_util.tree_flatten(host_params)
+    flat_shardings = treedef.flatten_up_to(shardings)
+    placed = [
+        jax.make_array_from_callback(w.shape, sharding, lambda index, w=w: w[index])
+        for w, sharding in zip(
+            tqdm(leaves, desc="Loading weights", unit="tensor", disable=None), flat_shardings, strict=True
+        )
+    ]
+    return jax.tree_util.tree_unflatten(treedef, placed)
 
 
 def load_checkpoint(
-    family: ModelFamily, model, spec, constants: dict, path: str, load_format: str, dtype, seed: int
+    family: ModelFamily, model, spec, constants: dict, path: str, load_format: str, dtype, seed: int, mesh: Mesh
 ) -> dict:
-    shapes = param_shapes(model, spec, constants)
+    """The parameters on the mesh, each split as the family annotated it."""
+    shapes, specs = param_shapes(model, spec, constants)
+    shardings = param_shardings(mesh, specs)
     if load_format == "dummy":
-        return dummy_params(shapes, seed)
+        return dummy_params(shapes, shardings, seed)
     is_gguf = path.endswith(".gguf")
     if load_format == "gguf" and not is_gguf:
         raise ValueError(f"load_format='gguf' needs a .gguf file, got {path}.")
@@ -70,4 +99,4 @@ def load_checkpoint(
         from jllm.models.loader.safetensors_loader import load_safetensors
 
         weights = load_safetensors(path)
-    return params_from_hf(family.hf_name_map(spec), weights, dtype, shapes)
+    return place_params(params_from_hf(family.hf_name_map(spec), weights, dtype, shapes), shardings)

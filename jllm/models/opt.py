@@ -12,6 +12,7 @@ from __future__ import annotations
 import dataclasses
 
 import flax.linen as nn
+from jax.sharding import Mesh
 import jax.numpy as jnp
 import numpy as np
 
@@ -106,6 +107,8 @@ class OPTForCausalLM(nn.Module):
     spec: OPTSpec
     dtype: jnp.dtype
     backend: AttentionBackend = AttentionBackend.REFERENCE
+    # The tensor-parallel mesh (None: one device).
+    mesh: Mesh | None = None
 
     def setup(self):
         s = self.spec

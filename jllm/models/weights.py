@@ -23,7 +23,8 @@ def _find(hf_weights: dict, name: str):
 
 
 def params_from_hf(name_map: dict, hf_weights: dict[str, np.ndarray], dtype, shapes) -> dict:
-    """Builds {'params': ...} with every leaf of `shapes` (from `jax.eval_shape` of init).
+    """Builds {'params': ...} with every leaf of `shapes` (from `jax.eval_shape` of init), as
+    host arrays in `dtype` (`model_loader.place_params` puts them on the devices).
 
     Checkpoint tensors that the model does not use (rotary caches, another head) are
     ignored; a missing or mis-shaped tensor is an error naming it.
@@ -49,5 +50,5 @@ def params_from_hf(name_map: dict, hf_weights: dict[str, np.ndarray], dtype, sha
         node = tree
         for key in path[:-1]:
             node = node.setdefault(key, {})
-        node[path[-1]] = jnp.asarray(w, dtype=dtype)
+        node[path[-1]] = np.ascontiguousarray(w, dtype=jnp.dtype(dtype))
     return {"params": tree}

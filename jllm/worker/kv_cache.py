@@ -2,7 +2,9 @@
 
 Per layer the pool is two arrays [num_kv_heads, num_blocks, block_size, head_dim]
 (JAX's paged-attention layout: one head's page is contiguous), kept with the decode
-kernel's split tickets in a `KVCache`. The number of
+kernel's split tickets in a `KVCache`, and split by kv head over the tensor-parallel
+mesh (each device holds its heads' pages; a kv head is replicated where there are fewer
+than devices). The number of
 blocks comes from the memory the device has left once weights and the largest
 step's activations are accounted for (vLLM's gpu_memory_utilization rule), from
 an explicit byte budget, or from an override.
@@ -15,7 +17,10 @@ import logging
 import jax
 import jax.numpy as jnp
 
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
 from jllm.config import SchedulerConfig
+from jllm.distributed.mesh import TP_AXIS, num_kv_cache_heads
 from jllm.layers.attention import KVCache, allocate_kv_cache
 from jllm.models.llama import DecoderSpec
 
@@ -26,18 +31,26 @@ DEFAULT_CPU_KV_CACHE_BYTES = 1 << 30
 _GiB = float(1 << 30)
 
 
-def bytes_per_block(spec: DecoderSpec, block_size: int, dtype) -> int:
+def bytes_per_block(spec: DecoderSpec, block_size: int, dtype, mesh: Mesh) -> int:
+    """One page's bytes on each device of the mesh (its share of the kv heads)."""
     itemsize = jnp.dtype(dtype).itemsize
-    return 2 * spec.num_hidden_layers * spec.num_key_value_heads * block_size * spec.head_dim * itemsize
+    heads_per_device = num_kv_cache_heads(spec.num_key_value_heads, mesh) // mesh.size
+    return 2 * spec.num_hidden_layers * heads_per_device * block_size * spec.head_dim * itemsize
 
 
-def available_kv_cache_bytes(gpu_memory_utilization: float, activation_bytes: int) -> int | None:
-    """Bytes the pool may take on an accelerator, or None where the device reports no limit."""
-    stats = jax.devices()[0].memory_stats() if jax.devices()[0].platform != "cpu" else None
-    if not stats or "bytes_limit" not in stats:
-        return None
-    budget = int(stats["bytes_limit"] * gpu_memory_utilization)
-    return budget - int(stats.get("bytes_in_use", 0)) - activation_bytes
+def available_kv_cache_bytes(gpu_memory_utilization: float, activation_bytes: int, mesh: Mesh) -> int | None:
+    """Bytes the pool may take on each accelerator of the mesh (the least any of them has
+    left), or None where the devices report no limit."""
+    budgets = []
+    for device in mesh.devices.flat:
+        stats = (
+            device.memory_stats() if device.platform != "cpu" and device.process_index == jax.process_index() else None
+        )
+        if not stats or "bytes_limit" not in stats:
+            continue
+        budget = int(stats["bytes_limit"] * gpu_memory_utilization)
+        budgets.append(budget - int(stats.get("bytes_in_use", 0)) - activation_bytes)
+    return min(budgets) if budgets else None
 
 
 def activation_bytes(spec: DecoderSpec, sched: SchedulerConfig, dtype, prefix_gather_tokens: int = 0) -> int:
@@ -70,15 +83,17 @@ def determine_num_blocks(
     kv_cache_memory_bytes: int | None,
     num_gpu_blocks_override: int | None,
     activation_bytes: int,
+    mesh: Mesh,
 ) -> int:
-    per_block = bytes_per_block(spec, block_size, dtype)
+    """Pages that fit each device's budget (kv_cache_memory_bytes is per device too)."""
+    per_block = bytes_per_block(spec, block_size, dtype, mesh)
     if num_gpu_blocks_override is not None:
         num_blocks = num_gpu_blocks_override
         available = num_blocks * per_block
     else:
         available = kv_cache_memory_bytes
         if available is None:
-            available = available_kv_cache_bytes(gpu_memory_utilization, activation_bytes)
+            available = available_kv_cache_bytes(gpu_memory_utilization, activation_bytes, mesh)
         if available is None:
             available = DEFAULT_CPU_KV_CACHE_BYTES
         if available <= 0:
@@ -101,10 +116,16 @@ def determine_num_blocks(
     return int(num_blocks)
 
 
-def allocate_kv_caches(spec: DecoderSpec, num_blocks: int, block_size: int, dtype, max_num_seqs: int) -> list[KVCache]:
-    """A zeroed KVCache per layer; its decode tickets serve steps of up to `max_num_seqs`
-    sequences (4 bytes per kv head and sequence, left out of the page budget)."""
-    return [
-        allocate_kv_cache(spec.num_key_value_heads, num_blocks, block_size, spec.head_dim, max_num_seqs, dtype)
-        for _ in range(spec.num_hidden_layers)
-    ]
+def allocate_kv_caches(
+    spec: DecoderSpec, num_blocks: int, block_size: int, dtype, max_num_seqs: int, mesh: Mesh
+) -> list[KVCache]:
+    """A zeroed KVCache per layer, split by kv head over the mesh and zeroed in place on
+    each device; its decode tickets serve steps of up to `max_num_seqs` sequences (4 bytes
+    per kv head and sequence, left out of the page budget)."""
+    heads = num_kv_cache_heads(spec.num_key_value_heads, mesh)
+    by_head = NamedSharding(mesh, PartitionSpec(TP_AXIS))
+    allocate = jax.jit(
+        lambda: allocate_kv_cache(heads, num_blocks, block_size, spec.head_dim, max_num_seqs, dtype),
+        out_shardings=KVCache(by_head, by_head, by_head),
+    )
+    return [allocate() for _ in range(spec.num_hidden_layers)]

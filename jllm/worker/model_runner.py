@@ -19,7 +19,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jax.sharding import Mesh
+
 from jllm.core.scheduler_output import SchedulerOutput
+from jllm.distributed.mesh import replicated
 from jllm.layers.attention_metadata import AttentionMetadata
 from jllm.layers.sampler import SamplingMetadata, compute_logprobs, sample
 from jllm.worker.attention_plan import AttentionPlanner
@@ -77,8 +80,15 @@ def _forward(model, params, kv_caches, constants, inputs: ModelInputs):
     return model.apply(params, kv_caches, inputs.input_ids, inputs.attn, constants, inputs.token_type_ids)
 
 
+def _whole(logits, mesh: Mesh):
+    """Logits come out of a vocabulary-parallel head split over the mesh; sampling (top-k,
+    the Gumbel race over the vocabulary) reads them whole on every device."""
+    return jax.lax.with_sharding_constraint(logits, replicated(mesh))
+
+
 def _step(
     model,
+    mesh: Mesh,
     params,
     kv_caches,
     constants,
@@ -96,22 +106,24 @@ def _step(
     """
     inputs, sampling_md = unpack(packed_inputs, layout)
     kv_caches, hidden = _forward(model, params, kv_caches, constants, inputs)
-    logits = model.apply(params, hidden[inputs.logits_indices], method=type(model).compute_logits)
+    logits = _whole(model.apply(params, hidden[inputs.logits_indices], method=type(model).compute_logits), mesh)
     out = sample(logits, sampling_md, num_logprobs=num_logprobs)
     logprobs = prompt = None
     if num_logprobs:
         logprobs = (out.topk_token_ids, out.topk_logprobs, out.sampled_logprobs, out.sampled_ranks)
     if num_prompt_logprobs:
-        all_logits = model.apply(params, hidden, method=type(model).compute_logits)
+        all_logits = _whole(model.apply(params, hidden, method=type(model).compute_logits), mesh)
         targets = jnp.maximum(inputs.prompt_targets, 0)
         prompt = compute_logprobs(all_logits, targets, num_prompt_logprobs)
     return kv_caches, out.sampled_token_ids, logprobs, prompt
 
 
-def _forward_logits(model, params, kv_caches, constants, inputs: ModelInputs):
+def _forward_logits(model, mesh: Mesh, params, kv_caches, constants, inputs: ModelInputs):
     """The slow path's first half: logits leave the device for host logits_processors."""
     kv_caches, hidden = _forward(model, params, kv_caches, constants, inputs)
-    return kv_caches, model.apply(params, hidden[inputs.logits_indices], method=type(model).compute_logits)
+    return kv_caches, _whole(
+        model.apply(params, hidden[inputs.logits_indices], method=type(model).compute_logits), mesh
+    )
 
 
 def _apply_logits_processor(fn, prompt_ids: list[int], output_ids: list[int], logits: np.ndarray) -> np.ndarray:
@@ -136,10 +148,13 @@ class ModelRunner:
         constants: dict,
         token_buckets: tuple[int, ...],
         page_buckets: tuple[int, ...],
+        mesh: Mesh,
+        num_queries_per_kv: int,
         decode_kernel: bool = False,
         fresh_prefill_min_tokens: int | None = None,
     ):
         self.model = model
+        self.mesh = mesh
         self.params = params
         self.spec = spec
         self.kv_caches = kv_caches
@@ -151,19 +166,19 @@ class ModelRunner:
             decode_kernel=decode_kernel,
             fresh_prefill_min_tokens=fresh_prefill_min_tokens,
             head_dim=spec.head_dim,
-            num_queries_per_kv=spec.num_attention_heads // spec.num_key_value_heads,
+            num_queries_per_kv=num_queries_per_kv,
         )
         self.builder = InputBatchBuilder(
             planner=self.planner, page_buckets=page_buckets, max_logprobs=max_logprobs, vocab_size=spec.vocab_size
         )
         # The family's tables every step reads (rotary cos/sin), on the device once.
-        self.constants = {name: jnp.asarray(table) for name, table in constants.items()}
+        self.constants = {name: jax.device_put(table, replicated(mesh)) for name, table in constants.items()}
         self._step = jax.jit(
-            functools.partial(_step, model),
+            functools.partial(_step, model, mesh),
             static_argnames=("layout", "num_logprobs", "num_prompt_logprobs"),
             donate_argnums=(1,),
         )
-        self._forward_logits = jax.jit(functools.partial(_forward_logits, model), donate_argnums=(1,))
+        self._forward_logits = jax.jit(functools.partial(_forward_logits, model, mesh), donate_argnums=(1,))
         self._sample = jax.jit(sample, static_argnames=("num_logprobs",))
         self.seen_shapes: set[StepShape] = set()
 

@@ -17,10 +17,12 @@ import functools
 import time
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 
+from jax.sharding import Mesh
+
 from jllm.config import PoolerConfig
+from jllm.distributed.mesh import replicated
 from jllm.core.scheduler_output import SchedulerOutput
 from jllm.layers.attention_metadata import AttentionMetadata
 from jllm.layers.pooler import pool
@@ -69,6 +71,7 @@ class PoolingModelRunner:
         token_buckets: tuple[int, ...],
         pooler_config: PoolerConfig,
         uses_token_types: bool,
+        mesh: Mesh,
     ):
         self.model = model
         self.params = params
@@ -83,7 +86,7 @@ class PoolingModelRunner:
         self.length_buckets = tuple(
             sorted(set(pow2_buckets(min(16, longest), longest)) | {t for t in token_buckets if t <= longest})
         )
-        self.constants = {name: jnp.asarray(table) for name, table in constants.items()}
+        self.constants = {name: jax.device_put(table, replicated(mesh)) for name, table in constants.items()}
         self._step = jax.jit(
             functools.partial(_pool_step, model, spec.num_hidden_layers),
             static_argnames=("layout", "pooling_type"),

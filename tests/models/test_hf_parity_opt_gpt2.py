@@ -23,6 +23,8 @@ from jllm import LLM, SamplingParams
 from jllm.models import gpt2, opt
 from jllm.models.interface import ModelHead
 from jllm.models.loader.safetensors_loader import load_safetensors
+from jllm.config import ParallelConfig
+from jllm.distributed.mesh import make_mesh
 from jllm.models.model_loader import load_checkpoint, param_shapes
 from jllm.models.registry import resolve_architecture
 from jllm.models.weights import params_from_hf
@@ -244,8 +246,9 @@ def test_dummy_weights_have_the_checkpoint_shapes(name, tiny_folders):
     """load_format="dummy" builds the very tree the checkpoint loads into, its LayerNorm
     scales at one."""
     family, spec, model = _family_model(tiny_folders[name])
-    loaded = load_checkpoint(family, model, spec, {}, tiny_folders[name], "safetensors", jnp.float32, seed=0)
-    dummy = load_checkpoint(family, model, spec, {}, tiny_folders[name], "dummy", jnp.float32, seed=0)
+    mesh = make_mesh(ParallelConfig())
+    loaded = load_checkpoint(family, model, spec, {}, tiny_folders[name], "safetensors", jnp.float32, 0, mesh)
+    dummy = load_checkpoint(family, model, spec, {}, tiny_folders[name], "dummy", jnp.float32, 0, mesh)
     assert _shapes(dummy) == _shapes(loaded)
     scales = [leaf for path, leaf in jax.tree_util.tree_leaves_with_path(dummy) if path[-1].key == "weight"]
     assert len(scales) >= 2 * spec.num_hidden_layers and all(bool((s == 1).all()) for s in scales)
@@ -259,7 +262,7 @@ def test_checkpoints_saved_without_the_task_prefix_load(name, tiny_folders):
     weights = load_safetensors(tiny_folders[name], use_tqdm=False)
     base_only = {n.partition(".")[2]: w for n, w in weights.items() if n.startswith(("model.", "transformer."))}
     assert not any(n.startswith(("model.", "transformer.")) for n in base_only)
-    shapes = param_shapes(model, spec, {})
+    shapes, _ = param_shapes(model, spec, {})
     expected = params_from_hf(family.hf_name_map(spec), weights, jnp.float32, shapes)
     loaded = params_from_hf(family.hf_name_map(spec), base_only, jnp.float32, shapes)
     jax.tree.map(np.testing.assert_array_equal, loaded, expected)
