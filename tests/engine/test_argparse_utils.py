@@ -102,9 +102,7 @@ def test_config_file_under_a_subcommand_keeps_the_command_and_model_first(tmp_pa
 
 # A value vLLM accepts that jllm cannot honour yet, per argument.
 NOT_YET = {
-    "tensor_parallel_size": 2,
     "pipeline_parallel_size": 2,
-    "data_parallel_size": 2,
     "distributed_executor_backend": "ray",
     "quantization": "awq",
     "kv_cache_dtype": "fp8",
@@ -126,10 +124,10 @@ def test_vllm_argument_jllm_cannot_honour_yet_is_refused_by_name(name):
 def test_vllm_arguments_at_values_jllm_honours_are_accepted():
     args = EngineArgs(
         model="m",
-        tensor_parallel_size=1,
+        tensor_parallel_size=4,
         pipeline_parallel_size=1,
-        data_parallel_size=1,
-        distributed_executor_backend="uni",
+        data_parallel_size=2,
+        distributed_executor_backend="mp",
         quantization=None,
         kv_cache_dtype="auto",
         swap_space=16,
@@ -147,9 +145,9 @@ def test_vllm_arguments_at_values_jllm_honours_are_accepted():
 
 def test_vllm_short_flags_and_json_flags_parse():
     args = engine_parser().parse_args(
-        ["--model", "m", "-tp", "1", "-pp", "1", "-dp", "1", "--speculative_config", "{}"]
+        ["--model", "m", "-tp", "2", "-pp", "1", "-dp", "3", "--speculative_config", "{}"]
     )
-    assert (args.tensor_parallel_size, args.pipeline_parallel_size, args.data_parallel_size) == (1, 1, 1)
+    assert (args.tensor_parallel_size, args.pipeline_parallel_size, args.data_parallel_size) == (2, 1, 3)
     assert args.speculative_config == {}
     with pytest.raises(ValueError, match="^speculative_config="):
         EngineArgs(**vars(args))
