@@ -16,7 +16,7 @@ from jllm.core.block_hash import PREFIX_CACHING_HASH_ALGOS
 
 _DTYPES = ("auto", "half", "float16", "bfloat16", "float", "float32")
 _ATTENTION_BACKENDS = ("reference", "pallas")
-_LOAD_FORMATS = ("auto", "safetensors", "gguf", "dummy")
+_LOAD_FORMATS = ("auto", "safetensors", "gguf", "orbax", "dummy")
 _TOKENIZER_MODES = ("auto", "slow", "mistral")
 
 _HELP = {
@@ -31,7 +31,8 @@ _HELP = {
     "revision": "Model revision (a ref or commit in the local HF cache).",
     "max_model_len": "Context length; defaults to the model's.",
     "hf_overrides": "JSON dict of values that override the HF config.",
-    "load_format": "'dummy' loads random weights at the real shapes (benchmarks).",
+    "load_format": "'auto' reads what the model folder holds (a `jllm convert` folder restores shard by shard); "
+    "'dummy' loads random weights at the real shapes (benchmarks).",
     "block_size": "Tokens per KV-cache page.",
     "enable_prefix_caching": "Reuse KV pages of identical prompt prefixes.",
     "prefix_caching_hash_algo": "How a page's prefix is hashed: 'sha256' (a canonical encoding) or 'sha256_cbor' "
@@ -64,6 +65,12 @@ _HELP = {
     "over them.",
     "data_parallel_rank": "Which replica this engine is (its devices are the rank-th group); set by jllm itself "
     "when it starts data_parallel_size replicas.",
+    "nnodes": "Processes (hosts) of a multi-host run; each runs the same command with its own --node-rank, "
+    "and process 0 serves.",
+    "node_rank": "This process's rank in a multi-host run; default: from the cluster environment "
+    "(SLURM, Open MPI, Kubernetes JobSet), as jax.distributed reads it.",
+    "master_addr": "Host of process 0 (jax.distributed's coordinator); default: from the cluster environment.",
+    "master_port": "Coordinator port on master_addr (default 29501).",
     "distributed_executor_backend": "vLLM's executor for several devices. jllm drives every local device from "
     "one process ('mp' and 'uni' are accepted as that) and other hosts through jax.distributed.",
     "quantization": "Quantization method of the weights; none is supported yet.",
@@ -140,6 +147,10 @@ class EngineArgs:
     pipeline_parallel_size: int = 1
     data_parallel_size: int = 1
     data_parallel_rank: int | None = None
+    nnodes: int = 1
+    node_rank: int | None = None
+    master_addr: str | None = None
+    master_port: int | None = None
     distributed_executor_backend: str | None = None
     quantization: str | None = None
     kv_cache_dtype: str = "auto"
@@ -196,6 +207,17 @@ class EngineArgs:
         for name in ("tensor_parallel_size", "data_parallel_size"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be a positive integer, got {getattr(self, name)}.")
+        if self.nnodes < 1:
+            raise ValueError(f"nnodes must be a positive integer, got {self.nnodes}.")
+        if self.node_rank is not None and not 0 <= self.node_rank < self.nnodes:
+            raise ValueError(f"node_rank must be in [0, {self.nnodes}), got {self.node_rank}.")
+        if self.master_port is not None and not 0 < self.master_port < 65536:
+            raise ValueError(f"master_port must be in [1, 65535], got {self.master_port}.")
+        if self.nnodes > 1 and self.data_parallel_size > 1:
+            raise ValueError(
+                "data_parallel_size > 1 with nnodes > 1 is not supported yet: a multi-host run is one "
+                "tensor-parallel engine over every host's devices."
+            )
         if self.data_parallel_rank is not None and not 0 <= self.data_parallel_rank < self.data_parallel_size:
             raise ValueError(
                 f"data_parallel_rank must be in [0, {self.data_parallel_size}), got {self.data_parallel_rank}."

@@ -15,9 +15,12 @@ from dataclasses import dataclass
 import jax
 import jax.numpy as jnp
 
+import numpy as np
+from jax.experimental import multihost_utils
 from jax.sharding import Mesh
 
 from jllm.config import CacheConfig, CompilationConfig, ModelConfig, ParallelConfig, SchedulerConfig
+from jllm.distributed.initialize import initialize_distributed
 from jllm.distributed.mesh import make_mesh, num_kv_cache_heads, verify_tensor_parallel
 from jllm.engine.arg_utils import EngineArgs
 from jllm.engine.engine_config import (
@@ -85,7 +88,10 @@ class _Configs:
 
 
 def build_engine_parts(args: EngineArgs) -> EngineParts:
+    """The engine's parts. In a multi-host run, only process 0 returns: the others replay
+    its device steps until it shuts down, then exit (`follow_leader`)."""
     t0 = time.perf_counter()
+    initialize_distributed(args.nnodes, args.node_rank, args.master_addr, args.master_port)
     configs = create_configs(args)
     tokenizer, generation_config = load_tokenizer(args, configs)
     model, params, constants = load_model(args, configs)
@@ -102,6 +108,8 @@ def build_engine_parts(args: EngineArgs) -> EngineParts:
     runner = create_runner(configs, cache_config, model, params, constants)
     if not configs.compilation_config.enforce_eager:
         warm_up(runner, configs)
+    if jax.process_index() != 0:
+        follow_leader(runner)
     eos = _eos_token_id(configs.hf_config, tokenizer, generation_config)
     # As vLLM does after start-up: the objects alive now (JAX, transformers, the model's
     # host copies) live as long as the engine, and the collector's full passes over them
@@ -121,6 +129,14 @@ def build_engine_parts(args: EngineArgs) -> EngineParts:
         eos,
         runner,
     )
+
+
+def follow_leader(runner: ModelRunner | PoolingModelRunner) -> None:
+    """A process other than 0 of a multi-host run: replays process 0's steps, then exits
+    with it (vLLM's headless nodes)."""
+    logger.info("Process %d runs process 0's engine steps until it shuts down.", jax.process_index())
+    runner.follow()
+    raise SystemExit(0)
 
 
 def create_configs(args: EngineArgs) -> _Configs:
@@ -294,6 +310,9 @@ def plan_kv_cache(args: EngineArgs, configs: _Configs) -> CacheConfig:
         activation_bytes=activation_bytes(configs.spec, configs.scheduler_config, configs.dtype, prefix_gather_tokens),
         mesh=configs.mesh,
     )
+    if jax.process_count() > 1:
+        # Every process must allocate the same pool: the one the least free memory allows.
+        num_blocks = int(multihost_utils.process_allgather(np.int32(num_blocks)).min())
     return CacheConfig(
         block_size=block_size,
         num_gpu_blocks=num_blocks,

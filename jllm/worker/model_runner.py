@@ -9,6 +9,7 @@ and brings back only the sampled tokens and any logprobs asked for.
 
 from __future__ import annotations
 
+import atexit
 import functools
 import inspect
 import logging
@@ -23,6 +24,7 @@ from jax.sharding import Mesh
 
 from jllm.core.scheduler_output import SchedulerOutput
 from jllm.distributed.mesh import replicated
+from jllm.distributed.step_sync import STOP, StepSync, host_copy
 from jllm.layers.attention_metadata import AttentionMetadata
 from jllm.layers.sampler import SamplingMetadata, compute_logprobs, sample
 from jllm.worker.attention_plan import AttentionPlanner
@@ -115,7 +117,8 @@ def _step(
         all_logits = _whole(model.apply(params, hidden, method=type(model).compute_logits), mesh)
         targets = jnp.maximum(inputs.prompt_targets, 0)
         prompt = compute_logprobs(all_logits, targets, num_prompt_logprobs)
-    return kv_caches, out.sampled_token_ids, logprobs, prompt
+    # Whole on every device, so that every process of a multi-host run holds a copy to read.
+    return kv_caches, *_whole((out.sampled_token_ids, logprobs, prompt), mesh)
 
 
 def _forward_logits(model, mesh: Mesh, params, kv_caches, constants, inputs: ModelInputs):
@@ -181,6 +184,10 @@ class ModelRunner:
         self._forward_logits = jax.jit(functools.partial(_forward_logits, model, mesh), donate_argnums=(1,))
         self._sample = jax.jit(sample, static_argnames=("num_logprobs",))
         self.seen_shapes: set[StepShape] = set()
+        # Multi-host: process 0 sends each step's inputs to the others (`follow`).
+        self.sync = StepSync()
+        if self.sync.active and self.sync.is_leader:
+            atexit.register(self.sync.send, STOP)
 
     @property
     def num_compiled_steps(self) -> int:
@@ -212,6 +219,15 @@ class ModelRunner:
         self, shape: StepShape, inputs: ModelInputs, sampling_md: SamplingMetadata, num_rows: int
     ) -> StepResults:
         """The fused jitted step on built (numpy) inputs; the results of its first num_rows rows."""
+        self.sync.send("step", inputs, sampling_md, shape.num_logprobs, shape.num_prompt_logprobs)
+        sampled, logprobs, prompt = self._device_step(
+            inputs, sampling_md, shape.num_logprobs, shape.num_prompt_logprobs
+        )
+        # One device-to-host copy per array the host reads, started together.
+        sampled, logprobs, prompt = host_copy((sampled, logprobs, prompt))
+        return StepResults(sampled[:num_rows], logprobs, prompt)
+
+    def _device_step(self, inputs: ModelInputs, sampling_md: SamplingMetadata, num_logprobs, num_prompt_logprobs):
         packed, layout = pack((inputs, sampling_md))
         self.kv_caches, sampled, logprobs, prompt = self._step(
             self.params,
@@ -219,17 +235,29 @@ class ModelRunner:
             self.constants,
             packed,
             layout=layout,
-            num_logprobs=shape.num_logprobs,
-            num_prompt_logprobs=shape.num_prompt_logprobs,
+            num_logprobs=num_logprobs,
+            num_prompt_logprobs=num_prompt_logprobs,
         )
-        # One device-to-host copy per array the host reads, started together.
-        sampled, logprobs, prompt = jax.device_get((sampled, logprobs, prompt))
-        return StepResults(sampled[:num_rows], logprobs, prompt)
+        return sampled, logprobs, prompt
+
+    def follow(self) -> None:
+        """A process other than 0 of a multi-host run: runs the device steps process 0
+        sends, in its order, until it stops."""
+        while True:
+            op, args = self.sync.receive()
+            if op == STOP:
+                return
+            if op == "step":
+                self._device_step(*args)
+            else:
+                self.kv_caches, _ = self._forward_logits(self.params, self.kv_caches, self.constants, *args)
 
     def _execute_with_processors(self, batch: StepBatch) -> StepResults:
         shape, rows = batch.shape, self.builder.rows
+        self.sync.send("forward_logits", batch.inputs)
         self.kv_caches, logits = self._forward_logits(self.params, self.kv_caches, self.constants, batch.inputs)
-        logits = np.array(logits)
+        # Sampling after the host's processors runs on this process's devices only.
+        logits = np.array(host_copy(logits))
         failed: dict[str, BaseException] = {}
         for i, (req_id, row) in enumerate(zip(batch.req_ids, batch.rows.tolist())):
             processors = rows.settings[row].logits_processors
