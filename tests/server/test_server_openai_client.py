@@ -1,5 +1,7 @@
 """The server as the official `openai` client sees it: completions, chat, streaming, n,
-logprobs, echo, stops, models; greedy texts equal offline `LLM.generate` / `LLM.chat`."""
+logprobs, echo, stops, models; greedy texts equal offline `LLM.generate` / `LLM.chat`.
+Every test runs against the server on one device and with `--tensor-parallel-size 2`
+(eight virtual CPU devices, tests/conftest.py); the offline reference runs on one."""
 
 from __future__ import annotations
 
@@ -23,8 +25,8 @@ CHAT_TEMPLATE = (
 )
 
 
-@pytest.fixture(scope="module")
-def server(tiny_llama_path, tmp_path_factory):
+@pytest.fixture(scope="module", params=[1, pytest.param(2, marks=pytest.mark.slow)], ids=["tp1", "tp2"])
+def server(request, tiny_llama_path, tmp_path_factory):
     template_path = tmp_path_factory.mktemp("template") / "chat_template.jinja"
     template_path.write_text(CHAT_TEMPLATE)
     server = InProcessServer(
@@ -35,6 +37,8 @@ def server(tiny_llama_path, tmp_path_factory):
             "--chat-template",
             str(template_path),
             "--trust-request-chat-template",
+            "--tensor-parallel-size",
+            str(request.param),
         )
     )
     yield server
