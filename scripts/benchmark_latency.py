@@ -80,7 +80,10 @@ def main() -> None:
         "batch_size": args.batch_size,
         "n": args.n,
         "attention_backend": llm.llm_engine.model_config.attention_backend,
+        "tensor_parallel_size": engine_args.tensor_parallel_size,
+        "data_parallel_size": engine_args.data_parallel_size,
         "avg_latency": float(latencies.mean()),
+        "ms_per_output_token": 1e3 * float(latencies.mean()) / args.output_len,
         "latencies": latencies.tolist(),
         "percentiles": percentiles,
     }

@@ -118,6 +118,8 @@ def main() -> None:
         "input_len": args.input_len,
         "output_len": args.output_len,
         "attention_backend": llm.llm_engine.model_config.attention_backend,
+        "tensor_parallel_size": engine_args.tensor_parallel_size,
+        "data_parallel_size": engine_args.data_parallel_size,
         "startup_s": round(startup, 2),
         "elapsed_s": round(elapsed, 3),
         "requests_per_s": round(len(outputs) / elapsed, 3),
