@@ -21,6 +21,7 @@ from collections.abc import AsyncGenerator
 from dataclasses import dataclass
 
 from jllm.engine.arg_utils import EngineArgs
+from jllm.engine.data_parallel import DataParallelEngine, engine_replicas
 from jllm.engine.llm_engine import LLMEngine
 from jllm.engine.stats import IterationStats, LoggingStatLogger, RequestStatsTracker, StatLogger, record_stats
 from jllm.outputs import PoolingRequestOutput, RequestOutput
@@ -126,8 +127,10 @@ def _resolve(future: asyncio.Future, error: BaseException | None) -> None:
 
 
 class AsyncLLMEngine:
-    def __init__(self, engine: LLMEngine, stat_loggers: list[StatLogger] | None = None) -> None:
+    def __init__(self, engine: LLMEngine | DataParallelEngine, stat_loggers: list[StatLogger] | None = None) -> None:
         self.engine = engine
+        # Statistics are recorded per engine index (each data-parallel replica's own).
+        self._replicas = {replica.engine_index: replica for replica in engine_replicas(engine)}
         self._stat_loggers: list[StatLogger] = list(stat_loggers or ())
         # Guards the two inboxes below; never held while the engine steps.
         self._lock = threading.Lock()
@@ -136,8 +139,8 @@ class AsyncLLMEngine:
         # Additions taken from the inbox and not yet in the engine.
         self._num_adding = 0
         self._wakeup = threading.Event()
-        # Engine-thread state: each running request's stream and output conversion.
-        self._streams: dict[str, tuple[RequestStream, _OutputAccumulator]] = {}
+        # Engine-thread state: each running request's stream, output conversion and engine index.
+        self._streams: dict[str, tuple[RequestStream, _OutputAccumulator, int]] = {}
         self._stats = RequestStatsTracker()
         self._dead: EngineDeadError | None = None
         self._errored = False
@@ -178,7 +181,12 @@ class AsyncLLMEngine:
 
     @property
     def hf_config(self):
-        return self.engine.parts.hf_config
+        return self.engine.hf_config
+
+    @property
+    def engine_indexes(self) -> list[int]:
+        """The `engine` labels of the metrics: one per data-parallel replica."""
+        return list(self._replicas)
 
     @property
     def errored(self) -> bool:
@@ -357,7 +365,11 @@ class AsyncLLMEngine:
             except Exception as e:  # noqa: BLE001 - the caller gets it back as its own error
                 self._call_soon(loop, _resolve, add.accepted, e)
                 continue
-            self._streams[add.request_id] = (add.stream, _OutputAccumulator(add.output_kind))
+            self._streams[add.request_id] = (
+                add.stream,
+                _OutputAccumulator(add.output_kind),
+                self.engine.engine_index_of(add.request_id),
+            )
             if isinstance(add.params, SamplingParams):
                 self._stats.add(add.request_id, add.arrival_time, add.params.n, add.params.max_tokens)
             else:
@@ -372,25 +384,32 @@ class AsyncLLMEngine:
             return
         self.engine.abort_request(known)
         now = time.time()
-        iteration = IterationStats()
+        iterations = {index: IterationStats() for index in self._replicas}
         for request_id in known:
             finished = self._stats.record_abort(request_id, now)
             if finished is not None:
-                iteration.finished_requests.append(finished)
+                iterations[self._streams[request_id][2]].finished_requests.append(finished)
         logger.info("Aborted request(s) %s.", ", ".join(sorted(known)))
         # Counted before the requests leave _streams, so no one sees them gone but uncounted.
-        self._record_stats(iteration)
+        self._record_stats(iterations)
         for request_id in known:
             del self._streams[request_id]
 
     def _process_outputs(self, outputs: list[RequestOutput | PoolingRequestOutput]) -> None:
-        iteration = self._stats.record_outputs(outputs, time.time())
+        # Each engine's step statistics come from its own requests' outputs (vLLM's per engine).
+        by_engine: dict[int, list] = {index: [] for index in self._replicas}
+        for output in outputs:
+            entry = self._streams.get(output.request_id)
+            if entry is not None:
+                by_engine[entry[2]].append(output)
+        now = time.time()
+        iterations = {index: self._stats.record_outputs(group, now) for index, group in by_engine.items()}
         by_loop: dict[asyncio.AbstractEventLoop, list] = defaultdict(list)
         for output in outputs:
             entry = self._streams.get(output.request_id)
             if entry is None:
                 continue
-            stream, accumulator = entry
+            stream, accumulator, _ = entry
             if output.finished:
                 del self._streams[output.request_id]
             if output.error is not None:
@@ -405,12 +424,14 @@ class AsyncLLMEngine:
             if item is not None:
                 by_loop[stream.loop].append((stream, item))
         # Statistics first: a client that has its last token may read /metrics at once.
-        self._record_stats(iteration)
+        self._record_stats(iterations)
         for loop, items in by_loop.items():
             self._call_soon(loop, _deliver, items)
 
-    def _record_stats(self, iteration: IterationStats) -> None:
-        record_stats(self._stat_loggers, self.engine.scheduler, iteration)
+    def _record_stats(self, iterations: dict[int, IterationStats]) -> None:
+        """Every engine's scheduler state and its requests' part of this step."""
+        for index, replica in self._replicas.items():
+            record_stats(self._stat_loggers, replica.scheduler, iterations[index], index)
 
     def _fail_all(self, error: EngineDeadError) -> None:
         with self._lock:
@@ -418,7 +439,7 @@ class AsyncLLMEngine:
             adds, self._pending_adds = self._pending_adds, []
         for add in adds:
             self._call_soon(add.stream.loop, _resolve, add.accepted, error)
-        for stream, _ in self._streams.values():
+        for stream, _, _ in self._streams.values():
             self._call_soon(stream.loop, _deliver, [(stream, error)])
         self._streams.clear()
 

@@ -23,6 +23,7 @@ from jllm.sampling_params import SamplingParams
 from jllm.worker.model_runner import ModelRunnerOutput
 
 if TYPE_CHECKING:
+    from jllm.engine.data_parallel import DataParallelEngine
     from jllm.engine.stats_recorder import EngineStatsRecorder
 
 logger = logging.getLogger(__name__)
@@ -42,6 +43,9 @@ class LLMEngine:
         self.runner = parts.runner
         self.scheduler = Scheduler(parts.scheduler_config, parts.cache_config)
         self.generation_config = parts.generation_config
+        self.hf_config = parts.hf_config
+        # vLLM's engine index: the data-parallel rank, the `engine` label of this engine's metrics.
+        self.engine_index = parts.parallel_config.data_parallel_rank
         self.vocab_size = parts.spec.vocab_size
         self._rng = random.Random(parts.model_config.seed)
         # user request id -> state; each sample's Request id -> (state, sample index)
@@ -54,7 +58,14 @@ class LLMEngine:
         self.stats_recorder: EngineStatsRecorder | None = None
 
     @classmethod
-    def from_engine_args(cls, engine_args: EngineArgs) -> "LLMEngine":
+    def from_engine_args(cls, engine_args: EngineArgs) -> LLMEngine | DataParallelEngine:
+        """This engine, or with data_parallel_size > 1 and no rank given, every replica
+        behind one DataParallelEngine."""
+        if engine_args.data_parallel_size > 1 and engine_args.data_parallel_rank is None:
+            # Imported here: data_parallel builds its replicas from this module.
+            from jllm.engine.data_parallel import DataParallelEngine
+
+            return DataParallelEngine.from_engine_args(engine_args)
         return cls(build_engine_parts(engine_args))
 
     # ----- requests -------------------------------------------------------------------
@@ -151,6 +162,11 @@ class LLMEngine:
     def _forget(self, sample_ids: list[str]) -> None:
         for sid in sample_ids:
             self._sample_of.pop(sid, None)
+
+    def engine_index_of(self, request_id: str) -> int:
+        """The engine index of the engine running `request_id` (DataParallelEngine's
+        question): this one."""
+        return self.engine_index
 
     def has_unfinished_requests(self) -> bool:
         return self.scheduler.has_unfinished_requests()

@@ -53,15 +53,15 @@ def scheduler_stats(scheduler: Scheduler) -> SchedulerStats:
     )
 
 
-def record_stats(stat_loggers, scheduler: Scheduler, iteration: IterationStats) -> None:
-    """Feeds every stat logger the scheduler's state now and `iteration`; a logger that
-    raises is logged and skipped: statistics never stop the engine."""
+def record_stats(stat_loggers, scheduler: Scheduler, iteration: IterationStats, engine_idx: int = 0) -> None:
+    """Feeds every stat logger engine `engine_idx`'s scheduler state now and `iteration`; a
+    logger that raises is logged and skipped: statistics never stop the engine."""
     if not stat_loggers:
         return
     stats = scheduler_stats(scheduler)
     for stat_logger in tuple(stat_loggers):
         try:
-            stat_logger.record(stats, iteration)
+            stat_logger.record(stats, iteration, engine_idx)
         except Exception:  # noqa: BLE001 - statistics must never stop the engine
             logger.exception("Stat logger %r failed.", stat_logger)
 
@@ -227,41 +227,54 @@ class RequestStatsTracker:
 
 
 class StatLogger(Protocol):
-    """Called on the engine thread after every step (and after aborts)."""
+    """Called after every step (and after aborts) of engine `engine_idx` (vLLM's engine
+    index, the data-parallel rank): on the engine thread, or with data parallelism on
+    that replica's own thread, so a logger keeps each engine's state apart."""
 
-    def record(self, scheduler_stats: SchedulerStats, iteration_stats: IterationStats) -> None: ...
+    def record(self, scheduler_stats: SchedulerStats, iteration_stats: IterationStats, engine_idx: int = 0) -> None: ...
+
+
+@dataclass
+class _LogWindow:
+    """One engine's counts since its last log line."""
+
+    start: float
+    prompt_tokens: int = 0
+    generation_tokens: int = 0
+    last_scheduler_stats: SchedulerStats = field(default_factory=SchedulerStats)
 
 
 class LoggingStatLogger:
-    """vLLM's periodic throughput line: "Avg prompt throughput: ... tokens/s, ..."."""
+    """vLLM's periodic throughput line per engine: "Engine 000: Avg prompt throughput: ..."."""
 
     def __init__(self, interval_s: float = LOG_STATS_INTERVAL_S) -> None:
         self.interval_s = interval_s
-        self._last_log = time.monotonic()
-        self._prompt_tokens = 0
-        self._generation_tokens = 0
-        self._last_scheduler_stats = SchedulerStats()
+        # Each engine's first window opens here, as vLLM's does.
+        self._start = time.monotonic()
+        self._windows: dict[int, _LogWindow] = {}
 
-    def record(self, scheduler_stats: SchedulerStats, iteration_stats: IterationStats) -> None:
-        self._prompt_tokens += iteration_stats.num_prompt_tokens
-        self._generation_tokens += iteration_stats.num_generation_tokens
+    def record(self, scheduler_stats: SchedulerStats, iteration_stats: IterationStats, engine_idx: int = 0) -> None:
         now = time.monotonic()
-        if now - self._last_log < self.interval_s:
+        window = self._windows.get(engine_idx)
+        if window is None:
+            window = self._windows[engine_idx] = _LogWindow(self._start)
+        window.prompt_tokens += iteration_stats.num_prompt_tokens
+        window.generation_tokens += iteration_stats.num_generation_tokens
+        elapsed = now - window.start
+        if elapsed < self.interval_s:
             return
-        elapsed = now - self._last_log
-        previous = self._last_scheduler_stats
+        previous = window.last_scheduler_stats
         queries = scheduler_stats.prefix_cache_queries - previous.prefix_cache_queries
         hits = scheduler_stats.prefix_cache_hits - previous.prefix_cache_hits
         logger.info(
-            "Avg prompt throughput: %.1f tokens/s, Avg generation throughput: %.1f tokens/s, "
+            "Engine %03d: Avg prompt throughput: %.1f tokens/s, Avg generation throughput: %.1f tokens/s, "
             "Running: %d reqs, Waiting: %d reqs, GPU KV cache usage: %.1f%%, Prefix cache hit rate: %.1f%%",
-            self._prompt_tokens / elapsed,
-            self._generation_tokens / elapsed,
+            engine_idx,
+            window.prompt_tokens / elapsed,
+            window.generation_tokens / elapsed,
             scheduler_stats.num_running_reqs,
             scheduler_stats.num_waiting_reqs,
             100 * scheduler_stats.kv_cache_usage,
             100 * hits / queries if queries else 0.0,
         )
-        self._last_log = now
-        self._prompt_tokens = self._generation_tokens = 0
-        self._last_scheduler_stats = scheduler_stats
+        self._windows[engine_idx] = _LogWindow(now, last_scheduler_stats=scheduler_stats)

@@ -13,9 +13,10 @@ from jllm.outputs import PoolingRequestOutput, RequestOutput
 
 
 class EngineStatsRecorder:
-    def __init__(self, scheduler: Scheduler, stat_loggers: list[StatLogger]) -> None:
+    def __init__(self, scheduler: Scheduler, stat_loggers: list[StatLogger], engine_index: int = 0) -> None:
         self.scheduler = scheduler
         self.stat_loggers = stat_loggers
+        self.engine_index = engine_index
         self._tracker = RequestStatsTracker()
 
     def record_step(self, sampled: list[Request], outputs: list[RequestOutput], now: float) -> None:
@@ -34,4 +35,4 @@ class EngineStatsRecorder:
             self._record(IterationStats(finished_requests=[finished]))
 
     def _record(self, iteration: IterationStats) -> None:
-        record_stats(self.stat_loggers, self.scheduler, iteration)
+        record_stats(self.stat_loggers, self.scheduler, iteration, self.engine_index)

@@ -10,6 +10,7 @@ from prometheus_client import CollectorRegistry
 from tqdm.auto import tqdm
 
 from jllm.engine.arg_utils import EngineArgs
+from jllm.engine.data_parallel import engine_replicas
 from jllm.engine.llm_engine import LLMEngine
 from jllm.engine.stats import LoggingStatLogger
 from jllm.engine.stats_recorder import EngineStatsRecorder
@@ -69,13 +70,18 @@ class LLM:
         engine = self.llm_engine
         registry = CollectorRegistry()
         model_config = engine.model_config
+        replicas = engine_replicas(engine)
         prometheus = PrometheusStatLogger(
             registry,
             model_config.served_model_name or model_config.model,
             model_config.max_model_len,
             engine.cache_config,
+            engine_indexes=[replica.engine_index for replica in replicas],
         )
-        engine.stats_recorder = EngineStatsRecorder(engine.scheduler, [LoggingStatLogger(), prometheus])
+        stat_loggers = [LoggingStatLogger(), prometheus]
+        # Each replica records its own steps, labelled with its engine index (as vLLM's are).
+        for replica in replicas:
+            replica.stats_recorder = EngineStatsRecorder(replica.scheduler, stat_loggers, replica.engine_index)
         return registry
 
     # ----- generate ---------------------------------------------------------------

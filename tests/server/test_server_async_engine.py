@@ -28,6 +28,7 @@ class FakeEngineCore:
         self.fail_at_step = fail_at_step
         self.step_seconds = step_seconds
         self.num_steps = 0
+        self.engine_index = 0
         self.scheduler = SimpleNamespace(
             get_request_counts=lambda: (len(self.requests), 0),
             num_preemptions=0,
@@ -47,6 +48,9 @@ class FakeEngineCore:
         for request_id in request_ids:
             if self.requests.pop(request_id, None) is not None:
                 self.aborted.append(request_id)
+
+    def engine_index_of(self, request_id) -> int:
+        return self.engine_index
 
     def has_unfinished_requests(self) -> bool:
         return bool(self.requests)
@@ -80,7 +84,7 @@ class RecordingStatLogger:
     def __init__(self) -> None:
         self.iterations = []
 
-    def record(self, scheduler_stats, iteration_stats) -> None:
+    def record(self, scheduler_stats, iteration_stats, engine_idx=0) -> None:
         self.iterations.append(iteration_stats)
 
 

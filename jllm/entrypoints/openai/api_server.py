@@ -389,7 +389,13 @@ def init_app_state(engine: AsyncLLMEngine, state, args: argparse.Namespace) -> N
     state.openai_serving_scores = ServingScores(*pooling_args)
     state.metrics_registry = CollectorRegistry()
     engine.add_stat_logger(
-        PrometheusStatLogger(state.metrics_registry, models.model_name, max_model_len, engine.cache_config)
+        PrometheusStatLogger(
+            state.metrics_registry,
+            models.model_name,
+            max_model_len,
+            engine.cache_config,
+            engine_indexes=engine.engine_indexes,
+        )
     )
 
 

@@ -4,6 +4,7 @@ alerts written for vLLM read jllm unchanged. Every server has its own CollectorR
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Sequence
 
 import prometheus_client
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
@@ -105,22 +106,26 @@ class PrometheusStatLogger:
         model_name: str,
         max_model_len: int,
         cache_config: CacheConfig | None = None,
-        engine_index: int = 0,
+        engine_indexes: Sequence[int] = (0,),
     ):
+        """Every metric has one series per engine index (the `engine` label: with data
+        parallelism each replica's rank, as vLLM labels them); `record` feeds one engine's."""
         # vLLM's /metrics has no `_created` series; prometheus_client's switch for
         # that is process-wide, and no jllm metric wants them.
         prometheus_client.disable_created_metrics()
-        labels = {"model_name": model_name, "engine": str(engine_index)}
-        names = list(labels)
+        names = ["model_name", "engine"]
 
-        def gauge(name: str, doc: str) -> Gauge:
-            return Gauge(name, doc, names, registry=registry).labels(**labels)
+        def per_engine(family):
+            return {i: family.labels(model_name=model_name, engine=str(i)) for i in engine_indexes}
 
-        def counter(name: str, doc: str) -> Counter:
-            return Counter(name, doc, names, registry=registry).labels(**labels)
+        def gauge(name: str, doc: str) -> dict[int, Gauge]:
+            return per_engine(Gauge(name, doc, names, registry=registry))
 
-        def histogram(name: str, doc: str, buckets) -> Histogram:
-            return Histogram(name, doc, names, buckets=buckets, registry=registry).labels(**labels)
+        def counter(name: str, doc: str) -> dict[int, Counter]:
+            return per_engine(Counter(name, doc, names, registry=registry))
+
+        def histogram(name: str, doc: str, buckets) -> dict[int, Histogram]:
+            return per_engine(Histogram(name, doc, names, buckets=buckets, registry=registry))
 
         self.num_requests_running = gauge("vllm:num_requests_running", "Number of requests in model execution batches.")
         self.num_requests_waiting = gauge("vllm:num_requests_waiting", "Number of requests waiting to be processed.")
@@ -140,7 +145,13 @@ class PrometheusStatLogger:
             names + ["finished_reason"],
             registry=registry,
         )
-        self.request_success = {reason: success.labels(**labels, finished_reason=reason) for reason in FINISH_REASONS}
+        self.request_success = {
+            i: {
+                reason: success.labels(model_name=model_name, engine=str(i), finished_reason=reason)
+                for reason in FINISH_REASONS
+            }
+            for i in engine_indexes
+        }
         self.time_to_first_token = histogram(
             "vllm:time_to_first_token_seconds", "Histogram of time to first token in seconds.", TTFT_BUCKETS
         )
@@ -206,48 +217,53 @@ class PrometheusStatLogger:
         if cache_config is not None:
             # Info emulated by a gauge of 1, every CacheConfig field a label (vLLM's).
             info = {name: str(value) for name, value in dataclasses.asdict(cache_config).items()}
-            info["engine"] = str(engine_index)
-            Gauge(
-                "vllm:cache_config_info", "Information of the LLMEngine CacheConfig", list(info), registry=registry
-            ).labels(**info).set(1)
+            cache_info = Gauge(
+                "vllm:cache_config_info",
+                "Information of the LLMEngine CacheConfig",
+                [*info, "engine"],
+                registry=registry,
+            )
+            for i in engine_indexes:
+                cache_info.labels(**info, engine=str(i)).set(1)
         # The scheduler's counts are cumulative; counters advance by the difference.
-        self._last = SchedulerStats()
+        self._last = {i: SchedulerStats() for i in engine_indexes}
 
-    def record(self, scheduler_stats: SchedulerStats, iteration_stats: IterationStats) -> None:
-        self.num_requests_running.set(scheduler_stats.num_running_reqs)
-        self.num_requests_waiting.set(scheduler_stats.num_waiting_reqs)
-        self.kv_cache_usage.set(scheduler_stats.kv_cache_usage)
-        last = self._last
-        self.num_preemptions.inc(max(0, scheduler_stats.num_preemptions - last.num_preemptions))
-        self.prefix_cache_queries.inc(max(0, scheduler_stats.prefix_cache_queries - last.prefix_cache_queries))
-        self.prefix_cache_hits.inc(max(0, scheduler_stats.prefix_cache_hits - last.prefix_cache_hits))
-        self._last = scheduler_stats
+    def record(self, scheduler_stats: SchedulerStats, iteration_stats: IterationStats, engine_idx: int = 0) -> None:
+        e = engine_idx
+        self.num_requests_running[e].set(scheduler_stats.num_running_reqs)
+        self.num_requests_waiting[e].set(scheduler_stats.num_waiting_reqs)
+        self.kv_cache_usage[e].set(scheduler_stats.kv_cache_usage)
+        last = self._last[e]
+        self.num_preemptions[e].inc(max(0, scheduler_stats.num_preemptions - last.num_preemptions))
+        self.prefix_cache_queries[e].inc(max(0, scheduler_stats.prefix_cache_queries - last.prefix_cache_queries))
+        self.prefix_cache_hits[e].inc(max(0, scheduler_stats.prefix_cache_hits - last.prefix_cache_hits))
+        self._last[e] = scheduler_stats
 
-        self.prompt_tokens.inc(iteration_stats.num_prompt_tokens)
-        self.generation_tokens.inc(iteration_stats.num_generation_tokens)
+        self.prompt_tokens[e].inc(iteration_stats.num_prompt_tokens)
+        self.generation_tokens[e].inc(iteration_stats.num_generation_tokens)
         for ttft in iteration_stats.time_to_first_tokens:
-            self.time_to_first_token.observe(ttft)
+            self.time_to_first_token[e].observe(ttft)
         if iteration_stats.has_outputs:
-            self.iteration_tokens.observe(iteration_stats.num_prompt_tokens + iteration_stats.num_generation_tokens)
+            self.iteration_tokens[e].observe(iteration_stats.num_prompt_tokens + iteration_stats.num_generation_tokens)
         for itl in iteration_stats.inter_token_latencies:
-            self.inter_token_latency.observe(itl)
-            self.time_per_output_token.observe(itl)
+            self.inter_token_latency[e].observe(itl)
+            self.time_per_output_token[e].observe(itl)
         for finished in iteration_stats.finished_requests:
-            if finished.finish_reason in self.request_success:
-                self.request_success[finished.finish_reason].inc()
-            self.e2e_request_latency.observe(finished.e2e_latency)
+            if finished.finish_reason in self.request_success[e]:
+                self.request_success[e][finished.finish_reason].inc()
+            self.e2e_request_latency[e].observe(finished.e2e_latency)
             if finished.queue_time is not None:
-                self.request_queue_time.observe(finished.queue_time)
+                self.request_queue_time[e].observe(finished.queue_time)
             if finished.inference_time is not None:
-                self.request_inference_time.observe(finished.inference_time)
+                self.request_inference_time[e].observe(finished.inference_time)
             if finished.prefill_time is not None:
-                self.request_prefill_time.observe(finished.prefill_time)
+                self.request_prefill_time[e].observe(finished.prefill_time)
             if finished.decode_time is not None:
-                self.request_decode_time.observe(finished.decode_time)
-            self.request_time_per_output_token.observe(finished.mean_time_per_output_token)
-            self.request_prompt_tokens.observe(finished.num_prompt_tokens)
-            self.request_generation_tokens.observe(finished.num_generation_tokens)
-            self.request_max_num_generation_tokens.observe(finished.max_num_generation_tokens)
-            self.request_params_n.observe(finished.n)
+                self.request_decode_time[e].observe(finished.decode_time)
+            self.request_time_per_output_token[e].observe(finished.mean_time_per_output_token)
+            self.request_prompt_tokens[e].observe(finished.num_prompt_tokens)
+            self.request_generation_tokens[e].observe(finished.num_generation_tokens)
+            self.request_max_num_generation_tokens[e].observe(finished.max_num_generation_tokens)
+            self.request_params_n[e].observe(finished.n)
             if finished.max_tokens:
-                self.request_params_max_tokens.observe(finished.max_tokens)
+                self.request_params_max_tokens[e].observe(finished.max_tokens)

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import logging
+from statistics import fmean
 
 from fastapi import Request
 from fastapi.responses import JSONResponse
@@ -16,17 +17,22 @@ logger = logging.getLogger(__name__)
 
 FORMAT_HEADER = "endpoint-load-metrics-format"
 METRICS_HEADER = "endpoint-load-metrics"
-# Prometheus gauge -> ORCA named metric, in vLLM's order.
-ORCA_METRICS = {"vllm:num_requests_waiting": "num_requests_waiting", "vllm:kv_cache_usage_perc": "kv_cache_usage_perc"}
+# Prometheus gauge -> ORCA named metric, in vLLM's order, and how the series of several
+# data-parallel engines combine: waiting requests add up; the replicas' KV pools are the
+# same size, so the usage of all of them is the mean.
+ORCA_METRICS = {
+    "vllm:num_requests_waiting": ("num_requests_waiting", sum),
+    "vllm:kv_cache_usage_perc": ("kv_cache_usage_perc", fmean),
+}
 
 
 def named_metrics(registry: CollectorRegistry) -> dict[str, float]:
-    values = {}
+    values: dict[str, list[float]] = {}
     for family in registry.collect():
         for sample in family.samples:
             if sample.name in ORCA_METRICS:
-                values[ORCA_METRICS[sample.name]] = float(sample.value)
-    return {name: values[name] for name in ORCA_METRICS.values() if name in values}
+                values.setdefault(sample.name, []).append(float(sample.value))
+    return {name: combine(values[gauge]) for gauge, (name, combine) in ORCA_METRICS.items() if gauge in values}
 
 
 def orca_header(format_name: str, registry: CollectorRegistry) -> str | None:
