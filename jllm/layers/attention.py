@@ -47,6 +47,10 @@ class KVCache(NamedTuple):
     decode_tickets: jax.Array
 
 
+# How a layer's cache splits over the tensor-parallel mesh: by kv head.
+KV_CACHE_SPEC = KVCache(P(TP_AXIS, None, None, None), P(TP_AXIS, None, None, None), P(TP_AXIS, None))
+
+
 def allocate_kv_cache(
     num_kv_heads: int, num_blocks: int, block_size: int, head_dim: int, max_num_seqs: int, dtype
 ) -> KVCache:
@@ -95,8 +99,7 @@ def attention(
     if mesh is None:
         return local(q, k, v, cache, md)
     heads = P(None, TP_AXIS, None)
-    pages = P(TP_AXIS)
-    cache_spec = P() if cache is None else KVCache(pages, pages, pages)
+    cache_spec = P() if cache is None else KV_CACHE_SPEC
     # check_vma=False: the Pallas kernels' outputs carry no varying-axis annotation.
     return jax.shard_map(
         local,

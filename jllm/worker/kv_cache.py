@@ -17,11 +17,11 @@ import logging
 import jax
 import jax.numpy as jnp
 
-from jax.sharding import Mesh, NamedSharding, PartitionSpec
+from jax.sharding import Mesh, NamedSharding
 
 from jllm.config import SchedulerConfig
-from jllm.distributed.mesh import TP_AXIS, num_kv_cache_heads
-from jllm.layers.attention import KVCache, allocate_kv_cache
+from jllm.distributed.mesh import num_kv_cache_heads
+from jllm.layers.attention import KV_CACHE_SPEC, KVCache, allocate_kv_cache
 from jllm.models.llama import DecoderSpec
 
 logger = logging.getLogger(__name__)
@@ -123,9 +123,8 @@ def allocate_kv_caches(
     each device; its decode tickets serve steps of up to `max_num_seqs` sequences (4 bytes
     per kv head and sequence, left out of the page budget)."""
     heads = num_kv_cache_heads(spec.num_key_value_heads, mesh)
-    by_head = NamedSharding(mesh, PartitionSpec(TP_AXIS))
     allocate = jax.jit(
         lambda: allocate_kv_cache(heads, num_blocks, block_size, spec.head_dim, max_num_seqs, dtype),
-        out_shardings=KVCache(by_head, by_head, by_head),
+        out_shardings=KVCache(*(NamedSharding(mesh, spec) for spec in KV_CACHE_SPEC)),
     )
     return [allocate() for _ in range(spec.num_hidden_layers)]

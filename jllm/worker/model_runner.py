@@ -117,8 +117,7 @@ def _step(
         all_logits = _whole(model.apply(params, hidden, method=type(model).compute_logits), mesh)
         targets = jnp.maximum(inputs.prompt_targets, 0)
         prompt = compute_logprobs(all_logits, targets, num_prompt_logprobs)
-    # Whole on every device, so that every process of a multi-host run holds a copy to read.
-    return kv_caches, *_whole((out.sampled_token_ids, logprobs, prompt), mesh)
+    return kv_caches, out.sampled_token_ids, logprobs, prompt
 
 
 def _forward_logits(model, mesh: Mesh, params, kv_caches, constants, inputs: ModelInputs):
@@ -176,12 +175,20 @@ class ModelRunner:
         )
         # The family's tables every step reads (rotary cos/sin), on the device once.
         self.constants = {name: jax.device_put(table, replicated(mesh)) for name, table in constants.items()}
+        # The pool leaves each step split exactly as it came in (or a step would key a new
+        # program on the next); the results come out whole on every device, so that each
+        # process of a multi-host run holds a copy to read.
+        cache_shardings = jax.tree.map(lambda x: x.sharding, kv_caches)
+        whole = replicated(mesh)
         self._step = jax.jit(
             functools.partial(_step, model, mesh),
             static_argnames=("layout", "num_logprobs", "num_prompt_logprobs"),
             donate_argnums=(1,),
+            out_shardings=(cache_shardings, whole, whole, whole),
         )
-        self._forward_logits = jax.jit(functools.partial(_forward_logits, model, mesh), donate_argnums=(1,))
+        self._forward_logits = jax.jit(
+            functools.partial(_forward_logits, model, mesh), donate_argnums=(1,), out_shardings=(cache_shardings, whole)
+        )
         self._sample = jax.jit(sample, static_argnames=("num_logprobs",))
         self.seen_shapes: set[StepShape] = set()
         # Multi-host: process 0 sends each step's inputs to the others (`follow`).

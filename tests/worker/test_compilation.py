@@ -18,9 +18,16 @@ TOKEN_BUCKETS = (16, 64)
 CAPTURED_PAGE_BUCKETS = (4, 8)
 
 
-@pytest.fixture(scope="module")
-def llm(tiny_llama_path):
-    return LLM(model=tiny_llama_path, enforce_eager=False, max_seq_len_to_capture=MAX_SEQ_LEN_TO_CAPTURE, **ENGINE_ARGS)
+@pytest.fixture(scope="module", params=[1, pytest.param(2, marks=pytest.mark.slow)], ids=["tp1", "tp2"])
+def llm(request, tiny_llama_path):
+    """On one device, and at tensor_parallel_size 2 (the same programs, split by GSPMD)."""
+    return LLM(
+        model=tiny_llama_path,
+        enforce_eager=False,
+        max_seq_len_to_capture=MAX_SEQ_LEN_TO_CAPTURE,
+        tensor_parallel_size=request.param,
+        **ENGINE_ARGS,
+    )
 
 
 def test_enforce_eager_compiles_nothing_up_front(tiny_llama_path):
