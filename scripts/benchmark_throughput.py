@@ -18,6 +18,7 @@ import logging
 import os
 import sys
 import tempfile
+import threading
 import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -25,6 +26,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import numpy as np  # noqa: E402
 
 from jllm import LLM, EngineArgs, SamplingParams  # noqa: E402
+from jllm.engine.data_parallel import engine_replicas  # noqa: E402
 from scripts.model_shapes import SHAPES, write_shape  # noqa: E402
 
 
@@ -48,9 +50,12 @@ def hf_baseline(folder: str, prompts: list[list[int]], output_len: int) -> float
 
 
 def _instrument(engine) -> dict:
-    """Wraps the engine's phases with wall-clock counters (this script's own bookkeeping)."""
+    """Wraps the engine's phases with wall-clock counters (this script's own bookkeeping).
+    With data parallelism, schedule and execute_model add up every replica's (which run at
+    the same time), and a step is one step of them all."""
     timers = {"steps": 0, "schedule": 0.0, "execute_model": 0.0, "step_total": 0.0}
-    schedule, execute, step = engine.scheduler.schedule, engine.runner.execute_model, engine.step
+    step = engine.step
+    lock = threading.Lock()  # replicas step on their own threads
 
     def timed(name, fn):
         def wrapper(*a, **k):
@@ -58,7 +63,8 @@ def _instrument(engine) -> dict:
             try:
                 return fn(*a, **k)
             finally:
-                timers[name] += time.perf_counter() - t
+                with lock:
+                    timers[name] += time.perf_counter() - t
 
         return wrapper
 
@@ -66,8 +72,9 @@ def _instrument(engine) -> dict:
         timers["steps"] += 1
         return timed("step_total", step)()
 
-    engine.scheduler.schedule = timed("schedule", schedule)
-    engine.runner.execute_model = timed("execute_model", execute)
+    for replica in engine_replicas(engine):
+        replica.scheduler.schedule = timed("schedule", replica.scheduler.schedule)
+        replica.runner.execute_model = timed("execute_model", replica.runner.execute_model)
     engine.step = counted_step
     return timers
 
