@@ -8,6 +8,7 @@ One process (the usual case) sends nothing.
 
 from __future__ import annotations
 
+import atexit
 import logging
 import pickle
 
@@ -31,6 +32,10 @@ class StepSync:
     def __init__(self) -> None:
         self.num_processes = jax.process_count()
         self.is_leader = jax.process_index() == 0
+        self.stopped = False
+        if self.active and self.is_leader:
+            # An offline script's process 0 simply exits; the others must hear of it.
+            atexit.register(self.stop)
 
     @property
     def active(self) -> bool:
@@ -40,6 +45,15 @@ class StepSync:
         """Process 0: the op and its host arguments (numpy arrays, plain values)."""
         if self.active:
             self._broadcast(pickle.dumps((op, args), protocol=pickle.HIGHEST_PROTOCOL))
+
+    def stop(self) -> None:
+        """Process 0: releases the others (once; at engine shutdown or at exit) and leaves
+        the run with them: the run is this one engine. Leaving now, not at exit, matters for
+        the server, which a SIGTERM ends without exit hooks once uvicorn has shut down."""
+        if self.active and self.is_leader and not self.stopped:
+            self.stopped = True
+            self.send(STOP)
+            jax.distributed.shutdown()
 
     def receive(self) -> tuple[str, tuple]:
         """Other processes: the next op process 0 sent, waiting for it."""

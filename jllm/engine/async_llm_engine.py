@@ -326,6 +326,8 @@ class AsyncLLMEngine:
         self._stopping = True
         self._wakeup.set()
         self._thread.join(timeout)
+        if not self._thread.is_alive():
+            self.engine.shutdown()
 
     # ----- the engine thread ----------------------------------------------------------
 

@@ -73,6 +73,10 @@ class DataParallelEngine:
         self.engines[index].add_request(request_id, prompt, params, arrival_time)
         self._owner[request_id] = index
 
+    def shutdown(self) -> None:
+        for engine in self.engines:
+            engine.shutdown()
+
     def abort_request(self, request_ids: str | Iterable[str]) -> None:
         if isinstance(request_ids, str):
             request_ids = [request_ids]

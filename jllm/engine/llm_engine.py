@@ -145,6 +145,10 @@ class LLMEngine:
             self._sample_of[sample.request.request_id] = (state, sample)
             self.scheduler.add_request(sample.request)
 
+    def shutdown(self) -> None:
+        """Releases what outlives the requests: in a multi-host run, the other processes."""
+        self.runner.shutdown()
+
     def abort_request(self, request_ids: str | Iterable[str]) -> None:
         if isinstance(request_ids, str):
             request_ids = [request_ids]

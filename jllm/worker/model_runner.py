@@ -9,7 +9,6 @@ and brings back only the sampled tokens and any logprobs asked for.
 
 from __future__ import annotations
 
-import atexit
 import functools
 import inspect
 import logging
@@ -193,8 +192,6 @@ class ModelRunner:
         self.seen_shapes: set[StepShape] = set()
         # Multi-host: process 0 sends each step's inputs to the others (`follow`).
         self.sync = StepSync()
-        if self.sync.active and self.sync.is_leader:
-            atexit.register(self.sync.send, STOP)
 
     @property
     def num_compiled_steps(self) -> int:
@@ -246,6 +243,10 @@ class ModelRunner:
             num_prompt_logprobs=num_prompt_logprobs,
         )
         return sampled, logprobs, prompt
+
+    def shutdown(self) -> None:
+        """Multi-host: process 0 releases the other processes (they exit)."""
+        self.sync.stop()
 
     def follow(self) -> None:
         """A process other than 0 of a multi-host run: runs the device steps process 0

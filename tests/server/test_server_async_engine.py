@@ -52,6 +52,9 @@ class FakeEngineCore:
     def engine_index_of(self, request_id) -> int:
         return self.engine_index
 
+    def shutdown(self) -> None:
+        """Nothing outlives a fake engine's requests."""
+
     def has_unfinished_requests(self) -> bool:
         return bool(self.requests)
 

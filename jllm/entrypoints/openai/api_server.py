@@ -15,6 +15,8 @@ import functools
 import logging
 import os
 import socket
+
+import jax
 from collections.abc import Awaitable, Callable
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager
@@ -29,6 +31,7 @@ from pydantic import TypeAdapter, ValidationError
 
 from jllm import __version__
 from jllm.engine.arg_utils import EngineArgs
+from jllm.distributed.initialize import initialize_distributed
 from jllm.engine.async_llm_engine import AsyncLLMEngine, EngineDeadError
 from jllm.entrypoints.openai.cancellation import with_cancellation
 from jllm.entrypoints.openai.chat_utils import load_chat_template
@@ -437,9 +440,15 @@ def run_server(args: argparse.Namespace) -> None:
     configure_logging()
     validate_parsed_serve_args(args)
     args.api_key = resolve_api_keys(args.api_key)
+    engine_args = EngineArgs.from_cli_args(args)
+    initialize_distributed(engine_args.nnodes, engine_args.node_rank, engine_args.master_addr, engine_args.master_port)
+    if jax.process_index() != 0:
+        # A multi-host run's other processes serve no HTTP (vLLM's headless nodes): building
+        # the engine runs process 0's steps here until it shuts down, then exits.
+        AsyncLLMEngine.from_engine_args(engine_args)
     # Bound before the engine loads, so a port in use fails at once, not minutes later.
     sock, address = bind_socket(args)
-    engine = AsyncLLMEngine.from_engine_args(EngineArgs.from_cli_args(args))
+    engine = AsyncLLMEngine.from_engine_args(engine_args)
     app = build_app(args)
     init_app_state(engine, app.state, args)
     if args.api_key:
