@@ -1,6 +1,7 @@
 """The `jllm` command (vLLM's `vllm` CLI): `jllm serve MODEL [flags]` starts the
 OpenAI-compatible server, `jllm run-batch -i IN -o OUT --model MODEL [flags]` runs a file of
-OpenAI batch requests; every engine argument is a flag."""
+OpenAI batch requests; every engine argument is a flag. `jllm convert MODEL OUT -tp N` saves a
+model as a checkpoint pre-sharded for N devices."""
 
 from __future__ import annotations
 
@@ -9,6 +10,7 @@ from jllm.utils.argparse_utils import FlexibleArgumentParser
 
 
 def main(argv: list[str] | None = None) -> None:
+    from jllm.entrypoints import convert
     from jllm.entrypoints.openai import run_batch
     from jllm.entrypoints.openai.api_server import run_server
     from jllm.entrypoints.openai.cli_args import make_arg_parser
@@ -32,6 +34,15 @@ def main(argv: list[str] | None = None) -> None:
         "/score, /rerank) and write one result line per request.",
     )
     run_batch.make_arg_parser(batch)
+    converter = subparsers.add_parser(
+        "convert",
+        help="Save a model as a checkpoint pre-sharded for tensor parallelism.",
+        usage="jllm convert [model] output_dir [--tensor-parallel-size N] [--dtype DTYPE]",
+        description="Save a model's weights with orbax-checkpoint, laid out in the shards of N devices, beside "
+        "its config, tokenizer and generation config; `LLM(model=output_dir)` or `jllm serve output_dir` then "
+        "restores each shard straight onto its device.",
+    )
+    convert.make_arg_parser(converter)
     args = parser.parse_args(argv)
     if args.subcommand == "serve":
         if args.model_tag is not None:
@@ -48,6 +59,11 @@ def main(argv: list[str] | None = None) -> None:
         except ValueError as e:
             batch.error(str(e))
         run_batch.run_batch(args)
+    elif args.subcommand == "convert":
+        try:
+            convert.convert(args.model, args.output_dir, args.tensor_parallel_size, args.dtype, args.revision)
+        except ValueError as e:
+            converter.error(str(e))
 
 
 if __name__ == "__main__":

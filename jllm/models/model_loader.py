@@ -1,5 +1,6 @@
 """From a model argument to device parameters: resolve the source, read the
-checkpoint (GGUF, safetensors) or draw dummy weights, and place them on the device."""
+checkpoint (GGUF, safetensors, a pre-sharded orbax folder) or draw dummy weights, and
+place them on the devices."""
 
 from __future__ import annotations
 
@@ -12,6 +13,7 @@ from tqdm import tqdm
 
 from jllm.layers.attention_metadata import AttentionMetadata
 from jllm.models.interface import ModelFamily
+from jllm.models.loader.orbax_checkpoint import is_orbax_checkpoint, restore_params
 from jllm.models.weights import params_from_hf
 
 
@@ -86,6 +88,8 @@ def load_checkpoint(
     shardings = param_shardings(mesh, specs)
     if load_format == "dummy":
         return dummy_params(shapes, shardings, seed)
+    if load_format == "orbax" or (load_format == "auto" and is_orbax_checkpoint(path)):
+        return restore_params(path, shapes, shardings)
     is_gguf = path.endswith(".gguf")
     if load_format == "gguf" and not is_gguf:
         raise ValueError(f"load_format='gguf' needs a .gguf file, got {path}.")
