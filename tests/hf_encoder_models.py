@@ -76,11 +76,14 @@ def randomize_weights(model: torch.nn.Module, seed: int, std: float = 0.15) -> N
             param.copy_(1.0 + 0.2 * noise if name.endswith("LayerNorm.weight") else std * noise)
 
 
-def save_tiny_encoder(architecture: str, folder: str, num_labels: int = 2, seed: int = 0) -> str:
+def save_tiny_encoder(
+    architecture: str, folder: str, num_labels: int = 2, seed: int = 0, vocab_size: int | None = None
+) -> str:
     """Builds `architecture` with random weights and saves it (float32 safetensors, config,
-    tokenizer) into `folder`; returns the folder."""
+    tokenizer) into `folder`; returns the folder. `vocab_size` widens the embedding table
+    past the tokenizer's, as checkpoints pad theirs (to split it evenly over devices)."""
     tokenizer = bert_tokenizer() if architecture.startswith("Bert") else xlm_roberta_tokenizer()
-    config = _config(architecture, len(tokenizer))
+    config = _config(architecture, vocab_size or len(tokenizer))
     config.num_labels = num_labels
     config.architectures = [architecture]
     torch.manual_seed(seed)

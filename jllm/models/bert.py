@@ -15,16 +15,18 @@ from __future__ import annotations
 import dataclasses
 
 import flax.linen as nn
-from jax.sharding import Mesh
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.sharding import Mesh
 
-from jllm.layers.params import bias_param, weight_param
+from jllm.distributed.mesh import tp_axis_if_divisible
 from jllm.layers.activation import get_act_fn
 from jllm.layers.attention import AttentionBackend, attention
 from jllm.layers.attention_metadata import AttentionMetadata
 from jllm.layers.norm import LayerNorm
+from jllm.layers.params import bias_param, embedding_param, weight_param
+from jllm.layers.vocab_parallel_embedding import embed_tokens
 from jllm.models.interface import ModelFamily, ModelHead, ModelShape
 
 # Einsum axis letters (tpu-inference's): T tokens, D model dim, N heads, H head dim,
@@ -60,63 +62,74 @@ def roberta_positions(input_ids: jax.Array, positions: jax.Array, pad_token_id: 
 
 
 class BertEmbedding(nn.Module):
+    """Word embeddings split by vocabulary over the mesh (where it divides); the small
+    position and token type tables whole on every device."""
+
     spec: EncoderSpec
     dtype: jnp.dtype
+    mesh: Mesh | None = None
 
     @nn.compact
     def __call__(self, input_ids, positions, token_type_ids):
         s = self.spec
         D = s.hidden_size
-        init = nn.initializers.normal(0.02)
-        words = self.param("word_embeddings", init, (s.vocab_size, D), self.dtype)
-        table = self.param("position_embeddings", init, (s.max_position_embeddings, D), self.dtype)
-        types = self.param("token_type_embeddings", init, (s.type_vocab_size, D), self.dtype)
+        vocab = tp_axis_if_divisible(self.mesh, s.vocab_size)
+        words = embedding_param(self, "word_embeddings", (s.vocab_size, D), self.dtype, (vocab, None))
+        table = embedding_param(self, "position_embeddings", (s.max_position_embeddings, D), self.dtype)
+        types = embedding_param(self, "token_type_embeddings", (s.type_vocab_size, D), self.dtype)
         if s.roberta:
             positions = roberta_positions(input_ids, positions, s.pad_token_id)
-        x = words[input_ids] + types[token_type_ids] + table[positions]
+        x = embed_tokens(words, input_ids, self.mesh) + types[token_type_ids] + table[positions]
         return LayerNorm(D, s.layer_norm_eps, self.dtype, name="LayerNorm")(x)
 
 
 class BertAttention(nn.Module):
+    """Split by heads over the mesh (query/key/value by output heads, the output dense by
+    input heads: one all-reduce before the LayerNorm)."""
+
     spec: EncoderSpec
     dtype: jnp.dtype
     backend: AttentionBackend
+    mesh: Mesh | None = None
 
     @nn.compact
     def __call__(self, x, md: AttentionMetadata):
         s = self.spec
         N, H, D = s.num_attention_heads, s.head_dim, s.hidden_size
         dt = self.dtype
-        q = jnp.einsum("TD,DNH->TNH", x, weight_param(self, "query", (D, N, H), dt)) + bias_param(
-            self, "query_bias", (N, H), dt
-        )
-        k = jnp.einsum("TD,DNH->TNH", x, weight_param(self, "key", (D, N, H), dt)) + bias_param(
-            self, "key_bias", (N, H), dt
-        )
-        v = jnp.einsum("TD,DNH->TNH", x, weight_param(self, "value", (D, N, H), dt)) + bias_param(
-            self, "value_bias", (N, H), dt
-        )
-        out, _ = attention(q, k, v, None, md, scale=H**-0.5, backend=self.backend, causal=False)
-        o = jnp.einsum("TNH,NHD->TD", out, weight_param(self, "dense", (N, H, D), dt)) + bias_param(
+        tp = tp_axis_if_divisible(self.mesh, N)
+
+        def project(name):
+            w = weight_param(self, name, (D, N, H), dt, (None, tp, None))
+            return jnp.einsum("TD,DNH->TNH", x, w) + bias_param(self, f"{name}_bias", (N, H), dt, (tp, None))
+
+        q, k, v = project("query"), project("key"), project("value")
+        out, _ = attention(q, k, v, None, md, scale=H**-0.5, backend=self.backend, causal=False, mesh=self.mesh)
+        o = jnp.einsum("TNH,NHD->TD", out, weight_param(self, "dense", (N, H, D), dt, (tp, None, None))) + bias_param(
             self, "dense_bias", (D,), dt
         )
         return LayerNorm(D, s.layer_norm_eps, dt, name="LayerNorm")(o + x)
 
 
 class BertLayer(nn.Module):
+    """The MLP is split over the mesh by ffn columns (intermediate) and rows (output):
+    one all-reduce."""
+
     spec: EncoderSpec
     dtype: jnp.dtype
     backend: AttentionBackend
+    mesh: Mesh | None = None
 
     @nn.compact
     def __call__(self, x, md: AttentionMetadata):
         s = self.spec
         D, F = s.hidden_size, s.intermediate_size
         dt = self.dtype
-        x = BertAttention(s, dt, self.backend, name="attention")(x, md)
-        h = jnp.einsum("TD,DF->TF", x, weight_param(self, "intermediate", (D, F), dt))
-        h = get_act_fn(s.hidden_act)(h + bias_param(self, "intermediate_bias", (F,), dt))
-        h = jnp.einsum("TF,FD->TD", h, weight_param(self, "output", (F, D), dt)) + bias_param(
+        tp = tp_axis_if_divisible(self.mesh, F)
+        x = BertAttention(s, dt, self.backend, self.mesh, name="attention")(x, md)
+        h = jnp.einsum("TD,DF->TF", x, weight_param(self, "intermediate", (D, F), dt, (None, tp)))
+        h = get_act_fn(s.hidden_act)(h + bias_param(self, "intermediate_bias", (F,), dt, (tp,)))
+        h = jnp.einsum("TF,FD->TD", h, weight_param(self, "output", (F, D), dt, (tp, None))) + bias_param(
             self, "output_bias", (D,), dt
         )
         return LayerNorm(D, s.layer_norm_eps, dt, name="output_LayerNorm")(h + x)
@@ -134,10 +147,13 @@ class BertModel(nn.Module):
     def setup(self):
         s = self.spec
         D, dt = s.hidden_size, self.dtype
-        self.embeddings = BertEmbedding(s, dt, name="embeddings")
-        self.layers = [BertLayer(s, dt, self.backend, name=f"layers_{i}") for i in range(s.num_hidden_layers)]
+        self.embeddings = BertEmbedding(s, dt, self.mesh, name="embeddings")
+        self.layers = [
+            BertLayer(s, dt, self.backend, self.mesh, name=f"layers_{i}") for i in range(s.num_hidden_layers)
+        ]
         if s.head == ModelHead.CLASSIFY:
             # BERT's pooler dense or RoBERTa's classifier.dense: both [D, D] then tanh.
+            # Whole on every device: the head runs once per sequence, not per token.
             self.head_dense = weight_param(self, "head_dense", (D, D), dt)
             self.head_dense_bias = bias_param(self, "head_dense_bias", (D,), dt)
             self.classifier = weight_param(self, "classifier", (D, s.num_labels), dt)

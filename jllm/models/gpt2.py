@@ -11,15 +11,17 @@ from __future__ import annotations
 import dataclasses
 
 import flax.linen as nn
-from jax.sharding import Mesh
 import jax.numpy as jnp
 import numpy as np
+from jax.sharding import Mesh
 
-from jllm.layers.params import bias_param, weight_param
+from jllm.distributed.mesh import tp_axis_if_divisible
 from jllm.layers.activation import get_act_fn
 from jllm.layers.attention import AttentionBackend, KVCache, attention
 from jllm.layers.attention_metadata import AttentionMetadata
 from jllm.layers.norm import LayerNorm
+from jllm.layers.params import bias_param, embedding_param, weight_param
+from jllm.layers.vocab_parallel_embedding import embed_tokens
 from jllm.models.interface import ModelFamily, ModelHead, ModelShape
 
 # Einsum axis letters (tpu-inference's): T tokens, D model dim, C the fused q/k/v index,
@@ -45,36 +47,47 @@ class GPT2Spec(ModelShape):
 
 
 class GPT2Attention(nn.Module):
+    """Split by heads over the mesh (the fused c_attn by its output heads N, each of q, k
+    and v alike; c_proj by input heads: one all-reduce after c_proj)."""
+
     spec: GPT2Spec
     dtype: jnp.dtype
     backend: AttentionBackend
     scale: float
+    mesh: Mesh | None = None
 
     @nn.compact
     def __call__(self, x, cache: KVCache | None, md: AttentionMetadata):
         s = self.spec
         N, H, D = s.num_attention_heads, s.head_dim, s.hidden_size
-        qkv = jnp.einsum("TD,DCNH->CTNH", x, weight_param(self, "c_attn", (D, 3, N, H), self.dtype))
-        qkv = qkv + bias_param(self, "c_attn_bias", (3, N, H), self.dtype)[:, None]
-        out, cache = attention(qkv[0], qkv[1], qkv[2], cache, md, scale=self.scale, backend=self.backend, causal=True)
-        o = jnp.einsum("TNH,NHD->TD", out, weight_param(self, "c_proj", (N, H, D), self.dtype))
+        tp = tp_axis_if_divisible(self.mesh, N)
+        c_attn = weight_param(self, "c_attn", (D, 3, N, H), self.dtype, (None, None, tp, None))
+        qkv = jnp.einsum("TD,DCNH->CTNH", x, c_attn)
+        qkv = qkv + bias_param(self, "c_attn_bias", (3, N, H), self.dtype, (None, tp, None))[:, None]
+        out, cache = attention(
+            qkv[0], qkv[1], qkv[2], cache, md, scale=self.scale, backend=self.backend, causal=True, mesh=self.mesh
+        )
+        o = jnp.einsum("TNH,NHD->TD", out, weight_param(self, "c_proj", (N, H, D), self.dtype, (tp, None, None)))
         return o + bias_param(self, "c_proj_bias", (D,), self.dtype), cache
 
 
 class GPT2MLP(nn.Module):
+    """Split over the mesh by ffn columns (c_fc) and rows (c_proj): one all-reduce."""
+
     spec: GPT2Spec
     dtype: jnp.dtype
+    mesh: Mesh | None = None
 
     @nn.compact
     def __call__(self, x):
         s = self.spec
         D, F = s.hidden_size, s.intermediate_size
-        h = jnp.einsum("TD,DF->TF", x, weight_param(self, "c_fc", (D, F), self.dtype)) + bias_param(
-            self, "c_fc_bias", (F,), self.dtype
+        tp = tp_axis_if_divisible(self.mesh, F)
+        h = jnp.einsum("TD,DF->TF", x, weight_param(self, "c_fc", (D, F), self.dtype, (None, tp))) + bias_param(
+            self, "c_fc_bias", (F,), self.dtype, (tp,)
         )
-        h = jnp.einsum(
-            "TF,FD->TD", get_act_fn(s.activation_function)(h), weight_param(self, "c_proj", (F, D), self.dtype)
-        )
+        c_proj = weight_param(self, "c_proj", (F, D), self.dtype, (tp, None))
+        h = jnp.einsum("TF,FD->TD", get_act_fn(s.activation_function)(h), c_proj)
         return h + bias_param(self, "c_proj_bias", (D,), self.dtype)
 
 
@@ -83,16 +96,17 @@ class GPT2Block(nn.Module):
     dtype: jnp.dtype
     backend: AttentionBackend
     layer_idx: int
+    mesh: Mesh | None = None
 
     @nn.compact
     def __call__(self, x, cache: KVCache | None, md: AttentionMetadata):
         s = self.spec
         h = LayerNorm(s.hidden_size, s.layer_norm_epsilon, self.dtype, name="ln_1")(x)
-        attn = GPT2Attention(s, self.dtype, self.backend, s.attention_scale(self.layer_idx), name="attn")
+        attn = GPT2Attention(s, self.dtype, self.backend, s.attention_scale(self.layer_idx), self.mesh, name="attn")
         h, cache = attn(h, cache, md)
         x = x + h
         h = LayerNorm(s.hidden_size, s.layer_norm_epsilon, self.dtype, name="ln_2")(x)
-        return x + GPT2MLP(s, self.dtype, name="mlp")(h), cache
+        return x + GPT2MLP(s, self.dtype, self.mesh, name="mlp")(h), cache
 
 
 class GPT2LMHeadModel(nn.Module):
@@ -104,17 +118,21 @@ class GPT2LMHeadModel(nn.Module):
 
     def setup(self):
         s = self.spec
-        init = nn.initializers.normal(0.02)
-        self.wte = self.param("wte", init, (s.vocab_size, s.hidden_size), self.dtype)
-        self.wpe = self.param("wpe", init, (s.max_position_embeddings, s.hidden_size), self.dtype)
-        self.h = [GPT2Block(s, self.dtype, self.backend, i, name=f"h_{i}") for i in range(s.num_hidden_layers)]
+        # Vocabulary-parallel embedding and LM head: the logits come out split by vocabulary
+        # and the runner gathers them whole for sampling.
+        vocab = tp_axis_if_divisible(self.mesh, s.vocab_size)
+        self.wte = embedding_param(self, "wte", (s.vocab_size, s.hidden_size), self.dtype, (vocab, None))
+        self.wpe = embedding_param(self, "wpe", (s.max_position_embeddings, s.hidden_size), self.dtype)
+        self.h = [
+            GPT2Block(s, self.dtype, self.backend, i, self.mesh, name=f"h_{i}") for i in range(s.num_hidden_layers)
+        ]
         self.ln_f = LayerNorm(s.hidden_size, s.layer_norm_epsilon, self.dtype, name="ln_f")
         if not s.tie_word_embeddings:
-            self.lm_head = self.param("lm_head", init, (s.hidden_size, s.vocab_size), self.dtype)
+            self.lm_head = embedding_param(self, "lm_head", (s.hidden_size, s.vocab_size), self.dtype, (None, vocab))
 
     def __call__(self, kv_caches, input_ids, md: AttentionMetadata, constants, token_type_ids=None):
         """kv_caches: a KVCache per layer (or None each). Returns (new kv_caches, hidden [T, D])."""
-        x = self.wte[input_ids] + self.wpe[md.positions]
+        x = embed_tokens(self.wte, input_ids, self.mesh) + self.wpe[md.positions]
         new_caches = []
         for block, cache in zip(self.h, kv_caches):
             x, cache = block(x, cache, md)

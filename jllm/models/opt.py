@@ -12,15 +12,17 @@ from __future__ import annotations
 import dataclasses
 
 import flax.linen as nn
-from jax.sharding import Mesh
 import jax.numpy as jnp
 import numpy as np
+from jax.sharding import Mesh
 
-from jllm.layers.params import bias_param, weight_param
+from jllm.distributed.mesh import tp_axis_if_divisible
 from jllm.layers.activation import get_act_fn
 from jllm.layers.attention import AttentionBackend, KVCache, attention
 from jllm.layers.attention_metadata import AttentionMetadata
 from jllm.layers.norm import LayerNorm
+from jllm.layers.params import bias_param, embedding_param, weight_param
+from jllm.layers.vocab_parallel_embedding import embed_tokens
 from jllm.models.interface import ModelFamily, ModelHead, ModelShape
 
 # Einsum axis letters (tpu-inference's): T tokens, D model dim, N heads, H head dim,
@@ -50,51 +52,64 @@ class OPTSpec(ModelShape):
 
 
 class OPTAttention(nn.Module):
+    """Split by heads over the mesh (q/k/v by output heads, out_proj by input heads: one
+    all-reduce after out_proj)."""
+
     spec: OPTSpec
     dtype: jnp.dtype
     backend: AttentionBackend
+    mesh: Mesh | None = None
 
     @nn.compact
     def __call__(self, x, cache: KVCache | None, md: AttentionMetadata):
         s = self.spec
         N, H, D = s.num_attention_heads, s.head_dim, s.hidden_size
-        q = jnp.einsum("TD,DNH->TNH", x, weight_param(self, "q_proj", (D, N, H), self.dtype))
-        k = jnp.einsum("TD,DNH->TNH", x, weight_param(self, "k_proj", (D, N, H), self.dtype))
-        v = jnp.einsum("TD,DNH->TNH", x, weight_param(self, "v_proj", (D, N, H), self.dtype))
+        tp = tp_axis_if_divisible(self.mesh, N)
+        heads_out, heads_in = (None, tp, None), (tp, None, None)
+        q = jnp.einsum("TD,DNH->TNH", x, weight_param(self, "q_proj", (D, N, H), self.dtype, heads_out))
+        k = jnp.einsum("TD,DNH->TNH", x, weight_param(self, "k_proj", (D, N, H), self.dtype, heads_out))
+        v = jnp.einsum("TD,DNH->TNH", x, weight_param(self, "v_proj", (D, N, H), self.dtype, heads_out))
         if s.enable_bias:
-            q = q + bias_param(self, "q_bias", (N, H), self.dtype)
-            k = k + bias_param(self, "k_bias", (N, H), self.dtype)
-            v = v + bias_param(self, "v_bias", (N, H), self.dtype)
+            q = q + bias_param(self, "q_bias", (N, H), self.dtype, (tp, None))
+            k = k + bias_param(self, "k_bias", (N, H), self.dtype, (tp, None))
+            v = v + bias_param(self, "v_bias", (N, H), self.dtype, (tp, None))
         # HF scales q (bias included) before the product; the same scores, scaled inside.
-        out, cache = attention(q, k, v, cache, md, scale=H**-0.5, backend=self.backend, causal=True)
-        o = jnp.einsum("TNH,NHD->TD", out, weight_param(self, "out_proj", (N, H, D), self.dtype))
+        out, cache = attention(q, k, v, cache, md, scale=H**-0.5, backend=self.backend, causal=True, mesh=self.mesh)
+        o = jnp.einsum("TNH,NHD->TD", out, weight_param(self, "out_proj", (N, H, D), self.dtype, heads_in))
         if s.enable_bias:
             o = o + bias_param(self, "out_bias", (D,), self.dtype)
         return o, cache
 
 
 class OPTDecoderLayer(nn.Module):
+    """The MLP is split over the mesh by ffn columns (fc1) and rows (fc2): one all-reduce."""
+
     spec: OPTSpec
     dtype: jnp.dtype
     backend: AttentionBackend
+    mesh: Mesh | None = None
 
     @nn.compact
     def __call__(self, x, cache: KVCache | None, md: AttentionMetadata):
         s = self.spec
         D, F = s.hidden_size, s.intermediate_size
+        tp = tp_axis_if_divisible(self.mesh, F)
         attn_norm = LayerNorm(D, LAYER_NORM_EPS, self.dtype, name="self_attn_layer_norm")
         mlp_norm = LayerNorm(D, LAYER_NORM_EPS, self.dtype, name="final_layer_norm")
         pre_ln = s.do_layer_norm_before
 
-        h, cache = OPTAttention(s, self.dtype, self.backend, name="self_attn")(attn_norm(x) if pre_ln else x, cache, md)
+        attn = OPTAttention(s, self.dtype, self.backend, self.mesh, name="self_attn")
+        h, cache = attn(attn_norm(x) if pre_ln else x, cache, md)
         x = x + h
         if not pre_ln:
             x = attn_norm(x)
 
-        h = jnp.einsum("TD,DF->TF", mlp_norm(x) if pre_ln else x, weight_param(self, "fc1", (D, F), self.dtype))
+        fc1 = weight_param(self, "fc1", (D, F), self.dtype, (None, tp))
+        h = jnp.einsum("TD,DF->TF", mlp_norm(x) if pre_ln else x, fc1)
         if s.enable_bias:
-            h = h + bias_param(self, "fc1_bias", (F,), self.dtype)
-        h = jnp.einsum("TF,FD->TD", get_act_fn(s.activation_function)(h), weight_param(self, "fc2", (F, D), self.dtype))
+            h = h + bias_param(self, "fc1_bias", (F,), self.dtype, (tp,))
+        fc2 = weight_param(self, "fc2", (F, D), self.dtype, (tp, None))
+        h = jnp.einsum("TF,FD->TD", get_act_fn(s.activation_function)(h), fc2)
         if s.enable_bias:
             h = h + bias_param(self, "fc2_bias", (D,), self.dtype)
         x = x + h
@@ -113,26 +128,29 @@ class OPTForCausalLM(nn.Module):
     def setup(self):
         s = self.spec
         D, W = s.hidden_size, s.word_embed_proj_dim
-        init = nn.initializers.normal(0.02)
-        self.embed_tokens = self.param("embed_tokens", init, (s.vocab_size, W), self.dtype)
-        self.embed_positions = self.param(
-            "embed_positions", init, (s.max_position_embeddings + POSITION_OFFSET, D), self.dtype
+        # Vocabulary-parallel embedding and LM head: the logits come out split by vocabulary
+        # and the runner gathers them whole for sampling.
+        vocab = tp_axis_if_divisible(self.mesh, s.vocab_size)
+        self.embed_tokens = embedding_param(self, "embed_tokens", (s.vocab_size, W), self.dtype, (vocab, None))
+        self.embed_positions = embedding_param(
+            self, "embed_positions", (s.max_position_embeddings + POSITION_OFFSET, D), self.dtype
         )
         if s.projects_embeddings:
             self.project_in = weight_param(self, "project_in", (W, D), self.dtype)
             self.project_out = weight_param(self, "project_out", (D, W), self.dtype)
         self.layers = [
-            OPTDecoderLayer(s, self.dtype, self.backend, name=f"layers_{i}") for i in range(s.num_hidden_layers)
+            OPTDecoderLayer(s, self.dtype, self.backend, self.mesh, name=f"layers_{i}")
+            for i in range(s.num_hidden_layers)
         ]
         if s.final_layer_norm:
             self.final_layer_norm = LayerNorm(D, LAYER_NORM_EPS, self.dtype, name="final_layer_norm")
         if not s.tie_word_embeddings:
-            self.lm_head = self.param("lm_head", init, (W, s.vocab_size), self.dtype)
+            self.lm_head = embedding_param(self, "lm_head", (W, s.vocab_size), self.dtype, (None, vocab))
 
     def __call__(self, kv_caches, input_ids, md: AttentionMetadata, constants, token_type_ids=None):
         """kv_caches: a KVCache per layer (or None each). Returns (new kv_caches, hidden [T, W])."""
         s = self.spec
-        x = self.embed_tokens[input_ids]
+        x = embed_tokens(self.embed_tokens, input_ids, self.mesh)
         if s.projects_embeddings:
             x = jnp.einsum("TW,WD->TD", x, self.project_in)
         x = x + self.embed_positions[md.positions + POSITION_OFFSET]

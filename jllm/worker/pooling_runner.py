@@ -87,9 +87,12 @@ class PoolingModelRunner:
             sorted(set(pow2_buckets(min(16, longest), longest)) | {t for t in token_buckets if t <= longest})
         )
         self.constants = {name: jax.device_put(table, replicated(mesh)) for name, table in constants.items()}
+        # Under tensor parallelism GSPMD is free to leave an output split over the mesh (by
+        # tokens or features); replicated, the host copies each whole from one device.
         self._step = jax.jit(
             functools.partial(_pool_step, model, spec.num_hidden_layers),
             static_argnames=("layout", "pooling_type"),
+            out_shardings=replicated(mesh),
         )
 
     @property
