@@ -1,4 +1,5 @@
-"""Timing, compiling and result-file helpers for scripts/bench_kernels.py."""
+"""Timing, compiling and result-file helpers for scripts/bench_kernels.py, and the header
+every benchmark's result record starts with."""
 
 from __future__ import annotations
 
@@ -15,6 +16,19 @@ from typing import Any, Callable
 
 import jax
 import jax.numpy as jnp
+
+
+def run_header() -> dict:
+    """When, on what card, with which jax and by which command a result was measured."""
+    import datetime
+    import sys
+
+    return {
+        "date": datetime.date.today().isoformat(),
+        "device": jax.devices()[0].device_kind,
+        "jax_version": jax.__version__,
+        "command": " ".join(sys.argv),
+    }
 
 
 def log(*parts) -> None:

@@ -12,7 +12,6 @@ and writes a JSON record under scripts/results/.
 from __future__ import annotations
 
 import argparse
-import datetime
 import json
 import os
 import sys
@@ -24,6 +23,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import numpy as np  # noqa: E402
 
 from jllm import LLM, EngineArgs, SamplingParams  # noqa: E402
+from scripts.bench_utils import run_header  # noqa: E402
 from scripts.model_shapes import SHAPES, write_shape  # noqa: E402
 
 PERCENTILES = (10, 25, 50, 75, 90, 99)
@@ -67,13 +67,8 @@ def main() -> None:
     for p, value in percentiles.items():
         print(f"{p}% percentile latency: {value:.4f} seconds")
 
-    import jax
-
     record = {
-        "date": datetime.date.today().isoformat(),
-        "device": jax.devices()[0].device_kind,
-        "jax_version": jax.__version__,
-        "command": " ".join(sys.argv),
+        **run_header(),
         "shape": args.shape,
         "input_len": args.input_len,
         "output_len": args.output_len,

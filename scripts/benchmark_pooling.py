@@ -14,7 +14,6 @@ tokenization is outside both timings. Writes a JSON record under scripts/results
 from __future__ import annotations
 
 import argparse
-import datetime
 import json
 import logging
 import os
@@ -27,6 +26,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import numpy as np  # noqa: E402
 
+from scripts.bench_utils import run_header  # noqa: E402
 from scripts.model_shapes import SHAPES, write_shape  # noqa: E402
 
 _BASELINE_BATCHES = (32, 64, 128, 256, 512)
@@ -137,13 +137,8 @@ def main() -> None:
     elapsed = time.perf_counter() - start
     assert len(outputs) == args.num_prompts and len(outputs[0].outputs.embedding) == SHAPES[args.shape]["hidden_size"]
 
-    import jax
-
     record = {
-        "date": datetime.date.today().isoformat(),
-        "device": jax.devices()[0].device_kind,
-        "jax_version": jax.__version__,
-        "command": " ".join(sys.argv),
+        **run_header(),
         "shape": args.shape,
         "dtype": dtype,
         "num_prompts": args.num_prompts,

@@ -12,7 +12,6 @@ in the same process, as the baseline.
 from __future__ import annotations
 
 import argparse
-import datetime
 import json
 import logging
 import os
@@ -27,6 +26,7 @@ import numpy as np  # noqa: E402
 
 from jllm import LLM, EngineArgs, SamplingParams  # noqa: E402
 from jllm.engine.data_parallel import engine_replicas  # noqa: E402
+from scripts.bench_utils import run_header  # noqa: E402
 from scripts.model_shapes import SHAPES, write_shape  # noqa: E402
 
 
@@ -116,10 +116,7 @@ def main() -> None:
     out_tokens = sum(len(o.outputs[0].token_ids) for o in outputs)
     in_tokens = sum(len(o.prompt_token_ids) for o in outputs)
     record = {
-        "date": datetime.date.today().isoformat(),
-        "device": __import__("jax").devices()[0].device_kind,
-        "jax_version": __import__("jax").__version__,
-        "command": " ".join(sys.argv),
+        **run_header(),
         "shape": args.shape,
         "num_prompts": args.num_prompts,
         "input_len": args.input_len,

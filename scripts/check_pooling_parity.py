@@ -11,7 +11,6 @@ the saved folder. Prints the worst cosine and writes a JSON record under scripts
 from __future__ import annotations
 
 import argparse
-import datetime
 import json
 import os
 import sys
@@ -22,6 +21,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import numpy as np  # noqa: E402
 
+from scripts.bench_utils import run_header  # noqa: E402
 from scripts.model_shapes import SHAPES, write_shape  # noqa: E402
 
 
@@ -66,12 +66,9 @@ def main() -> None:
     )
     outputs = llm.embed([{"prompt_token_ids": t} for t in texts], use_tqdm=False)
     cosines = [float(np.dot(o.outputs.embedding, e)) for o, e in zip(outputs, expected)]
-    import jax
 
     record = {
-        "date": datetime.date.today().isoformat(),
-        "device": jax.devices()[0].device_kind,
-        "command": " ".join(sys.argv),
+        **run_header(),
         "shape": args.shape,
         "dtype": args.dtype,
         "num_texts": args.num_texts,

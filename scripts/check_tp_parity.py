@@ -13,7 +13,6 @@ record under scripts/results/ and exits 1 on failure.
 from __future__ import annotations
 
 import argparse
-import datetime
 import json
 import os
 import subprocess
@@ -26,6 +25,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import numpy as np  # noqa: E402
 
 from scripts.compare_backends import divergences, max_common_diff, verdict  # noqa: E402
+from scripts.bench_utils import run_header  # noqa: E402
 from scripts.model_shapes import SHAPES, write_shape  # noqa: E402
 
 PROMPT_LENS = (1, 17, 100, 700, 1500, 33)
@@ -82,13 +82,9 @@ def main() -> None:
     found = divergences(one, many)
     diff = max_common_diff(one, many)
     failures = verdict(args.dtype, diff, found)
-    import jax
 
     record = {
-        "date": datetime.date.today().isoformat(),
-        "device": jax.devices()[0].device_kind,
-        "jax_version": jax.__version__,
-        "command": " ".join(sys.argv),
+        **run_header(),
         "shape": args.shape,
         "dtype": args.dtype,
         "tensor_parallel_size": args.tensor_parallel_size,
