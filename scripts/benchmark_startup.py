@@ -121,7 +121,7 @@ def time_one_start(model: str, engine_flags: list[str]) -> dict:
     start = time.perf_counter()
     LLM(**vars(engine_args))
     timings["ready_s"] = time.perf_counter() - start
-    timings["device"] = jax.devices()[0].device_kind
+    timings["device"], timings["jax_version"] = jax.devices()[0].device_kind, jax.__version__
     return timings
 
 
@@ -188,9 +188,13 @@ def main(argv: list[str] | None = None) -> dict:
             for key in ("ready_s", "load_weights_s")
         }
 
+    # bench_utils.run_header's fields, the card's from a start: asking JAX for the devices
+    # here would hold the GPUs' memory while the starts run.
+    first = starts["safetensors"][0]
     record = {
         "date": datetime.date.today().isoformat(),
-        "device": starts["safetensors"][0]["device"],
+        "device": first["device"],
+        "jax_version": first["jax_version"],
         "command": " ".join([os.path.basename(__file__), *(argv if argv is not None else sys.argv[1:])]),
         "shape": shape_name,
         "tensor_parallel_size": args.tensor_parallel_size,
