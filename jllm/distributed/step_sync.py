@@ -43,7 +43,7 @@ class StepSync:
 
     def send(self, op: str, *args) -> None:
         """Process 0: the op and its host arguments (numpy arrays, plain values)."""
-        if self.active:
+        if self.active and self.is_leader:
             self._broadcast(pickle.dumps((op, args), protocol=pickle.HIGHEST_PROTOCOL))
 
     def stop(self) -> None:

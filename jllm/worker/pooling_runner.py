@@ -23,6 +23,7 @@ from jax.sharding import Mesh
 
 from jllm.config import PoolerConfig
 from jllm.distributed.mesh import replicated
+from jllm.distributed.step_sync import STOP, StepSync, host_copy
 from jllm.core.scheduler_output import SchedulerOutput
 from jllm.layers.attention_metadata import AttentionMetadata
 from jllm.layers.pooler import pool
@@ -94,6 +95,8 @@ class PoolingModelRunner:
             static_argnames=("layout", "pooling_type"),
             out_shardings=replicated(mesh),
         )
+        # Multi-host: process 0 sends each step's inputs to the others (`follow`).
+        self.sync = StepSync()
 
     @property
     def num_compiled_steps(self) -> int:
@@ -168,13 +171,27 @@ class PoolingModelRunner:
 
     def _run(self, inputs: PoolingInputs, token_outputs: bool):
         """The step's outputs on the host: per sequence, and per token where asked for."""
-        packed, layout = pack(inputs)
-        per_seq, per_token = self._step(
-            self.params, self.constants, packed, layout=layout, pooling_type=self.pooling_type
-        )
+        self.sync.send("step", inputs)
+        per_seq, per_token = self._device_step(inputs)
         if per_seq is None or token_outputs:
-            return jax.device_get((per_seq, per_token))
-        return jax.device_get(per_seq), None
+            return host_copy((per_seq, per_token))
+        return host_copy(per_seq), None
+
+    def _device_step(self, inputs: PoolingInputs):
+        packed, layout = pack(inputs)
+        return self._step(self.params, self.constants, packed, layout=layout, pooling_type=self.pooling_type)
+
+    def shutdown(self) -> None:
+        """Multi-host: process 0 releases the other processes (they exit)."""
+        self.sync.stop()
+
+    def follow(self) -> None:
+        """A process other than 0 of a multi-host run: runs the steps process 0 sends."""
+        while True:
+            op, args = self.sync.receive()
+            if op == STOP:
+                return
+            self._device_step(*args)
 
     def step_shapes(self) -> list[tuple[int, int, int]]:
         """Every (tokens, sequences, length) bucket a step can have."""
@@ -194,7 +211,7 @@ class PoolingModelRunner:
             lengths = np.asarray([longest] + [1] * (fewer if S > fewer else 0), np.int32)
             if lengths.sum() > T:
                 continue  # no step of T tokens has that many sequences with one that long
-            self._run(
-                self._inputs([np.zeros(n, np.int32) for n in lengths], [None] * len(lengths), lengths, T=T), False
-            )
+            # Every process of a multi-host run warms up itself, so nothing is sent.
+            inputs = self._inputs([np.zeros(n, np.int32) for n in lengths], [None] * len(lengths), lengths, T=T)
+            jax.block_until_ready(self._device_step(inputs))
         return time.perf_counter() - start

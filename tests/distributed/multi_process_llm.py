@@ -1,8 +1,9 @@
 """One process of a two-process jax.distributed run (tests/distributed/test_multi_process.py):
 `python multi_process_llm.py RANK PORT MODEL_FOLDER OUT_JSON ENGINE_ARGS_JSON PROMPTS_JSON`.
 
-Both processes make the same `LLM`; process 0 generates and writes the greedy token ids
-to OUT_JSON; process 1 replays its steps inside `LLM(...)` and exits when process 0 does.
+Both processes make the same `LLM`; process 0 generates (or, with `"runner": "pooling"`
+in ENGINE_ARGS_JSON, embeds) and writes the greedy token ids (the embeddings) to
+OUT_JSON; process 1 replays its steps inside `LLM(...)` and exits when process 0 does.
 """
 
 import json
@@ -27,7 +28,11 @@ llm = LLM(
     **engine_args,
 )
 assert rank == 0, "only process 0 returns from LLM(...)"
-params = SamplingParams(temperature=0.0, max_tokens=8, logprobs=2)
-outputs = llm.generate([{"prompt_token_ids": p} for p in prompts], params, use_tqdm=False)
+prompts = [{"prompt_token_ids": p} for p in prompts]
+if engine_args.get("runner") == "pooling":
+    result = [o.outputs.embedding for o in llm.embed(prompts, use_tqdm=False)]
+else:
+    params = SamplingParams(temperature=0.0, max_tokens=8, logprobs=2)
+    result = [list(o.outputs[0].token_ids) for o in llm.generate(prompts, params, use_tqdm=False)]
 with open(out_path, "w") as f:
-    json.dump([list(o.outputs[0].token_ids) for o in outputs], f)
+    json.dump(result, f)

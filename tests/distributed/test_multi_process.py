@@ -28,15 +28,14 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def test_two_processes_at_tp_4_equal_hf(tiny_llama_path, tmp_path):
-    rng = np.random.default_rng(5)
-    prompts = [rng.integers(100, 40000, size=n).tolist() for n in (6, 70)]
-    port, out = _free_port(), tmp_path / "tokens.json"
+def run_two_processes(folder: str, engine_args: dict, prompts, out) -> list:
+    """Both processes of the run; process 0's results."""
+    port = _free_port()
     env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
-    args = [json.dumps({**ENGINE_ARGS, "tensor_parallel_size": 4}), json.dumps(prompts)]
+    args = [json.dumps(engine_args), json.dumps(prompts)]
     procs = [
         subprocess.Popen(
-            [sys.executable, WORKER, str(rank), str(port), tiny_llama_path, str(out), *args],
+            [sys.executable, WORKER, str(rank), str(port), folder, str(out), *args],
             env=env,
             stdout=subprocess.PIPE,
             stderr=subprocess.STDOUT,
@@ -51,9 +50,32 @@ def test_two_processes_at_tp_4_equal_hf(tiny_llama_path, tmp_path):
         finally:
             p.kill()
     assert [p.returncode for p in procs] == [0, 0], "\n".join(log[-3000:] for log in logs)
+    return json.loads(out.read_text())
+
+
+def test_two_processes_at_tp_4_equal_hf(tiny_llama_path, tmp_path):
+    rng = np.random.default_rng(5)
+    prompts = [rng.integers(100, 40000, size=n).tolist() for n in (6, 70)]
+    tokens = run_two_processes(tiny_llama_path, {**ENGINE_ARGS, "tensor_parallel_size": 4}, prompts, tmp_path / "o")
     tokenizer = type("NoText", (), {"decode": staticmethod(lambda ids, **kw: "")})
     hf = hf_greedy(load_hf_model(tiny_llama_path), tokenizer, prompts, 8)
-    assert json.loads(out.read_text()) == [o.token_ids for o in hf]
+    assert tokens == [o.token_ids for o in hf]
+
+
+def test_two_processes_embed_at_tp_4_equal_hf(tiny_llama_path, tmp_path):
+    """The pooling runner's steps replay the same way: last-token embeddings, normalized."""
+    import torch
+    from transformers import AutoModel
+
+    rng = np.random.default_rng(6)
+    prompts = [rng.integers(100, 40000, size=n).tolist() for n in (3, 40)]
+    engine_args = {**ENGINE_ARGS, "tensor_parallel_size": 4, "runner": "pooling", "max_model_len": 64}
+    embeddings = run_two_processes(tiny_llama_path, engine_args, prompts, tmp_path / "o")
+    model = AutoModel.from_pretrained(tiny_llama_path, dtype=torch.float32).eval()
+    with torch.no_grad():
+        for prompt, got in zip(prompts, embeddings):
+            last = model(torch.tensor([prompt])).last_hidden_state[0, -1]
+            np.testing.assert_allclose(got, torch.nn.functional.normalize(last, dim=-1).numpy(), atol=1e-5)
 
 
 def test_two_process_server_serves_from_process_0_only(tiny_llama_path, tmp_path):
