@@ -7,6 +7,7 @@ from pallas_kernels.paged_decode_attention import (
     paged_decode_attention,
     paged_decode_attention_reference,
 )
+from pallas_kernels.quantized_matmul import quantized_matmul, quantized_matmul_reference
 from pallas_kernels.ragged_paged_attention import (
     ragged_paged_attention,
     ragged_paged_attention_reference,
@@ -19,6 +20,8 @@ __all__ = [
     "new_decode_tickets",
     "paged_decode_attention",
     "paged_decode_attention_reference",
+    "quantized_matmul",
+    "quantized_matmul_reference",
     "ragged_paged_attention",
     "ragged_paged_attention_reference",
     "write_kv",

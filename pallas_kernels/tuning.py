@@ -84,3 +84,11 @@ RAGGED_NUM_STAGES = 2
 # 2026-11-26 (session 3), h100/2026-11-26_064052: 8192 tokens of d128 at 2.60 TB/s, 6x XLA's scatter.
 KV_WRITE_BLOCK_TOKENS = 16
 KV_WRITE_NUM_WARPS = 4
+
+# Quantized matmul: the first landing's launch settings (2026-12-08), not yet measured on a GPU.
+# K steps of up to 128 values (fewer where the group is smaller); at most 64 rows per program,
+# so prefill batches tile over M while decode batches pad to Triton's 16.
+QMATMUL_BLOCK_K = 128
+QMATMUL_BLOCK_N = 64
+QMATMUL_MAX_BLOCK_M = 64
+QMATMUL_NUM_WARPS = 4

@@ -73,7 +73,8 @@ _HELP = {
     "master_port": "Coordinator port on master_addr (default 29501).",
     "distributed_executor_backend": "vLLM's executor for several devices. jllm drives every local device from "
     "one process ('mp' and 'uni' are accepted as that) and other hosts through jax.distributed.",
-    "quantization": "Quantization method of the weights; none is supported yet.",
+    "quantization": "Quantization method of the weights: 'awq' or 'gptq' (default: the checkpoint's "
+    "quantization_config); the weights stay quantized on the device.",
     "kv_cache_dtype": "KV cache dtype; 'auto' (the model's dtype) only, for now.",
     "swap_space": "GiB of CPU swap per GPU. As in vLLM's V1 engine, preemption recomputes and never swaps, "
     "so the value is checked and has no effect.",
@@ -96,7 +97,7 @@ _ONLY_AT = {
         (None, "uni", "mp"),
         "jllm drives the local devices from one process and other hosts through jax.distributed, never Ray",
     ),
-    "quantization": ((None,), "quantized checkpoints are not supported yet"),
+    "quantization": ((None, "awq", "gptq"), "only AWQ and GPTQ checkpoints are supported so far"),
     "kv_cache_dtype": (("auto",), "the KV cache is kept in the model's dtype for now"),
     "cpu_offload_gb": ((0,), "weights are not offloaded to the CPU"),
     "speculative_config": ((None,), "speculative decoding is not supported yet"),

@@ -7,6 +7,7 @@ and the buckets compiled.
 
 from __future__ import annotations
 
+import dataclasses
 import gc
 import logging
 import time
@@ -33,6 +34,7 @@ from jllm.engine.engine_config import (
 )
 from jllm.engine.task_config import ModelTask, resolve_model_task
 from jllm.layers.attention import AttentionBackend, default_attention_backend
+from jllm.layers.quantization import get_quantization_config
 from jllm.models.interface import ModelFamily, ModelShape
 from jllm.models.registry import resolve_architecture
 from jllm.worker.buckets import pick_bucket, pow2_buckets
@@ -165,6 +167,11 @@ def create_configs(args: EngineArgs) -> _Configs:
         pooler_config=args.resolved_pooler_config(),
     )
     spec = family.build_spec(hf_config, task.head)
+    quant_config = get_quantization_config(hf_config, args.quantization)
+    if quant_config is not None:
+        if "quant_config" not in {f.name for f in dataclasses.fields(spec)}:
+            raise ValueError(f"{architecture} does not support {quant_config.get_name()} quantization yet.")
+        spec = dataclasses.replace(spec, quant_config=quant_config)
     parallel_config = ParallelConfig(
         tensor_parallel_size=args.tensor_parallel_size,
         data_parallel_size=args.data_parallel_size,

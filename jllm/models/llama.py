@@ -26,8 +26,10 @@ from jllm.distributed.mesh import num_kv_cache_heads, tp_axis_if_divisible
 from jllm.layers.activation import get_act_fn
 from jllm.layers.attention import AttentionBackend, KVCache, attention
 from jllm.layers.attention_metadata import AttentionMetadata
+from jllm.layers.linear import linear
 from jllm.layers.norm import RMSNorm
 from jllm.layers.params import bias_param, embedding_param, weight_param
+from jllm.layers.quantization import QuantizationConfig
 from jllm.layers.rotary import apply_rotary, cos_sin_cache, rope_parameters
 from jllm.layers.vocab_parallel_embedding import embed_tokens
 from jllm.models.interface import ModelFamily, ModelHead, ModelShape
@@ -49,6 +51,30 @@ class DecoderSpec(ModelShape):
     head: ModelHead = ModelHead.LM
     # Outputs of the classify / reward head.
     num_labels: int = 0
+    # AWQ / GPTQ: the projections (not embeddings, norms or heads) stay packed on the device.
+    quant_config: QuantizationConfig | None = None
+
+
+def _projector(module: nn.Module, spec: DecoderSpec):
+    """`linear` bound to the module: float weights, or the spec's quantized ones, which the
+    Pallas kernel multiplies where attention runs the kernels too."""
+
+    def proj(name, equation, x, shape, sharding, num_in_dims=1):
+        return linear(
+            module,
+            name,
+            equation,
+            x,
+            shape,
+            module.dtype,
+            sharding,
+            num_in_dims=num_in_dims,
+            quant_config=spec.quant_config,
+            use_kernel=module.backend != AttentionBackend.REFERENCE,
+            mesh=module.mesh,
+        )
+
+    return proj
 
 
 class Attention(nn.Module):
@@ -67,9 +93,10 @@ class Attention(nn.Module):
         N, K, H, D = s.num_attention_heads, s.num_key_value_heads, s.head_dim, s.hidden_size
         tp = tp_axis_if_divisible(self.mesh, N)
         kv = tp_axis_if_divisible(self.mesh, K)
-        q = jnp.einsum("TD,DNH->TNH", x, weight_param(self, "q_proj", (D, N, H), self.dtype, (None, tp, None)))
-        k = jnp.einsum("TD,DKH->TKH", x, weight_param(self, "k_proj", (D, K, H), self.dtype, (None, kv, None)))
-        v = jnp.einsum("TD,DKH->TKH", x, weight_param(self, "v_proj", (D, K, H), self.dtype, (None, kv, None)))
+        proj = _projector(self, s)
+        q = proj("q_proj", "TD,DNH->TNH", x, (D, N, H), (None, tp, None))
+        k = proj("k_proj", "TD,DKH->TKH", x, (D, K, H), (None, kv, None))
+        v = proj("v_proj", "TD,DKH->TKH", x, (D, K, H), (None, kv, None))
         if s.qkv_bias:
             q = q + bias_param(self, "q_bias", (N, H), self.dtype, (tp, None))
             k = k + bias_param(self, "k_bias", (K, H), self.dtype, (kv, None))
@@ -94,7 +121,7 @@ class Attention(nn.Module):
             sliding_window=s.sliding_window,
             mesh=self.mesh,
         )
-        o = jnp.einsum("TNH,NHD->TD", out, weight_param(self, "o_proj", (N, H, D), self.dtype, (tp, None, None)))
+        o = proj("o_proj", "TNH,NHD->TD", out, (N, H, D), (tp, None, None), num_in_dims=2)
         if s.o_bias:
             o = o + bias_param(self, "o_bias", (D,), self.dtype)
         return o, cache
@@ -105,6 +132,7 @@ class MLP(nn.Module):
 
     spec: DecoderSpec
     dtype: jnp.dtype
+    backend: AttentionBackend
     mesh: Mesh | None = None
 
     @nn.compact
@@ -112,13 +140,13 @@ class MLP(nn.Module):
         s = self.spec
         D, F = s.hidden_size, s.intermediate_size
         tp = tp_axis_if_divisible(self.mesh, F)
-        gate = jnp.einsum("TD,DF->TF", x, weight_param(self, "gate_proj", (D, F), self.dtype, (None, tp)))
-        up = jnp.einsum("TD,DF->TF", x, weight_param(self, "up_proj", (D, F), self.dtype, (None, tp)))
+        proj = _projector(self, s)
+        gate = proj("gate_proj", "TD,DF->TF", x, (D, F), (None, tp))
+        up = proj("up_proj", "TD,DF->TF", x, (D, F), (None, tp))
         if s.mlp_bias:
             gate = gate + bias_param(self, "gate_bias", (F,), self.dtype, (tp,))
             up = up + bias_param(self, "up_bias", (F,), self.dtype, (tp,))
-        down = weight_param(self, "down_proj", (F, D), self.dtype, (tp, None))
-        out = jnp.einsum("TF,FD->TD", get_act_fn(s.hidden_act)(gate) * up, down)
+        out = proj("down_proj", "TF,FD->TD", get_act_fn(s.hidden_act)(gate) * up, (F, D), (tp, None))
         if s.mlp_bias:
             out = out + bias_param(self, "down_bias", (D,), self.dtype)
         return out
@@ -137,7 +165,7 @@ class DecoderLayer(nn.Module):
         h, cache = Attention(s, self.dtype, self.backend, self.mesh, name="self_attn")(h, cos_sin, cache, md)
         x = x + h
         h = RMSNorm(s.hidden_size, s.rms_norm_eps, self.dtype, name="post_attention_layernorm")(x)
-        return x + MLP(s, self.dtype, self.mesh, name="mlp")(h), cache
+        return x + MLP(s, self.dtype, self.backend, self.mesh, name="mlp")(h), cache
 
 
 class LlamaForCausalLM(nn.Module):
@@ -243,14 +271,25 @@ def _layer_map(spec: DecoderSpec, i: int) -> dict[str, tuple[tuple[str, ...], ca
     at = (f"layers_{i}", "self_attn")
     mlp = (f"layers_{i}", "mlp")
     heads_in = lambda n: lambda w: w.T.reshape(D, n, H)  # noqa: E731
-    m = {
-        pre + "self_attn.q_proj.weight": (at + ("q_proj",), heads_in(N)),
-        pre + "self_attn.k_proj.weight": (at + ("k_proj",), heads_in(K)),
-        pre + "self_attn.v_proj.weight": (at + ("v_proj",), heads_in(K)),
-        pre + "self_attn.o_proj.weight": (at + ("o_proj",), lambda w: w.T.reshape(N, H, D)),
-        pre + "mlp.gate_proj.weight": (mlp + ("gate_proj",), np.transpose),
-        pre + "mlp.up_proj.weight": (mlp + ("up_proj",), np.transpose),
-        pre + "mlp.down_proj.weight": (mlp + ("down_proj",), np.transpose),
+    projections = {
+        "self_attn.q_proj": (at, heads_in(N)),
+        "self_attn.k_proj": (at, heads_in(K)),
+        "self_attn.v_proj": (at, heads_in(K)),
+        "self_attn.o_proj": (at, lambda w: w.T.reshape(N, H, D)),
+        "mlp.gate_proj": (mlp, np.transpose),
+        "mlp.up_proj": (mlp, np.transpose),
+        "mlp.down_proj": (mlp, np.transpose),
+    }
+    m = {}
+    for hf_name, (module_path, transform) in projections.items():
+        path = module_path + (hf_name.rpartition(".")[2],)
+        if spec.quant_config is None:
+            m[pre + hf_name + ".weight"] = (path, transform)
+        else:
+            # Converted to the device layout before the map (QuantizationConfig.convert_checkpoint).
+            for tensor in spec.quant_config.device_tensor_names():
+                m[pre + hf_name + "." + tensor] = (path + (tensor,), None)
+    m |= {
         pre + "input_layernorm.weight": ((f"layers_{i}", "input_layernorm", "weight"), None),
         pre + "post_attention_layernorm.weight": ((f"layers_{i}", "post_attention_layernorm", "weight"), None),
     }

@@ -49,7 +49,8 @@ def param_shardings(mesh: Mesh, specs) -> dict:
 
 def dummy_params(shapes, shardings, seed: int) -> dict:
     """vLLM's dummy weights: uniform in [-1e-3, 1e-3], norm scales at 1, each drawn on the
-    devices that hold it."""
+    devices that hold it. Quantized linears get random packed values and the identity
+    act-order permutation."""
     leaves, treedef = jax.tree_util.tree_flatten_with_path(shapes)
 
     def draw():
@@ -59,6 +60,10 @@ def dummy_params(shapes, shardings, seed: int) -> dict:
             name = str(path[-1].key)
             if name in ("weight", "scale"):  # RMSNorm / LayerNorm scales
                 out.append(jnp.ones(leaf.shape, leaf.dtype))
+            elif name == "g_perm":
+                out.append(jnp.arange(leaf.shape[0], dtype=leaf.dtype))
+            elif name == "qweight":
+                out.append(jax.random.bits(jax.random.fold_in(key, i), leaf.shape, jnp.uint32).view(leaf.dtype))
             else:
                 out.append(jax.random.uniform(jax.random.fold_in(key, i), leaf.shape, leaf.dtype, -1e-3, 1e-3))
         return jax.tree_util.tree_unflatten(treedef, out)
@@ -103,4 +108,7 @@ def load_checkpoint(
         from jllm.models.loader.safetensors_loader import load_safetensors
 
         weights = load_safetensors(path)
+    quant_config = getattr(spec, "quant_config", None)
+    if quant_config is not None:
+        weights = quant_config.convert_checkpoint(weights)
     return place_params(params_from_hf(family.hf_name_map(spec), weights, dtype, shapes), shardings)

@@ -50,5 +50,7 @@ def params_from_hf(name_map: dict, hf_weights: dict[str, np.ndarray], dtype, sha
         node = tree
         for key in path[:-1]:
             node = node.setdefault(key, {})
-        node[path[-1]] = np.ascontiguousarray(w, dtype=jnp.dtype(dtype))
+        # Quantized weights' packed integers keep their type; floats take the model's.
+        target = jnp.dtype(dtype) if jnp.issubdtype(leaf.dtype, jnp.floating) else leaf.dtype
+        node[path[-1]] = np.ascontiguousarray(w, dtype=target)
     return {"params": tree}

@@ -104,7 +104,7 @@ def test_config_file_under_a_subcommand_keeps_the_command_and_model_first(tmp_pa
 NOT_YET = {
     "pipeline_parallel_size": 2,
     "distributed_executor_backend": "ray",
-    "quantization": "awq",
+    "quantization": "fp8",
     "kv_cache_dtype": "fp8",
     "cpu_offload_gb": 4,
     "speculative_config": {"method": "ngram", "num_speculative_tokens": 3},
