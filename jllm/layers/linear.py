@@ -58,19 +58,25 @@ class QuantizedLinear(nn.Module):
             x = x[:, param("g_perm", (K,), jnp.int32, arange, (None,))]
         if not self.use_kernel:
             return quantized_matmul_reference(x, qweight, scales, qzeros, bits=bits)
-        matmul = lambda x, *w: quantized_matmul(x, *w, bits=bits, group_size=group_size)  # noqa: E731
-        if tp_size(self.mesh) == 1 or self.sharding == (None, None):
-            return matmul(x, qweight, scales, qzeros)
-        # The kernel runs on each device's shard; a row split sums the partial products.
-        w_spec = P(in_axis, out_axis)
-        specs = (P(None, in_axis), w_spec, w_spec) + ((w_spec,) if qzeros is not None else ())
 
-        def local(x, *w):
-            out = matmul(x, *w, *((None,) * (qzeros is None)))
+        def local(x, qweight, scales, *zeros):
+            out = quantized_matmul(x, qweight, scales, *(zeros or (None,)), bits=bits, group_size=group_size)
+            # A row split's shards hold partial sums.
             return jax.lax.psum(out, in_axis) if in_axis is not None else out
 
-        args = (x, qweight, scales) + ((qzeros,) if qzeros is not None else ())
-        return jax.shard_map(local, mesh=self.mesh, in_specs=specs, out_specs=P(None, out_axis))(*args)
+        weights = (qweight, scales) + ((qzeros,) if q.zero_point else ())
+        if tp_size(self.mesh) == 1 or self.sharding == (None, None):
+            return local(x, *weights)
+        # The kernel runs on each device's shard; check_vma=False: its output carries no
+        # varying-axis annotation.
+        w_spec = P(in_axis, out_axis)
+        return jax.shard_map(
+            local,
+            mesh=self.mesh,
+            in_specs=(P(None, in_axis),) + (w_spec,) * len(weights),
+            out_specs=P(None, out_axis),
+            check_vma=False,
+        )(x, *weights)
 
 
 def linear(
