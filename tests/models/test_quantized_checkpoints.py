@@ -93,3 +93,12 @@ def test_quantization_argument_must_match_the_checkpoint(tmp_path):
     _, folder = _build(tmp_path, "llama3-rope", "gptq", group_size=64)
     with pytest.raises(ValueError, match=r"model config \(gptq\) does not match .* argument \(awq\)"):
         _jllm_greedy(folder, quantization="awq")
+
+
+def test_orbax_conversion_keeps_the_packed_weights(tmp_path):
+    """`jllm convert` saves the device layout (at TP 2 here) and a TP 1 engine restores it."""
+    from jllm.entrypoints.convert import convert
+
+    model, folder = _build(tmp_path, "llama3-rope", "gptq", group_size=32, desc_act=True)
+    converted = convert(folder, str(tmp_path / "orbax"), tensor_parallel_size=2, dtype="float32")
+    assert _jllm_greedy(converted) == _hf_greedy(model)
