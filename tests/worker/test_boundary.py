@@ -7,8 +7,8 @@ import pathlib
 import jllm.worker
 
 WORKER = pathlib.Path(jllm.worker.__file__).parent
-# What a worker module may import from jllm: the message, configs, layers, models.
-ALLOWED = ("jllm.core.scheduler_output", "jllm.config", "jllm.layers", "jllm.models", "jllm.worker")
+# What a worker module may import from jllm: the message, configs, the mesh, layers, models.
+ALLOWED = ("jllm.core.scheduler_output", "jllm.config", "jllm.distributed", "jllm.layers", "jllm.models", "jllm.worker")
 FORBIDDEN_NAMES = {"Request", "ScheduledRequest", "SamplingParams", "RequestStatus"}
 
 
