@@ -29,7 +29,10 @@ def raises(message: str):
             "Unknown dtype: 'int8'. Supported: ['auto', 'half', 'float16', 'bfloat16', 'float', 'float32']",
         ),
         ({"tokenizer_mode": "fast"}, "Unknown tokenizer mode: fast. Must be one of ['auto', 'slow', 'mistral']."),
-        ({"load_format": "pt"}, "Unknown load_format: 'pt'. Supported: ['auto', 'safetensors', 'gguf', 'orbax', 'dummy']"),
+        (
+            {"load_format": "pt"},
+            "Unknown load_format: 'pt'. Supported: ['auto', 'safetensors', 'gguf', 'orbax', 'dummy']",
+        ),
         ({"attention_backend": "flash"}, "Unknown attention_backend: 'flash'. Supported: ['reference', 'pallas']"),
         ({"gpu_memory_utilization": 0.0}, "GPU memory utilization must be within (0, 1]. Got 0.0."),
         ({"gpu_memory_utilization": 1.5}, "GPU memory utilization must be within (0, 1]. Got 1.5."),
