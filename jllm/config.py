@@ -58,6 +58,9 @@ class ParallelConfig:
     data_parallel_rank: int = 0
 
     def __post_init__(self) -> None:
+        for name in ("tensor_parallel_size", "data_parallel_size"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be a positive integer, got {getattr(self, name)}.")
         if not 0 <= self.data_parallel_rank < self.data_parallel_size:
             raise ValueError(
                 f"data_parallel_rank must be in [0, {self.data_parallel_size}), got {self.data_parallel_rank}."

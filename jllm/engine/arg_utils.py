@@ -11,7 +11,7 @@ import json
 from dataclasses import dataclass
 from typing import Any
 
-from jllm.config import CONVERT_TYPES, RUNNER_TYPES, TASKS, PoolerConfig
+from jllm.config import CONVERT_TYPES, RUNNER_TYPES, TASKS, ParallelConfig, PoolerConfig
 from jllm.core.block_hash import PREFIX_CACHING_HASH_ALGOS
 
 _DTYPES = ("auto", "half", "float16", "bfloat16", "float", "float32")
@@ -205,9 +205,7 @@ class EngineArgs:
             value = getattr(self, name)
             if value not in allowed:
                 raise ValueError(f"{name}={value!r} is not supported: {reason} (allowed: {list(allowed)}).")
-        for name in ("tensor_parallel_size", "data_parallel_size"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"{name} must be a positive integer, got {getattr(self, name)}.")
+        self.parallel_config()
         if self.nnodes < 1:
             raise ValueError(f"nnodes must be a positive integer, got {self.nnodes}.")
         if self.node_rank is not None and not 0 <= self.node_rank < self.nnodes:
@@ -219,16 +217,20 @@ class EngineArgs:
                 "data_parallel_size > 1 with nnodes > 1 is not supported yet: a multi-host run is one "
                 "tensor-parallel engine over every host's devices."
             )
-        if self.data_parallel_rank is not None and not 0 <= self.data_parallel_rank < self.data_parallel_size:
-            raise ValueError(
-                f"data_parallel_rank must be in [0, {self.data_parallel_size}), got {self.data_parallel_rank}."
-            )
         if self.max_seq_len_to_capture <= 0:
             raise ValueError(f"max_seq_len_to_capture must be positive, got {self.max_seq_len_to_capture}.")
         for name, allowed in (("runner", RUNNER_TYPES), ("convert", CONVERT_TYPES), ("task", TASKS)):
             if getattr(self, name) not in allowed:
                 raise ValueError(f"{name} must be one of {list(allowed)}, got {getattr(self, name)!r}.")
         self.resolved_pooler_config()
+
+    def parallel_config(self) -> ParallelConfig:
+        """This engine's parallel sizes and replica rank (the first, where none is given)."""
+        return ParallelConfig(
+            tensor_parallel_size=self.tensor_parallel_size,
+            data_parallel_size=self.data_parallel_size,
+            data_parallel_rank=self.data_parallel_rank or 0,
+        )
 
     def resolved_pooler_config(self) -> PoolerConfig | None:
         """pooler_config (or the older override_pooler_config) as a PoolerConfig."""

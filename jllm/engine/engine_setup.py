@@ -15,7 +15,6 @@ from dataclasses import dataclass
 
 import jax
 import jax.numpy as jnp
-
 import numpy as np
 from jax.experimental import multihost_utils
 from jax.sharding import Mesh
@@ -172,11 +171,7 @@ def create_configs(args: EngineArgs) -> _Configs:
         if "quant_config" not in {f.name for f in dataclasses.fields(spec)}:
             raise ValueError(f"{architecture} does not support {quant_config.get_name()} quantization yet.")
         spec = dataclasses.replace(spec, quant_config=quant_config)
-    parallel_config = ParallelConfig(
-        tensor_parallel_size=args.tensor_parallel_size,
-        data_parallel_size=args.data_parallel_size,
-        data_parallel_rank=args.data_parallel_rank or 0,
-    )
+    parallel_config = args.parallel_config()
     verify_tensor_parallel(spec.num_attention_heads, spec.num_key_value_heads, args.tensor_parallel_size)
     mesh = make_mesh(parallel_config)
     dtype = resolve_dtype(args.dtype, hf_config, model_path.endswith(".gguf"))

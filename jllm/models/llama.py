@@ -19,7 +19,6 @@ import jax
 import jax.numpy as jnp
 
 import numpy as np
-
 from jax.sharding import Mesh
 
 from jllm.distributed.mesh import num_kv_cache_heads, tp_axis_if_divisible

@@ -16,7 +16,6 @@ import logging
 
 import jax
 import jax.numpy as jnp
-
 from jax.sharding import Mesh, NamedSharding
 
 from jllm.config import SchedulerConfig
@@ -125,6 +124,6 @@ def allocate_kv_caches(
     heads = num_kv_cache_heads(spec.num_key_value_heads, mesh)
     allocate = jax.jit(
         lambda: allocate_kv_cache(heads, num_blocks, block_size, spec.head_dim, max_num_seqs, dtype),
-        out_shardings=KVCache(*(NamedSharding(mesh, spec) for spec in KV_CACHE_SPEC)),
+        out_shardings=KVCache(*(NamedSharding(mesh, part) for part in KV_CACHE_SPEC)),
     )
     return [allocate() for _ in range(spec.num_hidden_layers)]

@@ -18,7 +18,6 @@ from dataclasses import dataclass, field
 import jax
 import jax.numpy as jnp
 import numpy as np
-
 from jax.sharding import Mesh
 
 from jllm.core.scheduler_output import SchedulerOutput
@@ -119,12 +118,11 @@ def _step(
     return kv_caches, out.sampled_token_ids, logprobs, prompt
 
 
-def _forward_logits(model, mesh: Mesh, params, kv_caches, constants, inputs: ModelInputs):
+def _forward_logits(model, params, kv_caches, constants, inputs: ModelInputs):
     """The slow path's first half: logits leave the device for host logits_processors."""
     kv_caches, hidden = _forward(model, params, kv_caches, constants, inputs)
-    return kv_caches, _whole(
-        model.apply(params, hidden[inputs.logits_indices], method=type(model).compute_logits), mesh
-    )
+    # Whole on every device by the jit's out_shardings.
+    return kv_caches, model.apply(params, hidden[inputs.logits_indices], method=type(model).compute_logits)
 
 
 def _apply_logits_processor(fn, prompt_ids: list[int], output_ids: list[int], logits: np.ndarray) -> np.ndarray:
@@ -155,7 +153,6 @@ class ModelRunner:
         fresh_prefill_min_tokens: int | None = None,
     ):
         self.model = model
-        self.mesh = mesh
         self.params = params
         self.spec = spec
         self.kv_caches = kv_caches
@@ -186,7 +183,7 @@ class ModelRunner:
             out_shardings=(cache_shardings, whole, whole, whole),
         )
         self._forward_logits = jax.jit(
-            functools.partial(_forward_logits, model, mesh), donate_argnums=(1,), out_shardings=(cache_shardings, whole)
+            functools.partial(_forward_logits, model), donate_argnums=(1,), out_shardings=(cache_shardings, whole)
         )
         self._sample = jax.jit(sample, static_argnames=("num_logprobs",))
         self.seen_shapes: set[StepShape] = set()

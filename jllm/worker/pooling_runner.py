@@ -18,13 +18,12 @@ import time
 
 import jax
 import numpy as np
-
 from jax.sharding import Mesh
 
 from jllm.config import PoolerConfig
+from jllm.core.scheduler_output import SchedulerOutput
 from jllm.distributed.mesh import replicated
 from jllm.distributed.step_sync import STOP, StepSync, host_copy
-from jllm.core.scheduler_output import SchedulerOutput
 from jllm.layers.attention_metadata import AttentionMetadata
 from jllm.layers.pooler import pool
 from jllm.worker.buckets import pick_bucket, pow2_buckets

@@ -58,7 +58,9 @@ def run_to_completion(engine) -> dict:
 
 
 def test_dp2_tp2_greedy_outputs_equal_tp1_in_request_order_with_prefix_caching(llm, reference):
-    assert [tuple(d.id for d in r.runner.mesh.devices) for r in llm.llm_engine.engines] == [(0, 1), (2, 3)]
+    # Each replica's KV pool lies on its own pair of devices.
+    pools = [r.runner.kv_caches[0].k.sharding.mesh for r in llm.llm_engine.engines]
+    assert [tuple(d.id for d in mesh.devices) for mesh in pools] == [(0, 1), (2, 3)]
     for prompts in (FIRST_PROMPTS, SECOND_PROMPTS):
         outputs = llm.generate(prompts, GREEDY, use_tqdm=False)
         expected = reference.generate(prompts, GREEDY, use_tqdm=False)

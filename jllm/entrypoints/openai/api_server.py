@@ -15,14 +15,13 @@ import functools
 import logging
 import os
 import socket
-
-import jax
 from collections.abc import Awaitable, Callable
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager
 from http import HTTPStatus
 from typing import NamedTuple
 
+import jax
 from fastapi import Depends, FastAPI, HTTPException, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
@@ -30,8 +29,8 @@ from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_l
 from pydantic import TypeAdapter, ValidationError
 
 from jllm import __version__
-from jllm.engine.arg_utils import EngineArgs
 from jllm.distributed.initialize import initialize_distributed
+from jllm.engine.arg_utils import EngineArgs
 from jllm.engine.async_llm_engine import AsyncLLMEngine, EngineDeadError
 from jllm.entrypoints.openai.cancellation import with_cancellation
 from jllm.entrypoints.openai.chat_utils import load_chat_template
